@@ -1,0 +1,1 @@
+"""The agent: the program remowt starts on the target."""

@@ -1,0 +1,86 @@
+"""Agent entry point: ``real-agent [--local] [--privileged]``.
+
+The agent speaks the framed protocol on its stdin/stdout, serves its
+endpoints, and when its link to the user side is gone it kills the children
+it started and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from typing import List, Optional
+
+from .. import wire
+from ..endpoints.control import Control
+from ..endpoints.subprocess import Subprocesses
+from ..router import Router
+from ..transports.base import Transport
+from ..transports.stdio import FdTransport
+
+log = logging.getLogger("remowt.agent")
+
+
+class Agent:
+    """The agent's router and endpoints, over any transport (the loopback uses this in-process)."""
+
+    def __init__(self, address: str = wire.AGENT) -> None:
+        self.router = Router(address)
+        self.router.register(Control(address))
+        self.subprocesses = Subprocesses(self.router)
+        self.router.register(self.subprocesses)
+        self.upstream_lost = threading.Event()
+        self._finished = threading.Event()
+
+    def serve(self, transport: Transport) -> None:
+        """Handshake with the user side over ``transport``; return once the link is up."""
+        upstream = self.router.add_link(transport, name=f"{self.router.address}-upstream")
+
+        def closed(link: object, reason: Optional[BaseException]) -> None:
+            if link is upstream:
+                self.upstream_lost.set()
+
+        self.router.on_link_closed(closed)
+        if upstream.closed:
+            self.upstream_lost.set()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Kill the children, close the router, and join every thread."""
+        if self._finished.is_set():
+            return
+        self._finished.set()
+        self.subprocesses.kill_all(timeout)
+        self.router.close(timeout)
+        self.subprocesses.join(timeout)
+
+
+def _take_stdio() -> FdTransport:
+    """Keep stdin/stdout for the protocol; point fds 0 and 1 elsewhere so nothing else corrupts it."""
+    read_fd, write_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return FdTransport(read_fd, write_fd)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="remowt-agent")
+    commands = parser.add_subparsers(dest="command", required=True)
+    real = commands.add_parser("real-agent", help="serve the remowt protocol on stdin/stdout")
+    real.add_argument("--local", action="store_true", help="the user side is on this machine")
+    real.add_argument("--privileged", action="store_true", help="take the address agent-privileged")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=os.environ.get("REMOWT_AGENT_LOG", "WARNING").upper(),
+        format=f"remowt-agent[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
+    agent = Agent(wire.AGENT_PRIVILEGED if args.privileged else wire.AGENT)
+    try:
+        agent.serve(_take_stdio())
+        agent.upstream_lost.wait()
+    finally:
+        agent.shutdown()

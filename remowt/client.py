@@ -1,0 +1,245 @@
+"""The connection: ``remowt.loopback()``, ``remowt.connect_local()`` and what they return."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import threading
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+from . import wire
+from .agent.main import Agent
+from .endpoints.control import Control, ControlApi, NodeInfo
+from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
+from .errors import ConnectionLost, RemowtError
+from .link import Link
+from .process import RemoteProcess
+from .router import Router
+from .service import proxy
+from .streams import Stream
+from .transports import local as local_transport
+from .transports import loopback as loopback_transport
+from .transports.base import Transport
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
+
+
+class _ProcessEvents(ProcessEventsApi):
+    def __init__(self, connection: "Remowt") -> None:
+        self._connection = connection
+
+    def exited(self, handle: int, returncode: int) -> None:
+        self._connection._process_exited(handle, returncode)
+
+
+class Remowt:
+    """A connection to an agent. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self,
+        router: Router,
+        link: Link,
+        *,
+        description: str,
+        on_close: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self.router = router
+        self.link = link
+        self.description = description
+        self.agent = wire.AGENT
+        self._on_close = list(on_close)
+        self._handles = itertools.count(1)
+        self._lock = threading.Lock()
+        self._processes: Dict[int, RemoteProcess] = {}
+        self._closed = False
+        self._control = proxy(ControlApi, router, self.agent)
+        self._subprocess = proxy(SubprocessApi, router, self.agent)
+        router.on_link_closed(self._link_closed)
+
+    def __repr__(self) -> str:
+        return f"<Remowt {self.description}{' closed' if self._closed else ''}>"
+
+    def __enter__(self) -> "Remowt":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- health ---------------------------------------------------------
+
+    def ping(self) -> float:
+        """One no-op round trip to the agent; returns how long it took, in seconds."""
+        start = time.perf_counter()
+        self._control.ping()
+        return time.perf_counter() - start
+
+    def info(self) -> NodeInfo:
+        """Who the agent is: pid, uid, Python version and machine."""
+        return self._control.info()
+
+    # --- processes ------------------------------------------------------
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        executable: Optional[str] = None,
+        cwd: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        extra_env: Optional[Mapping[str, str]] = None,
+        stdin: int = DEVNULL,
+        stdout: int = DEVNULL,
+        stderr: int = DEVNULL,
+        start_new_session: bool = False,
+        umask: int = -1,
+        keep_on_disconnect: bool = False,
+    ) -> RemoteProcess:
+        """Start ``argv`` on the target.
+
+        ``env`` replaces the agent's environment (as in :mod:`subprocess`),
+        ``extra_env`` extends it. Each of ``stdin``/``stdout``/``stderr`` is
+        ``PIPE`` (a :class:`~remowt.streams.Stream` on the result) or
+        ``DEVNULL``; ``stderr`` may also be ``STDOUT``. Children die with the
+        connection unless ``keep_on_disconnect``.
+        """
+        args = [str(a) for a in argv]
+        if not args:
+            raise ValueError("argv must not be empty")
+        if env is not None and extra_env is not None:
+            raise ValueError("give env (replace) or extra_env (extend), not both")
+        _check_mode("stdin", stdin, (PIPE, DEVNULL))
+        _check_mode("stdout", stdout, (PIPE, DEVNULL))
+        _check_mode("stderr", stderr, (PIPE, DEVNULL, STDOUT))
+        opened: List[Stream] = []
+
+        def open_pipe(mode: int, reader: bool) -> Optional[Stream]:
+            if mode != PIPE:
+                return None
+            stream = self.router.open_stream(self.agent)
+            opened.append(stream)
+            if reader:
+                stream.close_write()
+            return stream
+
+        handle = next(self._handles)
+        try:
+            streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
+            process = RemoteProcess(self, self._subprocess, handle, args, *streams)
+            with self._lock:
+                if self._closed:
+                    raise ConnectionLost(f"{self!r} is closed")
+                self._processes[handle] = process
+            spec = SpawnSpec(
+                handle=handle,
+                argv=args,
+                executable=executable,
+                cwd=None if cwd is None else str(cwd),
+                env=dict(env if env is not None else extra_env or {}) or None,
+                replace_env=env is not None,
+                stdin=None if streams[0] is None else streams[0].sid,
+                stdout=None if streams[1] is None else streams[1].sid,
+                stderr=None if streams[2] is None else streams[2].sid,
+                stderr_to_stdout=stderr == STDOUT,
+                start_new_session=start_new_session,
+                umask=umask,
+                keep_on_disconnect=keep_on_disconnect,
+            )
+            process.pid = self._subprocess.spawn(spec)
+        except BaseException:
+            with self._lock:
+                self._processes.pop(handle, None)
+            for stream in opened:
+                stream.close()
+            raise
+        return process
+
+    def _process_exited(self, handle: int, returncode: int) -> None:
+        with self._lock:
+            process = self._processes.pop(handle, None)
+        if process is not None:
+            process._set_exited(returncode)
+            self._subprocess.release(handle)
+
+    def _link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
+        if link is not self.link:
+            return
+        with self._lock:
+            processes = list(self._processes.values())
+            self._processes.clear()
+        for process in processes:
+            process._set_lost(ConnectionLost(f"connection to {self.description} lost" + (f": {reason}" if reason else "")))
+
+    # --- lifetime -------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """End the connection: its agent, the agent's children, and every thread it started."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.router.close()
+        for hook in self._on_close:
+            hook()
+
+
+def _check_mode(name: str, mode: int, allowed: Sequence[int]) -> None:
+    if mode not in allowed:
+        names = {PIPE: "PIPE", DEVNULL: "DEVNULL", STDOUT: "STDOUT"}
+        raise ValueError(f"{name} must be one of {', '.join(names[m] for m in allowed)}, got {mode!r}")
+
+
+def _user_router() -> Router:
+    router = Router(wire.USER)
+    router.register(Control(wire.USER))
+    return router
+
+
+def _connect(router: Router, transport: Transport, description: str, on_close: Sequence[Callable[[], None]]) -> Remowt:
+    try:
+        link = router.add_link(transport, name=f"user-{transport.name}")
+    except BaseException:
+        router.close()
+        for hook in on_close:
+            hook()
+        raise
+    connection = Remowt(router, link, description=description, on_close=on_close)
+    router.register(_ProcessEvents(connection))
+    return connection
+
+
+def loopback() -> Remowt:
+    """A connection to an agent running on threads in this process (tests, teaching)."""
+    user_end, agent_end = loopback_transport.pair()
+    agent = Agent()
+    failure: List[BaseException] = []
+
+    def serve() -> None:
+        try:
+            agent.serve(agent_end)
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=serve, name="remowt-loopback-agent", daemon=True)
+    thread.start()
+    connection = _connect(_user_router(), user_end, "loopback", [agent.shutdown])
+    thread.join()
+    if failure:
+        connection.close()
+        raise RemowtError(f"loopback agent failed to start: {failure[0]}")
+    return connection
+
+
+def connect_local(python: Optional[str] = None) -> Remowt:
+    """Start an agent as a child process on this machine and connect to it."""
+    transport = local_transport.start_local_agent(python)
+    try:
+        return _connect(_user_router(), transport, f"local agent pid {transport.process.pid}", [])
+    except ConnectionLost as e:
+        raise ConnectionLost(f"local agent failed to start: {e}\n{transport.stderr_tail()}") from None

@@ -1,0 +1,358 @@
+"""The subprocess service: spawn, wait, poll and signal children on the target.
+
+The caller names each child by a handle it chooses and opens the stdio
+streams itself, so that nothing it needs can arrive before it is ready for
+it. Exits are pushed to the caller's :class:`ProcessEventsApi` as they happen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import msgspec
+
+from ..errors import BadArguments, ConnectionLost, Unreachable
+from ..router import Router
+from ..service import Service, proxy, rpc
+from ..streams import MAX_CHUNK, Stream
+from ..transports.stdio import enlarge_pipe
+
+log = logging.getLogger("remowt.subprocess")
+
+
+class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How to start a child. Stdio fields name streams the caller opened; None is /dev/null."""
+
+    handle: int
+    argv: List[str]
+    executable: Optional[str] = None
+    cwd: Optional[str] = None
+    env: Optional[Dict[str, str]] = None
+    replace_env: bool = False
+    stdin: Optional[int] = None
+    stdout: Optional[int] = None
+    stderr: Optional[int] = None
+    stderr_to_stdout: bool = False
+    start_new_session: bool = False
+    umask: int = -1
+    keep_on_disconnect: bool = False
+
+
+class SubprocessApi(Service, namespace=10):
+    """Children of the serving node."""
+
+    @rpc(1)
+    def spawn(self, spec: SpawnSpec) -> int:
+        """Start a child; returns its pid. Failing to exec raises the ``OSError``."""
+        raise NotImplementedError
+
+    @rpc(2)
+    def wait(self, handle: int, timeout: Optional[float]) -> Optional[int]:
+        """The return code once the child exits, or None after ``timeout`` seconds."""
+        raise NotImplementedError
+
+    @rpc(3, inline=True)
+    def poll(self, handle: int) -> Optional[int]:
+        """The return code if the child has exited, else None."""
+        raise NotImplementedError
+
+    @rpc(4, inline=True)
+    def send_signal(self, handle: int, signum: int) -> bool:
+        """Signal the child; False if it had already exited."""
+        raise NotImplementedError
+
+    @rpc(5, inline=True, oneway=True)
+    def release(self, handle: int) -> None:
+        """Forget an exited child."""
+        raise NotImplementedError
+
+
+class ProcessEventsApi(Service, namespace=11):
+    """Served by whoever spawns children: exits are pushed here."""
+
+    @rpc(1, inline=True, oneway=True)
+    def exited(self, handle: int, returncode: int) -> None:
+        """Child ``handle`` exited (negative: killed by that signal)."""
+        raise NotImplementedError
+
+
+class _Child:
+    def __init__(self, owner: str, handle: int, process: "subprocess.Popen[bytes]", keep: bool) -> None:
+        self.owner = owner
+        self.handle = handle
+        self.process = process
+        self.keep = keep
+        self.returncode: Optional[int] = None
+        self.exited = threading.Event()
+
+
+class ChildWatcher:
+    """One thread that learns of child exits through pidfds (a thread per child without them)."""
+
+    def __init__(self, on_exit: Callable[[_Child], None]) -> None:
+        self._on_exit = on_exit
+        self._lock = threading.Lock()
+        self._fds: Dict[int, _Child] = {}
+        self._poll = select.poll()
+        self._wake_r, self._wake_w = os.pipe()
+        self._poll.register(self._wake_r, select.POLLIN)
+        self._thread: Optional[threading.Thread] = None
+        self._stopped = False
+        self._fallback: List[threading.Thread] = []
+
+    def watch(self, child: _Child) -> None:
+        pidfd_open = getattr(os, "pidfd_open", None)
+        try:
+            fd = pidfd_open(child.process.pid) if pidfd_open is not None else -1
+        except OSError:
+            fd = -1
+        if fd < 0:
+            thread = threading.Thread(target=self._wait_one, args=(child,), daemon=True)
+            self._fallback.append(thread)
+            thread.start()
+            return
+        with self._lock:
+            self._fds[fd] = child
+            self._poll.register(fd, select.POLLIN)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="remowt-child-watcher", daemon=True)
+                self._thread.start()
+        os.write(self._wake_w, b"x")
+
+    def _wait_one(self, child: _Child) -> None:
+        child.process.wait()
+        self._on_exit(child)
+
+    def _run(self) -> None:
+        while True:
+            for fd, _ in self._poll.poll():
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    if self._stopped:
+                        return
+                    continue
+                with self._lock:
+                    child = self._fds.get(fd)
+                if child is None or child.process.poll() is None:
+                    continue
+                with self._lock:
+                    del self._fds[fd]
+                    self._poll.unregister(fd)
+                os.close(fd)
+                self._on_exit(child)
+
+    def stop(self, timeout: float) -> None:
+        self._stopped = True
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for thread in self._fallback:
+            thread.join(timeout)
+        with self._lock:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _pump_out(fd: int, stream: Stream) -> None:
+    """Child pipe → stream, until EOF or until the reader goes away."""
+    try:
+        while True:
+            data = os.read(fd, MAX_CHUNK)
+            if not data:
+                stream.close_write()
+                break
+            stream.write(data)
+    except (BrokenPipeError, ConnectionLost, ValueError):
+        pass
+    finally:
+        os.close(fd)
+        stream.close()
+
+
+def _pump_in(stream: Stream, fd: int) -> None:
+    """Stream → child pipe, until EOF; a child that stops reading resets the stream."""
+    try:
+        while True:
+            data = stream.read(MAX_CHUNK)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+    except (BrokenPipeError, ConnectionLost):
+        pass
+    finally:
+        os.close(fd)
+        stream.close()
+
+
+class Subprocesses(SubprocessApi):
+    """The agent's implementation."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._lock = threading.Lock()
+        self._children: Dict[Tuple[str, int], _Child] = {}
+        self._watcher = ChildWatcher(self._child_exited)
+        self._pumps: List[threading.Thread] = []
+        self._closed = False
+
+    def _child(self, handle: int) -> _Child:
+        key = (self._router.caller(), handle)
+        with self._lock:
+            child = self._children.get(key)
+        if child is None:
+            raise BadArguments(f"no child with handle {handle} for {key[0]}")
+        return child
+
+    def spawn(self, spec: SpawnSpec) -> int:
+        owner = self._router.caller()
+        if not spec.argv:
+            raise BadArguments("argv must not be empty")
+        key = (owner, spec.handle)
+        with self._lock:
+            if self._closed:
+                raise ConnectionLost("agent is shutting down")
+            if key in self._children:
+                raise BadArguments(f"handle {spec.handle} is already in use")
+        streams = {
+            name: None if sid is None else self._router.accept_stream(owner, sid)
+            for name, sid in (("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr))
+        }
+        try:
+            process = subprocess.Popen(spec.argv, **self._popen_kwargs(spec, streams))
+        except BaseException:
+            for stream in streams.values():
+                if stream is not None:
+                    stream.close()
+            raise
+        child = _Child(owner, spec.handle, process, spec.keep_on_disconnect)
+        with self._lock:
+            self._children[key] = child
+        self._start_pumps(child, streams)
+        self._watcher.watch(child)
+        return process.pid
+
+    def _popen_kwargs(self, spec: SpawnSpec, streams: Dict[str, Optional[Stream]]) -> Dict[str, Any]:
+        if spec.stderr_to_stdout:
+            stderr: int = subprocess.STDOUT
+        else:
+            stderr = subprocess.PIPE if streams["stderr"] else subprocess.DEVNULL
+        env: Optional[Dict[str, str]] = None
+        if spec.replace_env:
+            env = dict(spec.env or {})
+        elif spec.env:
+            env = {**os.environ, **spec.env}
+        kwargs: Dict[str, Any] = dict(
+            executable=spec.executable,
+            stdin=subprocess.PIPE if streams["stdin"] else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if streams["stdout"] else subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=spec.cwd,
+            env=env,
+            close_fds=True,
+            bufsize=0,
+            umask=spec.umask,
+        )
+        if spec.start_new_session or sys.version_info < (3, 11):
+            kwargs["start_new_session"] = True
+        else:
+            kwargs["process_group"] = 0
+        return kwargs
+
+    def _start_pumps(self, child: _Child, streams: Dict[str, Optional[Stream]]) -> None:
+        process = child.process
+        jobs = []
+        if streams["stdin"] is not None and process.stdin is not None:
+            streams["stdin"].close_write()
+            jobs.append((_pump_in, (streams["stdin"], _detach(process.stdin))))
+        for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
+            stream = streams[name]
+            if stream is not None and pipe is not None:
+                enlarge_pipe(pipe.fileno())
+                jobs.append((_pump_out, (_detach(pipe), stream)))
+        threads = [
+            threading.Thread(target=target, args=args, name=f"remowt-pump-{process.pid}", daemon=True)
+            for target, args in jobs
+        ]
+        with self._lock:
+            self._pumps = [pump for pump in self._pumps if pump.is_alive()] + threads
+        for thread in threads:
+            thread.start()
+
+    def _child_exited(self, child: _Child) -> None:
+        child.returncode = child.process.returncode
+        child.exited.set()
+        assert child.returncode is not None
+        try:
+            proxy(ProcessEventsApi, self._router, child.owner).exited(child.handle, child.returncode)
+        except (Unreachable, ConnectionLost):
+            log.debug("owner %s of child %d is gone", child.owner, child.process.pid)
+
+    def wait(self, handle: int, timeout: Optional[float]) -> Optional[int]:
+        child = self._child(handle)
+        child.exited.wait(timeout)
+        return child.returncode
+
+    def poll(self, handle: int) -> Optional[int]:
+        return self._child(handle).returncode
+
+    def send_signal(self, handle: int, signum: int) -> bool:
+        try:
+            sig = signal.Signals(signum)
+        except ValueError:
+            raise BadArguments(f"{signum} is not a valid signal number") from None
+        child = self._child(handle)
+        with self._lock:
+            if child.returncode is not None:
+                return False
+            try:
+                child.process.send_signal(sig)
+            except ProcessLookupError:
+                return False
+        return True
+
+    def release(self, handle: int) -> None:
+        key = (self._router.caller(), handle)
+        with self._lock:
+            child = self._children.get(key)
+            if child is not None and child.returncode is not None:
+                del self._children[key]
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """Kill every child (and its process group) not marked to survive; wait for the exits."""
+        with self._lock:
+            self._closed = True
+            children = [child for child in self._children.values() if not child.keep]
+        for child in children:
+            try:
+                os.killpg(child.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for child in children:
+            child.exited.wait(timeout)
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Stop the exit watcher and join the stdio pumps (after the router closed their streams)."""
+        self._watcher.stop(timeout)
+        with self._lock:
+            pumps = list(self._pumps)
+        for pump in pumps:
+            pump.join(timeout)
+
+
+def _detach(pipe: Any) -> int:
+    """Take the fd out of a Popen pipe object so the pump owns and closes it."""
+    fd = os.dup(pipe.fileno())
+    pipe.close()
+    return int(fd)

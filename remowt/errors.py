@@ -1,0 +1,61 @@
+"""Exceptions raised by remowt."""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Optional
+
+
+class RemowtError(Exception):
+    """Base class of every error remowt raises itself."""
+
+
+class ProtocolError(RemowtError):
+    """A peer sent something that is not valid remowt protocol."""
+
+
+class ConnectionLost(RemowtError, ConnectionError):
+    """The link a call or stream depended on is gone."""
+
+
+class Unreachable(RemowtError):
+    """No route is known to the destination address."""
+
+
+class RemoteError(RemowtError):
+    """A call failed on the remote side; ``kind`` says how."""
+
+    kind = "remote"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownMethod(RemoteError):
+    """The remote side has no such namespace or method."""
+
+    kind = "unknown-method"
+
+
+class BadArguments(RemoteError):
+    """The remote side could not validate the call's arguments."""
+
+    kind = "bad-arguments"
+
+
+class InternalError(RemoteError):
+    """The remote handler raised an unexpected exception."""
+
+    kind = "internal"
+
+
+REMOTE_ERRORS = {cls.kind: cls for cls in (RemoteError, UnknownMethod, BadArguments, InternalError)}
+
+
+def remote_os_error(errno: int, message: str, filename: Optional[str]) -> OSError:
+    """Rebuild an ``OSError`` (with its subclass chosen by errno) raised remotely."""
+    strerror = message or _errno.errorcode.get(errno, "error")
+    if filename is None:
+        return OSError(errno, strerror)
+    return OSError(errno, strerror, filename)

@@ -1,0 +1,144 @@
+"""A link: frames over one transport, with one reader thread and a writer backlog.
+
+Senders write straight to the transport when nothing is queued and the
+transport takes the bytes without waiting; whatever it cannot take at once
+goes to a backlog that a writer thread drains. So no sender, and in
+particular no reader thread, ever blocks on a slow peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, List, Optional, Union
+
+from . import wire
+from .errors import ProtocolError
+from .transports.base import Transport
+
+log = logging.getLogger("remowt.link")
+READ_SIZE = 1024 * 1024
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Link:
+    """Frames in and out of a transport. ``on_frame`` and ``on_close`` run on the reader thread."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        on_frame: Callable[["Link", bytes], None],
+        on_close: Callable[["Link", Optional[BaseException]], None],
+        *,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        name: str = "link",
+    ) -> None:
+        self.transport = transport
+        self.name = name
+        self.peer: Optional[str] = None
+        self.peer_max_frame = wire.DEFAULT_MAX_FRAME
+        self._on_frame = on_frame
+        self._on_close = on_close
+        self._frames = wire.FrameReader(max_frame)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._backlog: List[memoryview] = []
+        self._writer_busy = False
+        self._closed = False
+        self.close_reason: Optional[BaseException] = None
+        self._reader = threading.Thread(target=self._read_loop, name=f"remowt-read-{name}", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name=f"remowt-write-{name}", daemon=True)
+
+    def start(self) -> None:
+        """Start the reader and writer threads."""
+        self._writer.start()
+        self._reader.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, frame: Buffer) -> None:
+        """Queue one encoded frame; never waits for the peer."""
+        view = memoryview(frame)
+        with self._lock:
+            if self._closed:
+                return
+            if self._backlog or self._writer_busy:
+                self._backlog.append(view)
+                return
+            try:
+                written = self.transport.write(view, block=False)
+            except OSError as e:
+                self._fail_locked(e)
+            else:
+                if written < len(view):
+                    self._backlog.append(view[written:])
+                    self._wakeup.notify()
+                return
+        self.transport.close()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._backlog and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
+                    return
+                chunks, self._backlog = self._backlog, []
+                self._writer_busy = True
+            try:
+                for chunk in chunks:
+                    while len(chunk):
+                        chunk = chunk[self.transport.write(chunk, block=True) :]
+            except OSError as e:
+                with self._lock:
+                    self._writer_busy = False
+                    self._fail_locked(e)
+                self.transport.close()
+                return
+            with self._lock:
+                self._writer_busy = False
+
+    def _fail_locked(self, error: BaseException) -> None:
+        if self.close_reason is None:
+            self.close_reason = error
+        self._closed = True
+        self._wakeup.notify_all()
+
+    def _read_loop(self) -> None:
+        error: Optional[BaseException] = None
+        try:
+            while not self._closed:
+                data = self.transport.read(READ_SIZE)
+                if not data:
+                    break
+                for body in self._frames.feed(data):
+                    self._on_frame(self, body)
+        except ProtocolError as e:
+            log.warning("closing %s: %s", self.name, e)
+            error = e
+        except Exception as e:  # a bug in a handler must not leave the link half-alive
+            log.exception("closing %s after an unexpected error", self.name)
+            error = e
+        with self._lock:
+            if self.close_reason is None:
+                self.close_reason = error
+            self._closed = True
+            self._wakeup.notify_all()
+        self.transport.close()
+        self._on_close(self, self.close_reason)
+
+    def close(self) -> None:
+        """Close the transport; the reader thread then reports the close."""
+        with self._lock:
+            self._closed = True
+            self._wakeup.notify_all()
+        self.transport.close()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait for both threads to finish."""
+        for thread in (self._reader, self._writer):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout)

@@ -1,0 +1,90 @@
+"""The client side of a remote child: what ``Remowt.spawn`` returns."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import TYPE_CHECKING, List, Optional
+
+from .endpoints.subprocess import SubprocessApi
+from .errors import ConnectionLost
+from .streams import Stream
+
+if TYPE_CHECKING:
+    from .client import Remowt
+
+
+class RemoteProcess:
+    """A child running where the connection points.
+
+    ``stdin``, ``stdout`` and ``stderr`` are :class:`~remowt.streams.Stream`
+    objects for the pipes that were asked for, else None. ``returncode`` is
+    None while the child runs, then its exit status (negative: the signal
+    that killed it), as in :mod:`subprocess`.
+    """
+
+    def __init__(
+        self,
+        connection: "Remowt",
+        api: SubprocessApi,
+        handle: int,
+        args: List[str],
+        stdin: Optional[Stream],
+        stdout: Optional[Stream],
+        stderr: Optional[Stream],
+    ) -> None:
+        self.connection = connection
+        self.args = args
+        self.handle = handle
+        self.pid = -1
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.returncode: Optional[int] = None
+        self._api = api
+        self._exited = threading.Event()
+        self._lost: Optional[ConnectionLost] = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteProcess pid={self.pid} returncode={self.returncode} args={self.args!r}>"
+
+    def _set_exited(self, returncode: int) -> None:
+        self.returncode = returncode
+        self._exited.set()
+
+    def _set_lost(self, error: ConnectionLost) -> None:
+        if not self._exited.is_set():
+            self._lost = error
+            self._exited.set()
+
+    def poll(self) -> Optional[int]:
+        """The exit status if the child has exited, else None (no round trip)."""
+        if self._lost is not None and self.returncode is None:
+            raise self._lost
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait for the child to exit; ``TimeoutError`` after ``timeout`` seconds."""
+        if not self._exited.wait(timeout):
+            raise TimeoutError(f"{self.args!r} still running after {timeout} s")
+        if self.returncode is None:
+            assert self._lost is not None
+            raise self._lost
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the child; nothing happens if it already exited."""
+        if self.returncode is None:
+            self._api.send_signal(self.handle, int(signum))
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Close the stdio streams this side holds."""
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()

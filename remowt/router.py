@@ -1,0 +1,483 @@
+"""The router: one per process, with its own address, links and services.
+
+It sends calls and returns futures, dispatches incoming calls to services,
+forwards what is addressed to others along learned routes, and carries the
+stream messages for :mod:`remowt.streams`. The route decisions themselves are
+in :mod:`remowt.routing`; threads live in :mod:`remowt.link` and
+:mod:`remowt.workers`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+import msgspec
+
+from . import wire
+from .errors import (
+    REMOTE_ERRORS,
+    BadArguments,
+    ConnectionLost,
+    InternalError,
+    ProtocolError,
+    RemoteError,
+    Unreachable,
+    UnknownMethod,
+    remote_os_error,
+)
+from .link import Link
+from .routing import RouteTable
+from .streams import DEFAULT_WINDOW, Stream, StreamKey
+from .transports.base import Transport
+from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from .service import MethodSpec
+
+log = logging.getLogger("remowt.router")
+HANDSHAKE_TIMEOUT = 30.0
+
+
+class Pending:
+    """The future of one outgoing call: a lock released when the answer arrives."""
+
+    __slots__ = ("_lock", "_result", "_error", "dst", "link")
+
+    def __init__(self, dst: str, link: Link) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._result: Optional[bytes] = None
+        self._error: Optional[BaseException] = None
+        self.dst = dst
+        self.link = link
+
+    def resolve(self, result: Optional[bytes], error: Optional[BaseException]) -> None:
+        self._result, self._error = result, error
+        self._lock.release()
+
+    def done(self) -> bool:
+        return not self._lock.locked()
+
+    def result(self, timeout: Optional[float] = None) -> bytes:
+        """The raw msgpack result; raises the remote error, ``ConnectionLost`` or ``TimeoutError``."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            raise TimeoutError(f"no answer from {self.dst} within {timeout} s")
+        self._lock.release()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+class _Service:
+    """A registered service: its methods by number, bound to the implementation."""
+
+    def __init__(self, name: str, methods: Dict[int, Tuple["MethodSpec", Callable[..., Any]]]) -> None:
+        self.name = name
+        self.methods = methods
+
+
+class Router:
+    """One node of the remowt network."""
+
+    def __init__(self, address: str, *, max_workers: int = 64, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+        self.address = wire.check_address(address)
+        self.max_frame = max_frame
+        self._lock = threading.Lock()
+        self._routes: RouteTable[Link] = RouteTable(self.address)
+        self._announced: Dict[Link, List[Tuple[str, int]]] = {}
+        self._links: List[Link] = []
+        self._handshakes: Dict[Link, threading.Event] = {}
+        self._pending: Dict[int, Pending] = {}
+        self._call_ids = itertools.count(1)
+        self._stream_ids = itertools.count(1)
+        self._streams: Dict[StreamKey, Stream] = {}
+        self._services: Dict[int, _Service] = {}
+        self._link_closed_hooks: List[Callable[[Link, Optional[BaseException]], None]] = []
+        self._routes_changed = threading.Condition(self._lock)
+        self._local = threading.local()
+        self._pool = WorkerPool(max_workers, f"remowt-{self.address}-worker")
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Router {self.address}>"
+
+    # --- links ----------------------------------------------------------
+
+    def add_link(self, transport: Transport, *, timeout: float = HANDSHAKE_TIMEOUT, name: Optional[str] = None) -> Link:
+        """Attach a transport, exchange hellos, and return the ready link."""
+        link = Link(
+            transport,
+            self._on_frame,
+            self._on_link_closed,
+            max_frame=self.max_frame,
+            name=name or f"{self.address}-{transport.name}",
+        )
+        ready = threading.Event()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            self._links.append(link)
+            self._handshakes[link] = ready
+        link.send(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, self.address, self.max_frame)))
+        link.start()
+        if not ready.wait(timeout):
+            link.close()
+            raise ConnectionLost(f"no handshake from the peer of {link.name} within {timeout} s")
+        if link.peer is None:
+            link.join(1.0)
+            reason = link.close_reason
+            if isinstance(reason, ProtocolError):
+                raise reason
+            raise ConnectionLost(f"{link.name} closed during the handshake" + (f": {reason}" if reason else ""))
+        return link
+
+    def on_link_closed(self, hook: Callable[[Link, Optional[BaseException]], None]) -> None:
+        """Call ``hook(link, reason)`` on the reader thread whenever a link closes."""
+        self._link_closed_hooks.append(hook)
+
+    def links(self) -> List[Link]:
+        with self._lock:
+            return list(self._links)
+
+    def reachable(self) -> Dict[str, int]:
+        """Every address this router can reach now, with hop counts."""
+        with self._lock:
+            return self._routes.reachable()
+
+    def wait_reachable(self, address: str, timeout: float) -> bool:
+        """Wait until ``address`` has a route; False on timeout."""
+        with self._lock:
+            return self._routes_changed.wait_for(lambda: self._routes.next_hop(address) is not None, timeout)
+
+    def wait_unreachable(self, address: str, timeout: float) -> bool:
+        """Wait until ``address`` has no route; False on timeout."""
+        with self._lock:
+            return self._routes_changed.wait_for(lambda: self._routes.next_hop(address) is None, timeout)
+
+    # --- services -------------------------------------------------------
+
+    def register(self, implementation: object) -> None:
+        """Serve a service implementation (an instance of a declared service)."""
+        from .service import bind_methods
+
+        namespace, name, methods = bind_methods(implementation)
+        with self._lock:
+            if namespace in self._services:
+                raise ValueError(f"namespace {namespace} is already served by {self._services[namespace].name}")
+            self._services[namespace] = _Service(name, methods)
+
+    def caller(self) -> str:
+        """The address whose call the current thread is handling."""
+        caller: Optional[str] = getattr(self._local, "caller", None)
+        if caller is None:
+            raise RuntimeError("Router.caller() called outside a call handler")
+        return caller
+
+    # --- outgoing -------------------------------------------------------
+
+    def call(self, dst: str, ns: int, method: int, args: bytes) -> Pending:
+        """Send a call; the returned future gives the raw msgpack result."""
+        with self._lock:
+            link = self._route_locked(dst)
+            call_id = next(self._call_ids)
+            pending = Pending(dst, link)
+            self._pending[call_id] = pending
+        link.send(wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args))))
+        if link.closed:
+            self._fail_pending(lambda p: p is pending, f"link to {dst} closed")
+        return pending
+
+    def notify(self, dst: str, ns: int, method: int, args: bytes) -> None:
+        """Send a one-way call; raises ``Unreachable`` if there is no route."""
+        with self._lock:
+            link = self._route_locked(dst)
+        link.send(wire.encode(wire.Notify(self.address, dst, ns, method, msgspec.Raw(args))))
+
+    def send_routed(self, dst: str, frame: bytearray) -> bool:
+        """Send an encoded frame towards ``dst``; False if there is no route."""
+        with self._lock:
+            link = self._routes.next_hop(dst)
+        if link is None:
+            return False
+        link.send(frame)
+        return True
+
+    def _route_locked(self, dst: str) -> Link:
+        if self._closed:
+            raise ConnectionLost(f"{self!r} is closed")
+        link = self._routes.next_hop(dst)
+        if link is None:
+            known = ", ".join(sorted(self._routes.reachable())) or "nothing"
+            raise Unreachable(f"no route from {self.address} to {dst!r} (reachable: {known})")
+        return link
+
+    # --- streams --------------------------------------------------------
+
+    def open_stream(self, dst: str, window: int = DEFAULT_WINDOW) -> Stream:
+        """Open a stream to ``dst``; pass ``stream.sid`` to the peer to accept it."""
+        with self._lock:
+            link = self._route_locked(dst)
+            stream = Stream(self, dst, self.address, next(self._stream_ids), window)
+            self._streams[stream.key] = stream
+        link.send(wire.encode(wire.Open(self.address, dst, stream.sid, window)))
+        return stream
+
+    def accept_stream(self, src: str, sid: int) -> Stream:
+        """The local end of stream ``sid`` that ``src`` opened."""
+        with self._lock:
+            stream = self._streams.get((src, sid))
+        if stream is None:
+            raise ValueError(f"{src} opened no stream {sid} here")
+        return stream
+
+    def forget_stream(self, stream: Stream) -> None:
+        with self._lock:
+            if self._streams.get(stream.key) is stream:
+                del self._streams[stream.key]
+
+    def stream_count(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # --- incoming (reader threads) ---------------------------------------
+
+    def _on_frame(self, link: Link, body: bytes) -> None:
+        message = wire.decode(body)
+        if link.peer is None:
+            self._on_hello(link, message)
+        elif isinstance(message, wire.Hello):
+            raise ProtocolError(f"second hello from {link.peer}")
+        elif isinstance(message, wire.Routes):
+            self._on_routes(link, message)
+        elif message.dst != self.address:
+            self._forward(link, message, body)
+        elif isinstance(message, wire.Call):
+            self._on_call(message)
+        elif isinstance(message, wire.Notify):
+            self._on_notify(message)
+        elif isinstance(message, (wire.Reply, wire.Fail)):
+            self._on_answer(message)
+        else:
+            self._on_stream_message(message)
+
+    def _on_hello(self, link: Link, message: wire.Message) -> None:
+        if not isinstance(message, wire.Hello):
+            raise ProtocolError(f"expected hello, got {type(message).__name__.lower()}")
+        if message.version != wire.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"peer speaks remowt protocol version {message.version}, this side speaks {wire.PROTOCOL_VERSION}"
+            )
+        try:
+            peer = wire.check_address(message.address)
+        except ValueError as e:
+            raise ProtocolError(f"bad hello: {e}") from None
+        with self._lock:
+            if peer == self.address or peer in self._routes.reachable():
+                raise ProtocolError(f"peer address {peer!r} is already taken")
+            link.peer = peer
+            link.peer_max_frame = message.max_frame
+            self._routes.link_up(link, peer)
+            self._announce_locked()
+            ready = self._handshakes.pop(link, None)
+        if ready is not None:
+            ready.set()
+
+    def _on_routes(self, link: Link, message: wire.Routes) -> None:
+        reachable = []
+        for address, hops in message.reachable:
+            try:
+                reachable.append((wire.check_address(address), hops))
+            except ValueError as e:
+                raise ProtocolError(f"bad route announcement: {e}") from None
+        with self._lock:
+            lost = self._routes.advertised(link, reachable)
+            self._announce_locked()
+        self._lose(lost, None)
+
+    def _announce_locked(self) -> None:
+        for link, advert in self._routes.signature().items():
+            if self._announced.get(link) != advert:
+                self._announced[link] = advert
+                link.send(wire.encode(wire.Routes(advert)))
+        self._routes_changed.notify_all()
+
+    def _forward(self, link: Link, message: wire.Routed, body: bytes) -> None:
+        with self._lock:
+            out = self._routes.next_hop(message.dst)
+        if out is not None and out is not link:
+            out.send(wire.frame(body))
+        elif isinstance(message, wire.Call):
+            self._fail_call(message, Unreachable(f"{self.address} has no route to {message.dst!r}"))
+        elif isinstance(message, (wire.Open, wire.Data, wire.Eof)):
+            reset = wire.Reset(self.address, message.src, message.sid, not getattr(message, "from_opener", True), "unreachable")
+            self.send_routed(message.src, wire.encode(reset))
+
+    def _on_call(self, message: wire.Call) -> None:
+        service = self._services.get(message.ns)
+        entry = None if service is None else service.methods.get(message.method)
+        if entry is None:
+            what = f"namespace {message.ns}" if service is None else f"method {message.method} in {service.name}"
+            self._fail_call(message, UnknownMethod(f"{self.address} serves no {what}"))
+            return
+        spec, handler = entry
+        if spec.inline:
+            self._run_call(message, spec, handler)
+        else:
+            self._pool.submit(self._run_call, message, spec, handler)
+
+    def _run_call(self, message: wire.Call, spec: "MethodSpec", handler: Callable[..., Any]) -> None:
+        try:
+            result = self._invoke(message.src, message.args, spec, handler)
+        except BaseException as e:  # every failure becomes a reply; nothing escapes
+            self._fail_call(message, e)
+            return
+        reply = wire.Reply(message.id, self.address, message.src, msgspec.Raw(wire.encode_value(result)))
+        self.send_routed(message.src, wire.encode(reply))
+
+    def _on_notify(self, message: wire.Notify) -> None:
+        service = self._services.get(message.ns)
+        entry = None if service is None else service.methods.get(message.method)
+        if entry is None:
+            log.warning("%s sent a notification for unknown ns %d method %d", message.src, message.ns, message.method)
+            return
+        spec, handler = entry
+        if spec.inline:
+            self._run_notify(message, spec, handler)
+        else:
+            self._pool.submit(self._run_notify, message, spec, handler)
+
+    def _run_notify(self, message: wire.Notify, spec: "MethodSpec", handler: Callable[..., Any]) -> None:
+        try:
+            self._invoke(message.src, message.args, spec, handler)
+        except Exception:
+            log.exception("notification %s from %s failed", spec.name, message.src)
+
+    def _invoke(self, src: str, raw: msgspec.Raw, spec: "MethodSpec", handler: Callable[..., Any]) -> Any:
+        try:
+            args = spec.decode_args(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise BadArguments(f"bad arguments for {spec.name}: {e}") from None
+        self._local.caller = src
+        try:
+            return handler(*args)
+        finally:
+            self._local.caller = None
+
+    def _fail_call(self, message: wire.Call, error: BaseException) -> None:
+        if isinstance(error, OSError) and error.errno is not None:
+            fail = wire.Fail(
+                message.id, self.address, message.src, "os-error", error.strerror or str(error), error.errno,
+                None if error.filename is None else str(error.filename),
+            )
+        elif isinstance(error, RemoteError):
+            fail = wire.Fail(message.id, self.address, message.src, error.kind, error.message)
+        elif isinstance(error, Unreachable):
+            fail = wire.Fail(message.id, self.address, message.src, "unreachable", str(error))
+        else:
+            log.exception("call to ns %d method %d failed", message.ns, message.method, exc_info=error)
+            fail = wire.Fail(message.id, self.address, message.src, InternalError.kind, f"{type(error).__name__}: {error}")
+        self.send_routed(message.src, wire.encode(fail))
+
+    def _on_answer(self, message: Any) -> None:
+        with self._lock:
+            pending = self._pending.pop(message.id, None)
+        if pending is None:
+            return
+        if isinstance(message, wire.Reply):
+            pending.resolve(bytes(message.result), None)
+        else:
+            pending.resolve(None, _error_from_fail(message))
+
+    def _on_stream_message(self, message: wire.Message) -> None:
+        assert isinstance(message, (wire.Open, wire.Data, wire.Credit, wire.Eof, wire.Reset))
+        if isinstance(message, wire.Open):
+            with self._lock:
+                key = (message.src, message.sid)
+                if key not in self._streams:
+                    self._streams[key] = Stream(self, message.src, message.src, message.sid, message.window)
+            return
+        opener = message.src if message.from_opener else self.address
+        with self._lock:
+            stream = self._streams.get((opener, message.sid))
+        if stream is None:
+            if isinstance(message, (wire.Data, wire.Eof)):
+                reset = wire.Reset(self.address, message.src, message.sid, not message.from_opener, "no such stream")
+                self.send_routed(message.src, wire.encode(reset))
+        elif isinstance(message, wire.Data):
+            stream.on_data(message.data)
+        elif isinstance(message, wire.Credit):
+            stream.on_credit(message.amount)
+        elif isinstance(message, wire.Eof):
+            stream.on_eof()
+        else:
+            self.forget_stream(stream)
+            stream.on_reset(message.reason)
+
+    def _on_link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+            self._announced.pop(link, None)
+            lost = self._routes.link_down(link)
+            self._announce_locked()
+            ready = self._handshakes.pop(link, None)
+        if ready is not None:
+            ready.set()
+        self._fail_pending(lambda p: p.link is link, f"link {link.name} to {link.peer} closed")
+        self._lose(lost, reason)
+        for hook in list(self._link_closed_hooks):
+            try:
+                hook(link, reason)
+            except Exception:
+                log.exception("link-closed hook failed")
+
+    def _lose(self, lost: "set[str]", reason: Optional[BaseException]) -> None:
+        if not lost:
+            return
+        why = f" ({reason})" if reason else ""
+        self._fail_pending(lambda p: p.dst in lost, "route lost" + why)
+        with self._lock:
+            gone = [s for s in self._streams.values() if s.peer in lost]
+            for stream in gone:
+                del self._streams[stream.key]
+        for stream in gone:
+            stream.lost()
+
+    def _fail_pending(self, which: Callable[[Pending], bool], why: str) -> None:
+        with self._lock:
+            failed = [(cid, p) for cid, p in self._pending.items() if which(p)]
+            for cid, _ in failed:
+                del self._pending[cid]
+        for _, pending in failed:
+            pending.resolve(None, ConnectionLost(f"connection to {pending.dst} lost: {why}"))
+
+    # --- shutdown -------------------------------------------------------
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close every link, fail what is pending, and join all threads."""
+        with self._lock:
+            self._closed = True
+            links = list(self._links)
+        for link in links:
+            link.close()
+        for link in links:
+            link.join(timeout)
+        self._fail_pending(lambda p: True, "router closed")
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream.lost()
+        self._pool.shutdown(timeout)
+
+
+def _error_from_fail(message: wire.Fail) -> BaseException:
+    if message.kind == "os-error" and message.errno is not None:
+        return remote_os_error(message.errno, message.message, message.filename)
+    if message.kind == "unreachable":
+        return Unreachable(message.message)
+    return REMOTE_ERRORS.get(message.kind, RemoteError)(f"{message.src}: {message.message}")

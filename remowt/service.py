@@ -1,0 +1,174 @@
+"""Services: declared once, served by the agent, called through typed proxies.
+
+A declaration is a class with a namespace number whose methods carry
+:func:`rpc` numbers and type annotations::
+
+    class Greeter(Service, namespace=42):
+        @rpc(1)
+        def greet(self, name: str) -> str: ...
+
+The serving side subclasses the declaration and implements the methods, then
+``router.register(GreeterImpl())``. The calling side gets
+``proxy(Greeter, router, "agent")``: an instance of the declaration whose
+methods encode their arguments, call the peer and decode the result, so the
+two ends are built from the same annotations and cannot drift.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Optional, Tuple, Type, TypeVar, get_type_hints
+
+import msgspec
+
+from . import wire
+from .errors import RemoteError
+
+if TYPE_CHECKING:
+    from .router import Router
+
+F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound="Service")
+
+
+def rpc(number: int, *, inline: bool = False, oneway: bool = False) -> Callable[[F], F]:
+    """Mark a declared method with its number.
+
+    ``inline`` handlers run on the link's reader thread: only for handlers
+    that never block. ``oneway`` methods are notifications: no reply, the
+    proxy returns None at once.
+    """
+    if not 0 <= number <= 0xFFFF:
+        raise ValueError(f"method number must be in 0..65535, got {number}")
+
+    def mark(fn: F) -> F:
+        fn.__remowt_rpc__ = (number, inline, oneway)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class MethodSpec:
+    """What both ends know about one method: number, parameters and codecs."""
+
+    def __init__(self, service: str, fn: Callable[..., Any], number: int, inline: bool, oneway: bool) -> None:
+        self.name = f"{service}.{fn.__name__}"
+        self.attr = fn.__name__
+        self.number = number
+        self.inline = inline
+        self.oneway = oneway
+        hints = get_type_hints(fn)
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        for p in params:
+            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                raise TypeError(f"{self.name}: parameter {p.name} must be a plain positional parameter")
+            if p.name not in hints:
+                raise TypeError(f"{self.name}: parameter {p.name} needs a type annotation")
+        if "return" not in hints:
+            raise TypeError(f"{self.name}: the return type must be annotated")
+        self.params = [p.name for p in params]
+        arg_types = tuple(hints[name] for name in self.params)
+        self._args = msgspec.msgpack.Decoder(Tuple[arg_types] if arg_types else Tuple[()])  # type: ignore[valid-type]
+        self._result = msgspec.msgpack.Decoder(hints["return"])
+
+    def decode_args(self, raw: bytes) -> Tuple[Any, ...]:
+        return self._args.decode(raw)  # type: ignore[no-any-return]
+
+    def decode_result(self, raw: bytes) -> Any:
+        return self._result.decode(raw)
+
+    def encode_args(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
+        if len(args) > len(self.params):
+            raise TypeError(f"{self.name}() takes {len(self.params)} arguments, got {len(args)}")
+        values = list(args)
+        for name in self.params[len(args) :]:
+            if name not in kwargs:
+                raise TypeError(f"{self.name}() missing argument {name!r}")
+            values.append(kwargs.pop(name))
+        if kwargs:
+            raise TypeError(f"{self.name}() got unexpected arguments {sorted(kwargs)}")
+        return wire.encode_value(values)
+
+
+class Service:
+    """Base of service declarations; see the module docstring."""
+
+    namespace: ClassVar[int]
+    service_name: ClassVar[str]
+    methods: ClassVar[Dict[str, MethodSpec]]
+
+    def __init_subclass__(cls, namespace: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if namespace is None:
+            return
+        if not 0 <= namespace <= 0xFFFF:
+            raise ValueError(f"namespace must be in 0..65535, got {namespace}")
+        cls.namespace = namespace
+        cls.service_name = cls.__name__
+        methods: Dict[str, MethodSpec] = {}
+        numbers: Dict[int, str] = {}
+        for attr, fn in vars(cls).items():
+            mark = getattr(fn, "__remowt_rpc__", None)
+            if mark is None:
+                continue
+            spec = MethodSpec(cls.__name__, fn, *mark)
+            if spec.number in numbers:
+                raise ValueError(f"{cls.__name__}: {attr} and {numbers[spec.number]} share number {spec.number}")
+            numbers[spec.number] = attr
+            methods[attr] = spec
+        cls.methods = methods
+
+
+def bind_methods(implementation: object) -> Tuple[int, str, Dict[int, Tuple[MethodSpec, Callable[..., Any]]]]:
+    """The namespace, name and ``{number: (spec, bound handler)}`` of an implementation."""
+    if not isinstance(implementation, Service) or not hasattr(type(implementation), "methods"):
+        raise TypeError(f"{implementation!r} is not an instance of a declared remowt service")
+    cls = type(implementation)
+    declaration = next(c for c in cls.__mro__ if "methods" in vars(c))
+    bound: Dict[int, Tuple[MethodSpec, Callable[..., Any]]] = {}
+    for attr, spec in cls.methods.items():
+        handler = getattr(implementation, attr)
+        if getattr(handler, "__func__", None) is vars(declaration)[attr]:
+            raise TypeError(f"{cls.__name__} does not implement {spec.name}")
+        bound[spec.number] = (spec, handler)
+    return cls.namespace, cls.service_name, bound
+
+
+_proxy_classes: Dict[type, type] = {}
+
+
+def proxy(service: Type[S], router: "Router", dst: str, timeout: Optional[float] = None) -> S:
+    """An instance of ``service`` whose methods run at ``dst``."""
+    cls = _proxy_classes.get(service)
+    if cls is None:
+        body: Dict[str, Any] = {"__slots__": ("_router", "_dst", "_timeout")}
+        for attr, spec in service.methods.items():
+            body[attr] = _remote_method(spec, service.namespace)
+        cls = type(f"{service.__name__}Proxy", (service,), body)
+        _proxy_classes[service] = cls
+    instance = object.__new__(cls)
+    instance._router = router
+    instance._dst = dst
+    instance._timeout = timeout
+    return instance  # type: ignore[return-value]
+
+
+def _remote_method(spec: MethodSpec, namespace: int) -> Callable[..., Any]:
+    if spec.oneway:
+
+        def notify(self: Any, *args: Any, **kwargs: Any) -> None:
+            self._router.notify(self._dst, namespace, spec.number, spec.encode_args(args, kwargs))
+
+        notify.__name__ = spec.attr
+        return notify
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raw = self._router.call(self._dst, namespace, spec.number, spec.encode_args(args, kwargs))
+        result = raw.result(self._timeout)
+        try:
+            return spec.decode_result(result)
+        except msgspec.ValidationError as e:
+            raise RemoteError(f"{spec.name} returned a malformed result: {e}") from None
+
+    call.__name__ = spec.attr
+    return call

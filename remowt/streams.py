@@ -1,0 +1,206 @@
+"""Byte streams multiplexed over links, with credit-based flow control.
+
+Each stream has a window: the sender may have at most that many bytes that
+the receiver has not yet consumed. The receiver returns credit as its reader
+takes bytes, so a slow reader holds at most one window in memory and never
+blocks the link it shares with other streams and calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import TYPE_CHECKING, Deque, Optional, Tuple, Union
+
+from . import wire
+from .errors import ConnectionLost
+
+if TYPE_CHECKING:
+    from .router import Router
+
+DEFAULT_WINDOW = 4 * 1024 * 1024
+MAX_CHUNK = 256 * 1024
+StreamKey = Tuple[str, int]
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out waiting on a remowt stream")
+    return left
+
+
+class Stream:
+    """One end of a bidirectional byte stream between two router addresses."""
+
+    def __init__(self, router: "Router", peer: str, opener: str, sid: int, window: int) -> None:
+        self.router = router
+        self.peer = peer
+        self.key: StreamKey = (opener, sid)
+        self.sid = sid
+        self.window = window
+        self._from_opener = opener == router.address
+        self._cond = threading.Condition()
+        self._chunks: Deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._unacked = 0
+        self._remote_eof = False
+        self._credit = window
+        self._sent_eof = False
+        self._error: Optional[BaseException] = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.key[0]}#{self.sid} with {self.peer}>"
+
+    # --- reading -------------------------------------------------------
+
+    def read(self, size: int = -1, timeout: Optional[float] = None) -> bytes:
+        """Up to ``size`` bytes as soon as any are there (all until EOF if ``size < 0``).
+
+        Returns ``b""`` at end of stream; raises ``ConnectionLost`` if the link
+        died and ``TimeoutError`` if ``timeout`` passed with nothing to return.
+        """
+        if size < 0:
+            return self.readall(timeout)
+        if size == 0:
+            return b""
+        deadline = _deadline(timeout)
+        with self._cond:
+            while not self._chunks:
+                if self._remote_eof or self._closed:
+                    return b""
+                if self._error is not None:
+                    raise self._error
+                self._cond.wait(_remaining(deadline))
+            chunk = self._chunks.popleft()
+            if len(chunk) > size:
+                self._chunks.appendleft(chunk[size:])
+                chunk = chunk[:size]
+            self._buffered -= len(chunk)
+            credit = self._consumed(len(chunk))
+        if credit:
+            self._send(wire.Credit(self.router.address, self.peer, self.sid, self._from_opener, credit))
+        return chunk
+
+    def readall(self, timeout: Optional[float] = None) -> bytes:
+        """Everything until end of stream."""
+        deadline = _deadline(timeout)
+        parts = []
+        while True:
+            chunk = self.read(MAX_CHUNK * 4, None if deadline is None else _remaining(deadline))
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+
+    def readinto(self, buffer: memoryview, timeout: Optional[float] = None) -> int:
+        """Fill a prefix of ``buffer``; return how many bytes (0 at end of stream)."""
+        chunk = self.read(len(buffer), timeout)
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def _consumed(self, n: int) -> int:
+        self._unacked += n
+        if self._unacked >= self.window // 4 and not self._remote_eof:
+            credit, self._unacked = self._unacked, 0
+            return credit
+        return 0
+
+    @property
+    def at_eof(self) -> bool:
+        """True once the peer's EOF arrived and every byte was read."""
+        with self._cond:
+            return not self._chunks and (self._remote_eof or self._closed)
+
+    # --- writing -------------------------------------------------------
+
+    def write(self, data: Buffer, timeout: Optional[float] = None) -> int:
+        """Send all of ``data``, waiting for credit; ``BrokenPipeError`` if the peer reset."""
+        view = memoryview(data).cast("B")
+        deadline = _deadline(timeout)
+        total = len(view)
+        while len(view):
+            with self._cond:
+                while self._credit <= 0 and self._error is None and not self._closed:
+                    self._cond.wait(_remaining(deadline))
+                if self._error is not None:
+                    raise self._error
+                if self._closed or self._sent_eof:
+                    raise ValueError("write to a closed remowt stream")
+                n = min(self._credit, len(view), MAX_CHUNK)
+                self._credit -= n
+            self._send(wire.Data(self.router.address, self.peer, self.sid, self._from_opener, bytes(view[:n])))
+            view = view[n:]
+        return total
+
+    def close_write(self) -> None:
+        """Send end of stream; the peer reads ``b""`` after the bytes already sent."""
+        with self._cond:
+            if self._sent_eof or self._error is not None or self._closed:
+                return
+            self._sent_eof = True
+        self._send(wire.Eof(self.router.address, self.peer, self.sid, self._from_opener))
+
+    def close(self) -> None:
+        """Abandon the stream: the peer's writes fail with ``BrokenPipeError``."""
+        with self._cond:
+            if self._closed:
+                return
+            finished = self._sent_eof and self._remote_eof
+            quiet = self._error is not None
+            self._closed = True
+            self._chunks.clear()
+            self._cond.notify_all()
+        self.router.forget_stream(self)
+        if not finished and not quiet:
+            self._send(wire.Reset(self.router.address, self.peer, self.sid, self._from_opener, "closed"))
+
+    def _send(self, message: wire.StreamMessage) -> None:
+        self.router.send_routed(message.dst, wire.encode(message))
+
+    # --- events from the router (reader thread) -------------------------
+
+    def on_data(self, data: bytes) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._chunks.append(data)
+            self._buffered += len(data)
+            self._cond.notify_all()
+
+    def on_eof(self) -> None:
+        with self._cond:
+            self._remote_eof = True
+            self._cond.notify_all()
+
+    def on_credit(self, amount: int) -> None:
+        with self._cond:
+            self._credit += amount
+            self._cond.notify_all()
+
+    def on_reset(self, reason: str) -> None:
+        with self._cond:
+            self._remote_eof = True
+        self.fail(BrokenPipeError(f"remote end of {self!r} was closed ({reason})"))
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    def lost(self) -> None:
+        self.fail(ConnectionLost(f"connection to {self.peer} lost"))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read."""
+        return self._buffered

@@ -1,0 +1,1 @@
+"""Transports: the only layer that touches bytes on an OS object."""

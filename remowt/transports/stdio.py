@@ -1,0 +1,187 @@
+"""Byte streams over a pair of file descriptors, and framed child processes.
+
+The local agent, the privileged agent and plugins all speak the protocol on
+their stdin/stdout; :func:`spawn_framed_child` starts such a child and
+:class:`FdTransport` carries the bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import select
+import subprocess
+import threading
+from typing import List, Mapping, Optional, Sequence
+
+from .base import Transport
+
+PIPE_SIZE = 1024 * 1024
+log = logging.getLogger("remowt.transport")
+
+
+def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> None:
+    """Ask the kernel for a larger pipe buffer; silently keep the old one if refused."""
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+    try:
+        fcntl.fcntl(fd, setpipe, size)
+    except OSError:
+        pass
+
+
+class FdTransport(Transport):
+    """Reads from one fd and writes to another; both are closed by :meth:`close`."""
+
+    name = "fd"
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self._rfd = read_fd
+        self._wfd = write_fd
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._users = 0
+
+    def _enter(self) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._users += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._closed and not self._users:
+                self._close_fds()
+
+    def _wait(self, fd: int, event: int) -> bool:
+        """Wait until ``fd`` is ready; False when the transport was closed meanwhile."""
+        poller = select.poll()
+        poller.register(fd, event)
+        poller.register(self._wake_r, select.POLLIN)
+        return all(ready != self._wake_r for ready, _ in poller.poll())
+
+    def read(self, size: int) -> bytes:
+        if not self._enter():
+            return b""
+        try:
+            while True:
+                try:
+                    return os.read(self._rfd, size)
+                except BlockingIOError:
+                    if not self._wait(self._rfd, select.POLLIN):
+                        return b""
+        except OSError as e:
+            log.debug("read failed: %s", e)
+            return b""
+        finally:
+            self._leave()
+
+    def write(self, data: memoryview, block: bool) -> int:
+        if not self._enter():
+            raise BrokenPipeError("transport is closed")
+        try:
+            while True:
+                try:
+                    return os.write(self._wfd, data)
+                except BlockingIOError:
+                    if not block:
+                        return 0
+                if not self._wait(self._wfd, select.POLLOUT):
+                    raise BrokenPipeError("transport is closed")
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.write(self._wake_w, b"x")
+            if not self._users:
+                self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self._rfd, self._wfd, self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._rfd = self._wfd = self._wake_r = self._wake_w = -1
+
+
+class ChildTransport(FdTransport):
+    """The stdio of a child process; closing it ends the child."""
+
+    name = "child"
+
+    def __init__(self, process: "subprocess.Popen[bytes]", exit_timeout: float = 5.0) -> None:
+        assert process.stdout is not None and process.stdin is not None
+        read_fd = os.dup(process.stdout.fileno())
+        write_fd = os.dup(process.stdin.fileno())
+        process.stdout.close()
+        process.stdin.close()
+        super().__init__(read_fd, write_fd)
+        self.process = process
+        self.exit_timeout = exit_timeout
+        self.stderr_lines: List[str] = []
+        self._stderr_thread: Optional[threading.Thread] = None
+        if process.stderr is not None:
+            self._stderr_thread = threading.Thread(
+                target=self._drain_stderr, name=f"remowt-stderr-{process.pid}", daemon=True
+            )
+            self._stderr_thread.start()
+
+    def _drain_stderr(self) -> None:
+        assert self.process.stderr is not None
+        with self.process.stderr as err:
+            for raw in err:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self.stderr_lines.append(line)
+                del self.stderr_lines[:-50]
+                log.info("[pid %d] %s", self.process.pid, line)
+
+    def stderr_tail(self) -> str:
+        """The last lines the child wrote to stderr (for error messages)."""
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(timeout=1.0)
+        return "\n".join(self.stderr_lines)
+
+    def close(self) -> None:
+        super().close()
+        try:
+            self.process.wait(timeout=self.exit_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("child %d did not exit after its link closed; killing it", self.process.pid)
+            self.process.kill()
+            self.process.wait()
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(timeout=self.exit_timeout)
+
+
+def spawn_framed_child(
+    argv: Sequence[str],
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    cwd: Optional[str] = None,
+    capture_stderr: bool = True,
+) -> ChildTransport:
+    """Start ``argv`` with framed stdio and return the transport that talks to it."""
+    process = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if capture_stderr else None,
+        env=None if env is None else dict(env),
+        cwd=cwd,
+        bufsize=0,
+        close_fds=True,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    enlarge_pipe(process.stdin.fileno())
+    enlarge_pipe(process.stdout.fileno())
+    return ChildTransport(process)

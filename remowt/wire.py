@@ -1,0 +1,225 @@
+"""The wire protocol: messages as msgspec Structs, frames as length + msgpack.
+
+Pure code: no threads, no sockets. A frame is a 4-byte big-endian body length
+followed by the msgpack body; the body is one member of :data:`Message`.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import List, Optional, Tuple, Union
+
+import msgspec
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+USER = "user"
+AGENT = "agent"
+AGENT_PRIVILEGED = "agent-privileged"
+_PLUGIN = re.compile(r"plugin\((0|[1-9][0-9]{0,4})\)\Z")
+
+
+def plugin(n: int) -> str:
+    """The address of plugin number ``n``."""
+    if not 0 <= n <= 65535:
+        raise ValueError(f"plugin number must be in 0..65535, got {n}")
+    return f"plugin({n})"
+
+
+def check_address(address: str) -> str:
+    """Return ``address`` if it is a valid remowt address, else raise ValueError."""
+    if address in (USER, AGENT, AGENT_PRIVILEGED) or _PLUGIN.match(address):
+        if address.startswith("plugin(") and int(address[7:-1]) > 65535:
+            raise ValueError(f"plugin number out of range in address {address!r}")
+        return address
+    raise ValueError(
+        f"invalid address {address!r}: expected 'user', 'agent', 'agent-privileged' or 'plugin(N)'"
+    )
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    """First message on every link, in both directions."""
+
+    version: int
+    address: str
+    max_frame: int
+
+
+class Routes(msgspec.Struct, tag="routes", array_like=True):
+    """The full set of addresses the sender can reach, with hop counts."""
+
+    reachable: List[Tuple[str, int]]
+
+
+class Call(msgspec.Struct, tag="call", array_like=True):
+    """A request; ``args`` is a msgpack array decoded by the service."""
+
+    id: int
+    src: str
+    dst: str
+    ns: int
+    method: int
+    args: msgspec.Raw
+
+
+class Notify(msgspec.Struct, tag="notify", array_like=True):
+    """A one-way request: no reply is sent."""
+
+    src: str
+    dst: str
+    ns: int
+    method: int
+    args: msgspec.Raw
+
+
+class Reply(msgspec.Struct, tag="reply", array_like=True):
+    """The successful result of a :class:`Call`."""
+
+    id: int
+    src: str
+    dst: str
+    result: msgspec.Raw
+
+
+class Fail(msgspec.Struct, tag="fail", array_like=True):
+    """A failed :class:`Call`; ``kind`` selects the exception on the caller."""
+
+    id: int
+    src: str
+    dst: str
+    kind: str
+    message: str
+    errno: Optional[int] = None
+    filename: Optional[str] = None
+
+
+class Open(msgspec.Struct, tag="open", array_like=True):
+    """Announce a stream; ``window`` is each side's initial receive credit."""
+
+    src: str
+    dst: str
+    sid: int
+    window: int
+
+
+class Data(msgspec.Struct, tag="data", array_like=True):
+    """Stream bytes. ``from_opener`` tells which side's ``sid`` space it is."""
+
+    src: str
+    dst: str
+    sid: int
+    from_opener: bool
+    data: bytes
+
+
+class Credit(msgspec.Struct, tag="credit", array_like=True):
+    """The receiver consumed ``amount`` bytes: the sender may send that much more."""
+
+    src: str
+    dst: str
+    sid: int
+    from_opener: bool
+    amount: int
+
+
+class Eof(msgspec.Struct, tag="eof", array_like=True):
+    """The sender will write no more on this stream."""
+
+    src: str
+    dst: str
+    sid: int
+    from_opener: bool
+
+
+class Reset(msgspec.Struct, tag="reset", array_like=True):
+    """The sender abandoned the stream in both directions."""
+
+    src: str
+    dst: str
+    sid: int
+    from_opener: bool
+    reason: str
+
+
+Routed = Union[Call, Notify, Reply, Fail, Open, Data, Credit, Eof, Reset]
+StreamMessage = Union[Open, Data, Credit, Eof, Reset]
+Message = Union[Hello, Routes, Call, Notify, Reply, Fail, Open, Data, Credit, Eof, Reset]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
+
+
+def encode(message: Message) -> bytearray:
+    """Encode ``message`` into one complete frame (header included)."""
+    buf = bytearray(HEADER.size)
+    _encoder.encode_into(message, buf, HEADER.size)
+    HEADER.pack_into(buf, 0, len(buf) - HEADER.size)
+    return buf
+
+
+def encode_value(value: object) -> bytes:
+    """Encode a value (call arguments, a result) as msgpack."""
+    return _encoder.encode(value)
+
+
+def frame(body: bytes) -> bytes:
+    """Frame an already encoded body."""
+    return HEADER.pack(len(body)) + body
+
+
+def decode(body: Union[bytes, memoryview]) -> Message:
+    """Decode one frame body, or raise :class:`ProtocolError` saying what is wrong."""
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"malformed message: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"frame body is not valid msgpack: {e}") from None
+
+
+class FrameReader:
+    """Split a byte stream into frame bodies, enforcing the size limit."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if max_frame < 16:
+            raise ValueError(f"max_frame must be at least 16 bytes, got {max_frame}")
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need: Optional[int] = None
+
+    def feed(self, data: bytes) -> List[bytes]:
+        """Take more bytes; return the complete frame bodies they finish."""
+        buf = self._buf
+        buf += data
+        out: List[bytes] = []
+        pos = 0
+        end = len(buf)
+        while True:
+            if self._need is None:
+                if end - pos < HEADER.size:
+                    break
+                (size,) = HEADER.unpack_from(buf, pos)
+                if size > self.max_frame:
+                    raise ProtocolError(
+                        f"frame of {size} bytes exceeds the limit of {self.max_frame} bytes"
+                    )
+                pos += HEADER.size
+                self._need = size
+            if end - pos < self._need:
+                break
+            out.append(bytes(buf[pos : pos + self._need]))
+            pos += self._need
+            self._need = None
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+        return len(self._buf)
