@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the tests need on a fresh Debian machine (idempotently), then run them all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test,lint]'
+python3 -m ruff check remowt tests benchmarks
+python3 -m mypy
+python3 -m pytest "$@"
