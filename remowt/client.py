@@ -28,7 +28,7 @@ STDOUT = subprocess.STDOUT
 
 
 class _ProcessEvents(ProcessEventsApi):
-    def __init__(self, connection: "Remowt") -> None:
+    def __init__(self, connection: Remowt) -> None:
         self._connection = connection
 
     def exited(self, handle: int, returncode: int) -> None:
@@ -62,7 +62,7 @@ class Remowt:
     def __repr__(self) -> str:
         return f"<Remowt {self.description}{' closed' if self._closed else ''}>"
 
-    def __enter__(self) -> "Remowt":
+    def __enter__(self) -> Remowt:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -170,7 +170,9 @@ class Remowt:
             processes = list(self._processes.values())
             self._processes.clear()
         for process in processes:
-            process._set_lost(ConnectionLost(f"connection to {self.description} lost" + (f": {reason}" if reason else "")))
+            process._set_lost(
+                ConnectionLost(f"connection to {self.description} lost" + (f": {reason}" if reason else ""))
+            )
 
     # --- lifetime -------------------------------------------------------
 

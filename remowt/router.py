@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import msgspec
@@ -24,8 +25,8 @@ from .errors import (
     InternalError,
     ProtocolError,
     RemoteError,
-    Unreachable,
     UnknownMethod,
+    Unreachable,
     remote_os_error,
 )
 from .link import Link
@@ -44,7 +45,7 @@ HANDSHAKE_TIMEOUT = 30.0
 class Pending:
     """The future of one outgoing call: a lock released when the answer arrives."""
 
-    __slots__ = ("_lock", "_result", "_error", "dst", "link")
+    __slots__ = ("_error", "_lock", "_result", "dst", "link")
 
     def __init__(self, dst: str, link: Link) -> None:
         self._lock = threading.Lock()
@@ -63,7 +64,14 @@ class Pending:
 
     def result(self, timeout: Optional[float] = None) -> bytes:
         """The raw msgpack result; raises the remote error, ``ConnectionLost`` or ``TimeoutError``."""
-        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            if not self.done():
+                self.link.serve_until(self.done, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no answer from {self.dst} within {timeout} s") from None
+        left = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self._lock.acquire(timeout=left):
             raise TimeoutError(f"no answer from {self.dst} within {timeout} s")
         self._lock.release()
         if self._error is not None:
@@ -75,7 +83,7 @@ class Pending:
 class _Service:
     """A registered service: its methods by number, bound to the implementation."""
 
-    def __init__(self, name: str, methods: Dict[int, Tuple["MethodSpec", Callable[..., Any]]]) -> None:
+    def __init__(self, name: str, methods: Dict[int, Tuple[MethodSpec, Callable[..., Any]]]) -> None:
         self.name = name
         self.methods = methods
 
@@ -206,6 +214,17 @@ class Router:
         link.send(frame)
         return True
 
+    def serve(self, peer: str, done: Callable[[], bool], timeout: Optional[float]) -> None:
+        """Let the calling thread read the link towards ``peer`` until ``done()``.
+
+        Only an optimisation: it returns early when another thread is reading,
+        and callers then wait as usual. Raises TimeoutError on timeout.
+        """
+        with self._lock:
+            link = self._routes.next_hop(peer)
+        if link is not None:
+            link.serve_until(done, timeout)
+
     def _route_locked(self, dst: str) -> Link:
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")
@@ -245,7 +264,7 @@ class Router:
 
     # --- incoming (reader threads) ---------------------------------------
 
-    def _on_frame(self, link: Link, body: bytes) -> None:
+    def _on_frame(self, link: Link, body: wire.Body) -> None:
         message = wire.decode(body)
         if link.peer is None:
             self._on_hello(link, message)
@@ -305,7 +324,7 @@ class Router:
                 link.send(wire.encode(wire.Routes(advert)))
         self._routes_changed.notify_all()
 
-    def _forward(self, link: Link, message: wire.Routed, body: bytes) -> None:
+    def _forward(self, link: Link, message: wire.Routed, body: wire.Body) -> None:
         with self._lock:
             out = self._routes.next_hop(message.dst)
         if out is not None and out is not link:
@@ -313,7 +332,9 @@ class Router:
         elif isinstance(message, wire.Call):
             self._fail_call(message, Unreachable(f"{self.address} has no route to {message.dst!r}"))
         elif isinstance(message, (wire.Open, wire.Data, wire.Eof)):
-            reset = wire.Reset(self.address, message.src, message.sid, not getattr(message, "from_opener", True), "unreachable")
+            reset = wire.Reset(
+                self.address, message.src, message.sid, not getattr(message, "from_opener", True), "unreachable"
+            )
             self.send_routed(message.src, wire.encode(reset))
 
     def _on_call(self, message: wire.Call) -> None:
@@ -329,7 +350,7 @@ class Router:
         else:
             self._pool.submit(self._run_call, message, spec, handler)
 
-    def _run_call(self, message: wire.Call, spec: "MethodSpec", handler: Callable[..., Any]) -> None:
+    def _run_call(self, message: wire.Call, spec: MethodSpec, handler: Callable[..., Any]) -> None:
         try:
             result = self._invoke(message.src, message.args, spec, handler)
         except BaseException as e:  # every failure becomes a reply; nothing escapes
@@ -350,27 +371,33 @@ class Router:
         else:
             self._pool.submit(self._run_notify, message, spec, handler)
 
-    def _run_notify(self, message: wire.Notify, spec: "MethodSpec", handler: Callable[..., Any]) -> None:
+    def _run_notify(self, message: wire.Notify, spec: MethodSpec, handler: Callable[..., Any]) -> None:
         try:
             self._invoke(message.src, message.args, spec, handler)
         except Exception:
             log.exception("notification %s from %s failed", spec.name, message.src)
 
-    def _invoke(self, src: str, raw: msgspec.Raw, spec: "MethodSpec", handler: Callable[..., Any]) -> Any:
+    def _invoke(self, src: str, raw: msgspec.Raw, spec: MethodSpec, handler: Callable[..., Any]) -> Any:
         try:
             args = spec.decode_args(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise BadArguments(f"bad arguments for {spec.name}: {e}") from None
+        outer = getattr(self._local, "caller", None)
         self._local.caller = src
         try:
             return handler(*args)
         finally:
-            self._local.caller = None
+            self._local.caller = outer
 
     def _fail_call(self, message: wire.Call, error: BaseException) -> None:
         if isinstance(error, OSError) and error.errno is not None:
             fail = wire.Fail(
-                message.id, self.address, message.src, "os-error", error.strerror or str(error), error.errno,
+                message.id,
+                self.address,
+                message.src,
+                "os-error",
+                error.strerror or str(error),
+                error.errno,
                 None if error.filename is None else str(error.filename),
             )
         elif isinstance(error, RemoteError):
@@ -379,7 +406,9 @@ class Router:
             fail = wire.Fail(message.id, self.address, message.src, "unreachable", str(error))
         else:
             log.exception("call to ns %d method %d failed", message.ns, message.method, exc_info=error)
-            fail = wire.Fail(message.id, self.address, message.src, InternalError.kind, f"{type(error).__name__}: {error}")
+            fail = wire.Fail(
+                message.id, self.address, message.src, InternalError.kind, f"{type(error).__name__}: {error}"
+            )
         self.send_routed(message.src, wire.encode(fail))
 
     def _on_answer(self, message: Any) -> None:
@@ -435,7 +464,7 @@ class Router:
             except Exception:
                 log.exception("link-closed hook failed")
 
-    def _lose(self, lost: "set[str]", reason: Optional[BaseException]) -> None:
+    def _lose(self, lost: set[str], reason: Optional[BaseException]) -> None:
         if not lost:
             return
         why = f" ({reason})" if reason else ""

@@ -68,11 +68,12 @@ class MethodSpec:
             raise TypeError(f"{self.name}: the return type must be annotated")
         self.params = [p.name for p in params]
         arg_types = tuple(hints[name] for name in self.params)
-        self._args = msgspec.msgpack.Decoder(Tuple[arg_types] if arg_types else Tuple[()])  # type: ignore[valid-type]
-        self._result = msgspec.msgpack.Decoder(hints["return"])
+        args_type: Any = Tuple[arg_types] if arg_types else Tuple[()]
+        self._args: msgspec.msgpack.Decoder[Tuple[Any, ...]] = msgspec.msgpack.Decoder(args_type)
+        self._result: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(hints["return"])
 
     def decode_args(self, raw: bytes) -> Tuple[Any, ...]:
-        return self._args.decode(raw)  # type: ignore[no-any-return]
+        return self._args.decode(raw)
 
     def decode_result(self, raw: bytes) -> Any:
         return self._result.decode(raw)
@@ -137,20 +138,18 @@ def bind_methods(implementation: object) -> Tuple[int, str, Dict[int, Tuple[Meth
 _proxy_classes: Dict[type, type] = {}
 
 
-def proxy(service: Type[S], router: "Router", dst: str, timeout: Optional[float] = None) -> S:
+def proxy(service: Type[S], router: Router, dst: str, timeout: Optional[float] = None) -> S:
     """An instance of ``service`` whose methods run at ``dst``."""
     cls = _proxy_classes.get(service)
     if cls is None:
-        body: Dict[str, Any] = {"__slots__": ("_router", "_dst", "_timeout")}
+        body: Dict[str, Any] = {}
         for attr, spec in service.methods.items():
             body[attr] = _remote_method(spec, service.namespace)
         cls = type(f"{service.__name__}Proxy", (service,), body)
         _proxy_classes[service] = cls
-    instance = object.__new__(cls)
-    instance._router = router
-    instance._dst = dst
-    instance._timeout = timeout
-    return instance  # type: ignore[return-value]
+    instance: S = object.__new__(cls)
+    vars(instance).update(_router=router, _dst=dst, _timeout=timeout)
+    return instance
 
 
 def _remote_method(spec: MethodSpec, namespace: int) -> Callable[..., Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Deque, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Deque, List, Optional, Tuple, Union
 
 from . import wire
 from .errors import ConnectionLost
@@ -41,7 +41,7 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
 class Stream:
     """One end of a bidirectional byte stream between two router addresses."""
 
-    def __init__(self, router: "Router", peer: str, opener: str, sid: int, window: int) -> None:
+    def __init__(self, router: Router, peer: str, opener: str, sid: int, window: int) -> None:
         self.router = router
         self.peer = peer
         self.key: StreamKey = (opener, sid)
@@ -74,6 +74,8 @@ class Stream:
         if size == 0:
             return b""
         deadline = _deadline(timeout)
+        if not self._readable():
+            self.router.serve(self.peer, self._readable, timeout)
         with self._cond:
             while not self._chunks:
                 if self._remote_eof or self._closed:
@@ -91,10 +93,13 @@ class Stream:
             self._send(wire.Credit(self.router.address, self.peer, self.sid, self._from_opener, credit))
         return chunk
 
+    def _readable(self) -> bool:
+        return bool(self._chunks) or self._remote_eof or self._closed or self._error is not None
+
     def readall(self, timeout: Optional[float] = None) -> bytes:
         """Everything until end of stream."""
         deadline = _deadline(timeout)
-        parts = []
+        parts: List[bytes] = []
         while True:
             chunk = self.read(MAX_CHUNK * 4, None if deadline is None else _remaining(deadline))
             if not chunk:
@@ -137,7 +142,8 @@ class Stream:
                     raise ValueError("write to a closed remowt stream")
                 n = min(self._credit, len(view), MAX_CHUNK)
                 self._credit -= n
-            self._send(wire.Data(self.router.address, self.peer, self.sid, self._from_opener, bytes(view[:n])))
+            chunk = data if n == total and isinstance(data, bytes) else bytes(view[:n])
+            self._send(wire.Data(self.router.address, self.peer, self.sid, self._from_opener, chunk))
             view = view[n:]
         return total
 

@@ -37,9 +37,7 @@ def check_address(address: str) -> str:
         if address.startswith("plugin(") and int(address[7:-1]) > 65535:
             raise ValueError(f"plugin number out of range in address {address!r}")
         return address
-    raise ValueError(
-        f"invalid address {address!r}: expected 'user', 'agent', 'agent-privileged' or 'plugin(N)'"
-    )
+    raise ValueError(f"invalid address {address!r}: expected 'user', 'agent', 'agent-privileged' or 'plugin(N)'")
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True):
@@ -146,12 +144,13 @@ class Reset(msgspec.Struct, tag="reset", array_like=True):
     reason: str
 
 
+Body = Union[bytes, memoryview]
 Routed = Union[Call, Notify, Reply, Fail, Open, Data, Credit, Eof, Reset]
 StreamMessage = Union[Open, Data, Credit, Eof, Reset]
 Message = Union[Hello, Routes, Call, Notify, Reply, Fail, Open, Data, Credit, Eof, Reset]
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
 def encode(message: Message) -> bytearray:
@@ -167,12 +166,12 @@ def encode_value(value: object) -> bytes:
     return _encoder.encode(value)
 
 
-def frame(body: bytes) -> bytes:
+def frame(body: Body) -> bytes:
     """Frame an already encoded body."""
     return HEADER.pack(len(body)) + body
 
 
-def decode(body: Union[bytes, memoryview]) -> Message:
+def decode(body: Body) -> Message:
     """Decode one frame body, or raise :class:`ProtocolError` saying what is wrong."""
     try:
         return _decoder.decode(body)
@@ -183,43 +182,63 @@ def decode(body: Union[bytes, memoryview]) -> Message:
 
 
 class FrameReader:
-    """Split a byte stream into frame bodies, enforcing the size limit."""
+    """Split a byte stream into frame bodies, enforcing the size limit.
+
+    Bodies that lie whole inside one fed chunk come back as memoryviews of
+    it, without copying; only frames split across chunks are reassembled.
+    """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         if max_frame < 16:
             raise ValueError(f"max_frame must be at least 16 bytes, got {max_frame}")
         self.max_frame = max_frame
-        self._buf = bytearray()
+        self._partial = bytearray()
         self._need: Optional[int] = None
 
-    def feed(self, data: bytes) -> List[bytes]:
+    def feed(self, data: bytes) -> List[Body]:
         """Take more bytes; return the complete frame bodies they finish."""
-        buf = self._buf
-        buf += data
-        out: List[bytes] = []
+        out: List[Body] = []
+        view = memoryview(data)
         pos = 0
-        end = len(buf)
-        while True:
+        end = len(view)
+        partial = self._partial
+        if partial or self._need is not None:
             if self._need is None:
-                if end - pos < HEADER.size:
-                    break
-                (size,) = HEADER.unpack_from(buf, pos)
-                if size > self.max_frame:
-                    raise ProtocolError(
-                        f"frame of {size} bytes exceeds the limit of {self.max_frame} bytes"
-                    )
-                pos += HEADER.size
-                self._need = size
-            if end - pos < self._need:
-                break
-            out.append(bytes(buf[pos : pos + self._need]))
-            pos += self._need
+                take = min(HEADER.size - len(partial), end)
+                partial += view[:take]
+                pos = take
+                if len(partial) < HEADER.size:
+                    return out
+                self._need = self._check(HEADER.unpack_from(partial)[0])
+                partial.clear()
+            take = min(self._need - len(partial), end - pos)
+            partial += view[pos : pos + take]
+            pos += take
+            if len(partial) < self._need:
+                return out
+            out.append(bytes(partial))
+            partial.clear()
             self._need = None
-        if pos:
-            del buf[:pos]
+        while end - pos >= HEADER.size:
+            size = self._check(HEADER.unpack_from(view, pos)[0])
+            if end - pos - HEADER.size < size:
+                break
+            pos += HEADER.size
+            out.append(view[pos : pos + size])
+            pos += size
+        if pos < end:
+            if end - pos >= HEADER.size:
+                self._need = self._check(HEADER.unpack_from(view, pos)[0])
+                pos += HEADER.size
+            partial += view[pos:]
         return out
+
+    def _check(self, size: int) -> int:
+        if size > self.max_frame:
+            raise ProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_frame} bytes")
+        return size
 
     @property
     def pending(self) -> int:
         """Bytes held that do not yet make a whole frame."""
-        return len(self._buf)
+        return len(self._partial) + (HEADER.size if self._need is not None else 0)

@@ -34,9 +34,7 @@ class WorkerPool:
             if self._idle > len(self._jobs) - 1:
                 self._cond.notify()
             elif len(self._threads) < self.max_workers:
-                thread = threading.Thread(
-                    target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
-                )
+                thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()
 

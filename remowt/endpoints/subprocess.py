@@ -7,6 +7,7 @@ it. Exits are pushed to the caller's :class:`ProcessEventsApi` as they happen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -84,7 +85,7 @@ class ProcessEventsApi(Service, namespace=11):
 
 
 class _Child:
-    def __init__(self, owner: str, handle: int, process: "subprocess.Popen[bytes]", keep: bool) -> None:
+    def __init__(self, owner: str, handle: int, process: subprocess.Popen[bytes], keep: bool) -> None:
         self.owner = owner
         self.handle = handle
         self.process = process
@@ -272,7 +273,7 @@ class Subprocesses(SubprocessApi):
 
     def _start_pumps(self, child: _Child, streams: Dict[str, Optional[Stream]]) -> None:
         process = child.process
-        jobs = []
+        jobs: List[Tuple[Callable[..., None], Tuple[Any, ...]]] = []
         if streams["stdin"] is not None and process.stdin is not None:
             streams["stdin"].close_write()
             jobs.append((_pump_in, (streams["stdin"], _detach(process.stdin))))
@@ -335,10 +336,8 @@ class Subprocesses(SubprocessApi):
             self._closed = True
             children = [child for child in self._children.values() if not child.keep]
         for child in children:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         for child in children:
             child.exited.wait(timeout)
 

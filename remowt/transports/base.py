@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import abc
+from typing import Optional
 
 
 class Transport(abc.ABC):
     """Moves bytes to and from the peer. Framing and meaning live above it.
 
-    ``read`` is called from one reader thread only; ``write`` from one writer
-    at a time (the link serialises them). ``close`` may be called from any
-    thread, any number of times, and must make a blocked ``read`` return.
+    Reads never block: :meth:`wait_readable` is the one place to wait, so
+    that whichever thread holds the link's read turn can read. ``write`` is
+    called by one writer at a time (the link serialises them). ``close`` may
+    be called from any thread, any number of times, and wakes every waiter.
     """
 
     name: str = "transport"
 
     @abc.abstractmethod
-    def read(self, size: int) -> bytes:
-        """Block until some bytes arrive; return at most ``size``; ``b""`` at end."""
+    def read(self, size: int) -> Optional[bytes]:
+        """At most ``size`` bytes that are there now; None if none yet; ``b""`` at end or after close."""
+
+    @abc.abstractmethod
+    def wait_readable(self, timeout: Optional[float]) -> bool:
+        """Wait until :meth:`read` would not return None; False if ``timeout`` passed first."""
 
     @abc.abstractmethod
     def write(self, data: memoryview, block: bool) -> int:

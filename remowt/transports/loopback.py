@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Deque, Tuple
+from typing import Deque, Optional, Tuple
 
 from .base import Transport
 
@@ -27,18 +27,21 @@ class LoopbackTransport(Transport):
         self._in = inbound
         self._out = outbound
 
-    def read(self, size: int) -> bytes:
+    def read(self, size: int) -> Optional[bytes]:
         pipe = self._in
         with pipe.cond:
-            while not pipe.chunks:
-                if pipe.closed:
-                    return b""
-                pipe.cond.wait()
+            if not pipe.chunks:
+                return b"" if pipe.closed else None
             chunk = pipe.chunks.popleft()
             if len(chunk) > size:
                 pipe.chunks.appendleft(chunk[size:])
                 chunk = chunk[:size]
             return chunk
+
+    def wait_readable(self, timeout: Optional[float]) -> bool:
+        pipe = self._in
+        with pipe.cond:
+            return pipe.cond.wait_for(lambda: bool(pipe.chunks) or pipe.closed, timeout)
 
     def write(self, data: memoryview, block: bool) -> int:
         pipe = self._out
@@ -46,7 +49,7 @@ class LoopbackTransport(Transport):
             if pipe.closed:
                 raise BrokenPipeError("loopback peer is closed")
             pipe.chunks.append(bytes(data))
-            pipe.cond.notify()
+            pipe.cond.notify_all()
         return len(data)
 
     def close(self) -> None:

@@ -7,8 +7,10 @@ their stdin/stdout; :func:`spawn_framed_child` starts such a child and
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
+import math
 import os
 import select
 import subprocess
@@ -24,10 +26,8 @@ log = logging.getLogger("remowt.transport")
 def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> None:
     """Ask the kernel for a larger pipe buffer; silently keep the old one if refused."""
     setpipe = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-    try:
+    with contextlib.suppress(OSError):
         fcntl.fcntl(fd, setpipe, size)
-    except OSError:
-        pass
 
 
 class FdTransport(Transport):
@@ -58,26 +58,34 @@ class FdTransport(Transport):
             if self._closed and not self._users:
                 self._close_fds()
 
-    def _wait(self, fd: int, event: int) -> bool:
-        """Wait until ``fd`` is ready; False when the transport was closed meanwhile."""
+    def _wait_writable(self) -> bool:
+        """Wait until the write fd takes bytes; False when the transport was closed meanwhile."""
         poller = select.poll()
-        poller.register(fd, event)
+        poller.register(self._wfd, select.POLLOUT)
         poller.register(self._wake_r, select.POLLIN)
         return all(ready != self._wake_r for ready, _ in poller.poll())
 
-    def read(self, size: int) -> bytes:
+    def read(self, size: int) -> Optional[bytes]:
         if not self._enter():
             return b""
         try:
-            while True:
-                try:
-                    return os.read(self._rfd, size)
-                except BlockingIOError:
-                    if not self._wait(self._rfd, select.POLLIN):
-                        return b""
+            return os.read(self._rfd, size)
+        except BlockingIOError:
+            return None
         except OSError as e:
             log.debug("read failed: %s", e)
             return b""
+        finally:
+            self._leave()
+
+    def wait_readable(self, timeout: Optional[float]) -> bool:
+        if not self._enter():
+            return True
+        try:
+            poller = select.poll()
+            poller.register(self._rfd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
         finally:
             self._leave()
 
@@ -91,7 +99,7 @@ class FdTransport(Transport):
                 except BlockingIOError:
                     if not block:
                         return 0
-                if not self._wait(self._wfd, select.POLLOUT):
+                if not self._wait_writable():
                     raise BrokenPipeError("transport is closed")
         finally:
             self._leave()
@@ -107,10 +115,8 @@ class FdTransport(Transport):
 
     def _close_fds(self) -> None:
         for fd in (self._rfd, self._wfd, self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._rfd = self._wfd = self._wake_r = self._wake_w = -1
 
 
@@ -119,7 +125,7 @@ class ChildTransport(FdTransport):
 
     name = "child"
 
-    def __init__(self, process: "subprocess.Popen[bytes]", exit_timeout: float = 5.0) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], exit_timeout: float = 5.0) -> None:
         assert process.stdout is not None and process.stdin is not None
         read_fd = os.dup(process.stdout.fileno())
         write_fd = os.dup(process.stdin.fileno())
