@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Deque, List, Optional, Tuple, Union
 
 from . import wire
-from .errors import ConnectionLost
+from .errors import ConnectionLost, ProtocolError
 
 if TYPE_CHECKING:
     from .router import Router
@@ -178,6 +178,8 @@ class Stream:
         with self._cond:
             if self._closed:
                 return
+            if self._buffered + self._unacked + len(data) > self.window:
+                raise ProtocolError(f"{self.peer} overran the window of {self!r}")
             self._chunks.append(data)
             self._buffered += len(data)
             self._cond.notify_all()

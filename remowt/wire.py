@@ -11,12 +11,17 @@ import struct
 from typing import List, Optional, Tuple, Union
 
 import msgspec
+from typing_extensions import Annotated
 
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 HEADER = struct.Struct(">I")
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Hops = Annotated[int, msgspec.Meta(ge=1, le=255)]
+Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 USER = "user"
 AGENT = "agent"
@@ -45,19 +50,19 @@ class Hello(msgspec.Struct, tag="hello", array_like=True):
 
     version: int
     address: str
-    max_frame: int
+    max_frame: Positive
 
 
 class Routes(msgspec.Struct, tag="routes", array_like=True):
     """The full set of addresses the sender can reach, with hop counts."""
 
-    reachable: List[Tuple[str, int]]
+    reachable: List[Tuple[str, Hops]]
 
 
 class Call(msgspec.Struct, tag="call", array_like=True):
     """A request; ``args`` is a msgpack array decoded by the service."""
 
-    id: int
+    id: Id
     src: str
     dst: str
     ns: int
@@ -78,7 +83,7 @@ class Notify(msgspec.Struct, tag="notify", array_like=True):
 class Reply(msgspec.Struct, tag="reply", array_like=True):
     """The successful result of a :class:`Call`."""
 
-    id: int
+    id: Id
     src: str
     dst: str
     result: msgspec.Raw
@@ -87,7 +92,7 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
 class Fail(msgspec.Struct, tag="fail", array_like=True):
     """A failed :class:`Call`; ``kind`` selects the exception on the caller."""
 
-    id: int
+    id: Id
     src: str
     dst: str
     kind: str
@@ -101,8 +106,8 @@ class Open(msgspec.Struct, tag="open", array_like=True):
 
     src: str
     dst: str
-    sid: int
-    window: int
+    sid: Id
+    window: Positive
 
 
 class Data(msgspec.Struct, tag="data", array_like=True):
@@ -110,7 +115,7 @@ class Data(msgspec.Struct, tag="data", array_like=True):
 
     src: str
     dst: str
-    sid: int
+    sid: Id
     from_opener: bool
     data: bytes
 
@@ -120,9 +125,9 @@ class Credit(msgspec.Struct, tag="credit", array_like=True):
 
     src: str
     dst: str
-    sid: int
+    sid: Id
     from_opener: bool
-    amount: int
+    amount: Positive
 
 
 class Eof(msgspec.Struct, tag="eof", array_like=True):
@@ -130,7 +135,7 @@ class Eof(msgspec.Struct, tag="eof", array_like=True):
 
     src: str
     dst: str
-    sid: int
+    sid: Id
     from_opener: bool
 
 
@@ -139,7 +144,7 @@ class Reset(msgspec.Struct, tag="reset", array_like=True):
 
     src: str
     dst: str
-    sid: int
+    sid: Id
     from_opener: bool
     reason: str
 
