@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import subprocess
 import threading
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
+from . import popen as _popen
 from . import wire
 from .agent.main import Agent
+from .command import Command
 from .endpoints.control import Control, ControlApi, NodeInfo
 from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
 from .errors import ConnectionLost, RemowtError
@@ -22,9 +23,9 @@ from .transports import local as local_transport
 from .transports import loopback as loopback_transport
 from .transports.base import Transport
 
-PIPE = subprocess.PIPE
-DEVNULL = subprocess.DEVNULL
-STDOUT = subprocess.STDOUT
+PIPE = _popen.PIPE
+DEVNULL = _popen.DEVNULL
+STDOUT = _popen.STDOUT
 
 
 class _ProcessEvents(ProcessEventsApi):
@@ -36,7 +37,20 @@ class _ProcessEvents(ProcessEventsApi):
 
 
 class Remowt:
-    """A connection to an agent. Use as a context manager, or call :meth:`close`."""
+    """A connection to an agent. Use as a context manager, or call :meth:`close`.
+
+    It also has the face of the :mod:`subprocess` module, bound to itself:
+    ``conn.Popen``, ``conn.run``, ``conn.check_output`` …, ``conn.PIPE`` and
+    the exception classes, so ``subprocess = conn`` works in a script.
+    """
+
+    PIPE = _popen.PIPE
+    DEVNULL = _popen.DEVNULL
+    STDOUT = _popen.STDOUT
+    CompletedProcess = _popen.CompletedProcess
+    SubprocessError = _popen.SubprocessError
+    CalledProcessError = _popen.CalledProcessError
+    TimeoutExpired = _popen.TimeoutExpired
 
     def __init__(
         self,
@@ -55,6 +69,7 @@ class Remowt:
         self._lock = threading.Lock()
         self._processes: Dict[int, RemoteProcess] = {}
         self._closed = False
+        self._popen_class: Optional[Type[_popen.Popen]] = None
         self._control = proxy(ControlApi, router, self.agent)
         self._subprocess = proxy(SubprocessApi, router, self.agent)
         router.on_link_closed(self._link_closed)
@@ -80,6 +95,43 @@ class Remowt:
         """Who the agent is: pid, uid, Python version and machine."""
         return self._control.info()
 
+    # --- the subprocess face ---------------------------------------------
+
+    @property
+    def Popen(self) -> Type[_popen.Popen]:
+        """:class:`remowt.Popen` bound to this connection (a subclass, so isinstance works)."""
+        if self._popen_class is None:
+            self._popen_class = type("Popen", (_popen.Popen,), {"_bound_connection": self})
+        return self._popen_class
+
+    def run(self, *args: Any, **kwargs: Any) -> _popen.CompletedProcess[Any]:
+        """:func:`remowt.run` on this connection."""
+        return _popen.run(*args, connection=self, **kwargs)
+
+    def call(self, *args: Any, **kwargs: Any) -> int:
+        """:func:`remowt.call` on this connection."""
+        return _popen.call(*args, connection=self, **kwargs)
+
+    def check_call(self, *args: Any, **kwargs: Any) -> int:
+        """:func:`remowt.check_call` on this connection."""
+        return _popen.check_call(*args, connection=self, **kwargs)
+
+    def check_output(self, *args: Any, **kwargs: Any) -> Any:
+        """:func:`remowt.check_output` on this connection."""
+        return _popen.check_output(*args, connection=self, **kwargs)
+
+    def getoutput(self, cmd: Any, **kwargs: Any) -> str:
+        """:func:`remowt.getoutput` on this connection."""
+        return _popen.getoutput(cmd, connection=self, **kwargs)
+
+    def getstatusoutput(self, cmd: Any, **kwargs: Any) -> Tuple[int, str]:
+        """:func:`remowt.getstatusoutput` on this connection."""
+        return _popen.getstatusoutput(cmd, connection=self, **kwargs)
+
+    def cmd(self, program: str) -> Command:
+        """A :class:`~remowt.command.Command` builder for ``program`` on this connection."""
+        return Command(self, program)
+
     # --- processes ------------------------------------------------------
 
     def spawn(
@@ -94,7 +146,12 @@ class Remowt:
         stdout: int = DEVNULL,
         stderr: int = DEVNULL,
         start_new_session: bool = False,
+        process_group: Optional[int] = None,
         umask: int = -1,
+        restore_signals: bool = True,
+        user: Union[int, str, None] = None,
+        group: Union[int, str, None] = None,
+        extra_groups: Optional[Sequence[Union[int, str]]] = None,
         keep_on_disconnect: bool = False,
     ) -> RemoteProcess:
         """Start ``argv`` on the target.
@@ -102,8 +159,11 @@ class Remowt:
         ``env`` replaces the agent's environment (as in :mod:`subprocess`),
         ``extra_env`` extends it. Each of ``stdin``/``stdout``/``stderr`` is
         ``PIPE`` (a :class:`~remowt.streams.Stream` on the result) or
-        ``DEVNULL``; ``stderr`` may also be ``STDOUT``. Children die with the
-        connection unless ``keep_on_disconnect``.
+        ``DEVNULL``; ``stderr`` may also be ``STDOUT``. Each child gets its own
+        process group unless ``start_new_session`` or ``process_group`` say
+        otherwise; ``user``, ``group``, ``extra_groups``, ``umask`` and
+        ``restore_signals`` are applied on the target as :mod:`subprocess`
+        does. Children die with the connection unless ``keep_on_disconnect``.
         """
         args = [str(a) for a in argv]
         if not args:
@@ -144,7 +204,12 @@ class Remowt:
                 stderr=None if streams[2] is None else streams[2].sid,
                 stderr_to_stdout=stderr == STDOUT,
                 start_new_session=start_new_session,
+                process_group=process_group,
                 umask=umask,
+                restore_signals=restore_signals,
+                user=user,
+                group=group,
+                extra_groups=None if extra_groups is None else list(extra_groups),
                 keep_on_disconnect=keep_on_disconnect,
             )
             process.pid = self._subprocess.spawn(spec)

@@ -15,10 +15,11 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
+from .._real import Popen as LocalPopen
 from ..errors import BadArguments, ConnectionLost, Unreachable
 from ..router import Router
 from ..service import Service, proxy, rpc
@@ -42,7 +43,12 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stderr: Optional[int] = None
     stderr_to_stdout: bool = False
     start_new_session: bool = False
+    process_group: Optional[int] = None
     umask: int = -1
+    restore_signals: bool = True
+    user: Union[int, str, None] = None
+    group: Union[int, str, None] = None
+    extra_groups: Optional[List[Union[int, str]]] = None
     keep_on_disconnect: bool = False
 
 
@@ -231,7 +237,7 @@ class Subprocesses(SubprocessApi):
             for name, sid in (("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr))
         }
         try:
-            process = subprocess.Popen(spec.argv, **self._popen_kwargs(spec, streams))
+            process = LocalPopen(spec.argv, **self._popen_kwargs(spec, streams))
         except BaseException:
             for stream in streams.values():
                 if stream is not None:
@@ -264,11 +270,19 @@ class Subprocesses(SubprocessApi):
             close_fds=True,
             bufsize=0,
             umask=spec.umask,
+            restore_signals=spec.restore_signals,
+            user=spec.user,
+            group=spec.group,
+            extra_groups=spec.extra_groups,
+            start_new_session=spec.start_new_session,
         )
-        if spec.start_new_session or sys.version_info < (3, 11):
-            kwargs["start_new_session"] = True
+        if sys.version_info >= (3, 11):
+            if not spec.start_new_session:
+                kwargs["process_group"] = 0 if spec.process_group is None else spec.process_group
+        elif spec.process_group is not None:
+            raise BadArguments("process_group needs Python 3.11 or later on the target")
         else:
-            kwargs["process_group"] = 0
+            kwargs["start_new_session"] = True
         return kwargs
 
     def _start_pumps(self, child: _Child, streams: Dict[str, Optional[Stream]]) -> None:

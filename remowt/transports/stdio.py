@@ -17,6 +17,7 @@ import subprocess
 import threading
 from typing import List, Mapping, Optional, Sequence
 
+from .._real import Popen as LocalPopen
 from .base import Transport
 
 PIPE_SIZE = 1024 * 1024
@@ -177,7 +178,7 @@ def spawn_framed_child(
     capture_stderr: bool = True,
 ) -> ChildTransport:
     """Start ``argv`` with framed stdio and return the transport that talks to it."""
-    process = subprocess.Popen(
+    process = LocalPopen(
         list(argv),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -1,0 +1,485 @@
+"""A drop-in for :mod:`subprocess` whose processes run where a connection points.
+
+``remowt.Popen`` has the signature of Python 3.11's ``subprocess.Popen`` plus
+``connection=``; without one it uses :func:`remowt.default_connection`. The
+module functions (``run``, ``call``, ``check_call``, ``check_output``,
+``getoutput``, ``getstatusoutput``) follow CPython's own, and the exceptions
+subclass subprocess's so ``except subprocess.CalledProcessError`` still works.
+"""
+
+from __future__ import annotations
+
+import io
+import locale
+import os
+import subprocess
+import threading
+import time
+import warnings
+from typing import IO, TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .errors import ConnectionLost
+from .pipes import FdToStream, StreamReader, StreamToFd, StreamWriter, is_devnull
+
+if TYPE_CHECKING:
+    from .client import Remowt
+    from .process import RemoteProcess
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
+CompletedProcess = subprocess.CompletedProcess
+INHERIT_GRACE = 2.0
+
+StrOrBytesPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+Args = Union[StrOrBytesPath, Sequence[StrOrBytesPath]]
+Stdio = Union[None, int, IO[Any]]
+
+
+class SubprocessError(subprocess.SubprocessError):
+    """Base of remowt's subprocess errors."""
+
+
+class CalledProcessError(subprocess.CalledProcessError, SubprocessError):
+    """A checked command exited non-zero (carries ``output`` and ``stderr``)."""
+
+
+class TimeoutExpired(subprocess.TimeoutExpired, SubprocessError):
+    """A timeout passed while waiting for a child."""
+
+
+_LOCAL_ONLY = "{} runs in this process, but the child runs on the target; it cannot be honoured"
+
+
+def _check_local_only(
+    preexec_fn: Any, close_fds: bool, pass_fds: Sequence[int], startupinfo: Any, creationflags: int
+) -> None:
+    if preexec_fn is not None:
+        raise ValueError("preexec_fn: " + _LOCAL_ONLY.format("a preexec_fn"))
+    if not close_fds:
+        raise ValueError("close_fds=False: this process's fds do not exist on the target")
+    if pass_fds:
+        raise ValueError("pass_fds: this process's fds do not exist on the target")
+    if startupinfo is not None:
+        raise ValueError("startupinfo is Windows only")
+    if creationflags:
+        raise ValueError("creationflags is Windows only")
+
+
+def _argv(args: Args, shell: bool, executable: Optional[StrOrBytesPath]) -> Tuple[List[str], Optional[str]]:
+    if isinstance(args, (str, bytes, os.PathLike)):
+        argv = [os.fsdecode(args)]
+    else:
+        argv = [os.fsdecode(a) for a in args]
+    exe = None if executable is None else os.fsdecode(executable)
+    if shell:
+        argv = [exe or "/bin/sh", "-c", *argv]
+        exe = None
+    if not argv:
+        raise ValueError("args must name a program to run, got an empty sequence")
+    return argv, exe
+
+
+def _stdio_fd(name: str, value: Any) -> int:
+    """The local fd behind an inherited (None), integer or file-object stdio argument."""
+    if value is None:
+        return {"stdin": 0, "stdout": 1, "stderr": 2}[name]
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name}={value} is neither PIPE, DEVNULL, STDOUT nor a file descriptor")
+        return value
+    try:
+        return int(value.fileno())
+    except (AttributeError, io.UnsupportedOperation):
+        raise ValueError(f"{name} must be PIPE, DEVNULL, None, an fd or a file with fileno(), got {value!r}") from None
+
+
+class Popen:
+    """Execute a child program where ``connection`` points (like :class:`subprocess.Popen`).
+
+    Beyond subprocess's arguments: ``connection`` (else the default one) and
+    ``extra_env`` (variables added to the target's environment instead of
+    replacing it as ``env`` does).
+    """
+
+    _bound_connection: Optional[Remowt] = None
+
+    def __init__(
+        self,
+        args: Args,
+        bufsize: int = -1,
+        executable: Optional[StrOrBytesPath] = None,
+        stdin: Stdio = None,
+        stdout: Stdio = None,
+        stderr: Stdio = None,
+        preexec_fn: Any = None,
+        close_fds: bool = True,
+        shell: bool = False,
+        cwd: Optional[StrOrBytesPath] = None,
+        env: Optional[Mapping[Any, Any]] = None,
+        universal_newlines: Optional[bool] = None,
+        startupinfo: Any = None,
+        creationflags: int = 0,
+        restore_signals: bool = True,
+        start_new_session: bool = False,
+        pass_fds: Sequence[int] = (),
+        *,
+        user: Union[int, str, None] = None,
+        group: Union[int, str, None] = None,
+        extra_groups: Optional[Sequence[Union[int, str]]] = None,
+        encoding: Optional[str] = None,
+        errors: Optional[str] = None,
+        text: Optional[bool] = None,
+        umask: int = -1,
+        pipesize: int = -1,
+        process_group: Optional[int] = None,
+        connection: Optional[Remowt] = None,
+        extra_env: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        self.args = args
+        self.returncode: Optional[int] = None
+        self.stdin: Optional[IO[Any]] = None
+        self.stdout: Optional[IO[Any]] = None
+        self.stderr: Optional[IO[Any]] = None
+        self.pid = -1
+        self._process: Optional[RemoteProcess] = None
+        self._in_pump: Optional[FdToStream] = None
+        self._out_pumps: List[StreamToFd] = []
+        self._communication_started = False
+        self._readers: Dict[str, Tuple[threading.Thread, List[bytes]]] = {}
+        self._writer: Optional[threading.Thread] = None
+        _check_local_only(preexec_fn, close_fds, pass_fds, startupinfo, creationflags)
+        if bufsize is None:
+            bufsize = -1
+        if not isinstance(bufsize, int):
+            raise TypeError("bufsize must be an integer")
+        if text is not None and universal_newlines is not None and bool(universal_newlines) != bool(text):
+            raise SubprocessError(
+                "Cannot disambiguate when both text and universal_newlines are supplied but different. "
+                "Pass one or the other."
+            )
+        if stderr == STDOUT and stdout == STDOUT:
+            raise ValueError("stdout cannot be STDOUT")
+        if stdin == STDOUT:
+            raise ValueError("stdin cannot be STDOUT")
+        self.text_mode = bool(encoding or errors or text or universal_newlines)
+        self.universal_newlines = self.text_mode
+        self.encoding = encoding
+        self.errors = errors
+        line_buffering = bufsize == 1 and self.text_mode
+        if bufsize == 1 and not self.text_mode:
+            warnings.warn(
+                "line buffering (buffering=1) isn't supported in binary mode, the default buffer size will be used",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            bufsize = -1
+        conn = connection or self._bound_connection
+        if conn is None:
+            from .default import default_connection
+
+            conn = default_connection()
+        self.connection = conn
+        argv, exe = _argv(args, shell, executable)
+        modes = {name: self._mode(name, value) for name, value in (("stdin", stdin), ("stdout", stdout))}
+        modes["stderr"] = STDOUT if stderr == STDOUT else self._mode("stderr", stderr)
+        process = conn.spawn(
+            argv,
+            executable=exe,
+            cwd=None if cwd is None else os.fsdecode(cwd),
+            env=None if env is None else {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
+            extra_env=extra_env,
+            stdin=modes["stdin"],
+            stdout=modes["stdout"],
+            stderr=modes["stderr"],
+            start_new_session=start_new_session,
+            process_group=process_group,
+            umask=umask,
+            restore_signals=restore_signals,
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
+        )
+        self._process = process
+        self.pid = process.pid
+        self._wire_stdio(process, stdin, stdout, stderr, bufsize, line_buffering)
+
+    def _mode(self, name: str, value: Any) -> int:
+        """What the agent should do with one stdio: a pipe to us, or /dev/null."""
+        if value == DEVNULL:
+            return DEVNULL
+        if value == PIPE:
+            return PIPE
+        fd = _stdio_fd(name, value)
+        return DEVNULL if name == "stdin" and is_devnull(fd) else PIPE
+
+    def _wire_stdio(
+        self, process: RemoteProcess, stdin: Any, stdout: Any, stderr: Any, bufsize: int, line_buffering: bool
+    ) -> None:
+        if process.stdin is not None:
+            if stdin == PIPE:
+                raw_in: Any = StreamWriter(process.stdin, "<stdin>")
+                handle_in: Any = raw_in if bufsize == 0 else io.BufferedWriter(raw_in, _buffer_size(bufsize))
+                self.stdin = handle_in
+                if self.text_mode:
+                    self.stdin = io.TextIOWrapper(
+                        handle_in,
+                        encoding=self.encoding,
+                        errors=self.errors,
+                        write_through=True,
+                        line_buffering=line_buffering,
+                    )
+            else:
+                self._in_pump = FdToStream(_stdio_fd("stdin", stdin), process.stdin)
+        for name, value, stream in (("stdout", stdout, process.stdout), ("stderr", stderr, process.stderr)):
+            if stream is None:
+                continue
+            if value == PIPE:
+                raw: Any = StreamReader(stream, f"<{name}>")
+                handle = raw if bufsize == 0 else io.BufferedReader(raw, _buffer_size(bufsize))
+                if self.text_mode:
+                    handle = io.TextIOWrapper(handle, encoding=self.encoding, errors=self.errors)
+                setattr(self, name, handle)
+            else:
+                self._out_pumps.append(StreamToFd(stream, _stdio_fd(name, value)))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: returncode: {self.returncode} args: {self.args!r}>"
+
+    def __enter__(self) -> Popen:
+        return self
+
+    def __exit__(self, exc_type: Any, value: Any, traceback: Any) -> None:
+        if self.stdout:
+            self.stdout.close()
+        if self.stderr:
+            self.stderr.close()
+        try:
+            if self.stdin:
+                self.stdin.close()
+        finally:
+            if exc_type is not KeyboardInterrupt:
+                self.wait()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if self._process is not None and self.returncode is None and self._process.returncode is None:
+            _warn(f"remote subprocess {self.pid} is still running", ResourceWarning, source=self)
+
+    # --- status -----------------------------------------------------------
+
+    def poll(self) -> Optional[int]:
+        """The return code if the child has exited, else None."""
+        if self.returncode is None and self._process is not None:
+            try:
+                returncode = self._process.poll()
+            except ConnectionLost:
+                raise
+            if returncode is not None:
+                self._finish(returncode)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait for the child to exit; :class:`TimeoutExpired` after ``timeout`` seconds."""
+        if self.returncode is not None:
+            return self.returncode
+        assert self._process is not None
+        try:
+            returncode = self._process.wait(timeout)
+        except TimeoutError:
+            assert timeout is not None
+            raise TimeoutExpired(self.args, timeout) from None
+        self._finish(returncode)
+        return returncode
+
+    def _finish(self, returncode: int) -> None:
+        if self._in_pump is not None:
+            self._in_pump.stop()
+            self._in_pump = None
+        for pump in self._out_pumps:
+            pump.join(INHERIT_GRACE)
+        self.returncode = returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the child; nothing happens once it has exited."""
+        self.poll()
+        if self.returncode is None and self._process is not None:
+            self._process.send_signal(sig)
+
+    def terminate(self) -> None:
+        self.send_signal(15)
+
+    def kill(self) -> None:
+        self.send_signal(9)
+
+    # --- communicate -------------------------------------------------------
+
+    def communicate(self, input: Any = None, timeout: Optional[float] = None) -> Tuple[Any, Any]:
+        """Send ``input``, read stdout and stderr to the end, and wait (as subprocess does)."""
+        if self._communication_started and input:
+            raise ValueError("Cannot send input after starting communication")
+        endtime = None if timeout is None else time.monotonic() + timeout
+        if not self._communication_started:
+            self._start_communication(input)
+        self._communication_started = True
+        for thread in [self._writer] + [reader for reader, _ in self._readers.values()]:
+            if thread is not None:
+                thread.join(_remaining(endtime))
+                if thread.is_alive():
+                    assert timeout is not None
+                    raise TimeoutExpired(
+                        self.args, timeout, output=self._collected("stdout"), stderr=self._collected("stderr")
+                    )
+        stdout: Any = self._collected("stdout")
+        stderr: Any = self._collected("stderr")
+        for handle in (self.stdout, self.stderr):
+            if handle is not None:
+                handle.close()
+        if self.text_mode:
+            stdout = None if stdout is None else _translate_newlines(stdout, self.encoding, self.errors)
+            stderr = None if stderr is None else _translate_newlines(stderr, self.encoding, self.errors)
+        self.wait(_remaining(endtime) if endtime is not None else None)
+        return stdout, stderr
+
+    def _start_communication(self, input: Any) -> None:
+        if self.stdin is not None:
+            data = input
+            if self.text_mode and data:
+                stdin: Any = self.stdin
+                data = data.encode(stdin.encoding, stdin.errors)
+            self._writer = threading.Thread(target=self._write_input, args=(data,), daemon=True)
+            self._writer.start()
+        for name in ("stdout", "stderr"):
+            handle = getattr(self, name)
+            if handle is not None:
+                binary = getattr(handle, "buffer", handle)
+                chunks: List[bytes] = []
+                reader = threading.Thread(target=_read_all, args=(binary, chunks), daemon=True)
+                self._readers[name] = (reader, chunks)
+                reader.start()
+
+    def _write_input(self, data: Optional[bytes]) -> None:
+        assert self.stdin is not None
+        binary = getattr(self.stdin, "buffer", self.stdin)
+        try:
+            if data:
+                binary.write(data)
+            binary.close()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def _collected(self, name: str) -> Optional[bytes]:
+        entry = self._readers.get(name)
+        return None if entry is None else b"".join(entry[1])
+
+
+def _read_all(handle: Any, chunks: List[bytes]) -> None:
+    try:
+        while True:
+            data = handle.read1(1 << 20)
+            if not data:
+                return
+            chunks.append(data)
+    except (ValueError, OSError):
+        return
+
+
+def _buffer_size(bufsize: int) -> int:
+    return bufsize if bufsize > 1 else io.DEFAULT_BUFFER_SIZE
+
+
+def _remaining(endtime: Optional[float]) -> Optional[float]:
+    return None if endtime is None else max(0.0, endtime - time.monotonic())
+
+
+def _translate_newlines(data: bytes, encoding: Optional[str], errors: Optional[str]) -> str:
+    text = data.decode(encoding or locale.getpreferredencoding(False), errors or "strict")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+# --- module functions, as in CPython's subprocess ----------------------------
+
+
+def run(
+    *popenargs: Any,
+    input: Any = None,
+    capture_output: bool = False,
+    timeout: Optional[float] = None,
+    check: bool = False,
+    **kwargs: Any,
+) -> CompletedProcess[Any]:
+    """Run a command and wait for it; see :func:`subprocess.run`."""
+    if input is not None:
+        if kwargs.get("stdin") is not None:
+            raise ValueError("stdin and input arguments may not both be used.")
+        kwargs["stdin"] = PIPE
+    if capture_output:
+        if kwargs.get("stdout") is not None or kwargs.get("stderr") is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+        kwargs["stdout"] = PIPE
+        kwargs["stderr"] = PIPE
+    with Popen(*popenargs, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        except BaseException:
+            process.kill()
+            raise
+        retcode = process.poll()
+        assert retcode is not None
+        if check and retcode:
+            raise CalledProcessError(retcode, process.args, output=stdout, stderr=stderr)
+    return CompletedProcess(process.args, retcode, stdout, stderr)
+
+
+def call(*popenargs: Any, timeout: Optional[float] = None, **kwargs: Any) -> int:
+    """Run a command and return its return code; see :func:`subprocess.call`."""
+    with Popen(*popenargs, **kwargs) as process:
+        try:
+            return process.wait(timeout=timeout)
+        except BaseException:
+            process.kill()
+            raise
+
+
+def check_call(*popenargs: Any, **kwargs: Any) -> int:
+    """Run a command; raise :class:`CalledProcessError` if it fails."""
+    retcode = call(*popenargs, **kwargs)
+    if retcode:
+        cmd = kwargs.get("args")
+        if cmd is None:
+            cmd = popenargs[0]
+        raise CalledProcessError(retcode, cmd)
+    return 0
+
+
+def check_output(*popenargs: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+    """Run a command and return its stdout; raise :class:`CalledProcessError` if it fails."""
+    if "stdout" in kwargs:
+        raise ValueError("stdout argument not allowed, it will be overridden.")
+    if "input" in kwargs and kwargs["input"] is None:
+        text = kwargs.get("universal_newlines") or kwargs.get("text") or kwargs.get("encoding") or kwargs.get("errors")
+        kwargs["input"] = "" if text else b""
+    return run(*popenargs, stdout=PIPE, timeout=timeout, check=True, **kwargs).stdout
+
+
+def getstatusoutput(
+    cmd: Any, *, encoding: Optional[str] = None, errors: Optional[str] = None, **kwargs: Any
+) -> Tuple[int, str]:
+    """Return ``(exitcode, output)`` of a shell command; see :func:`subprocess.getstatusoutput`."""
+    try:
+        data = check_output(cmd, shell=True, text=True, stderr=STDOUT, encoding=encoding, errors=errors, **kwargs)
+        exitcode = 0
+    except CalledProcessError as ex:
+        data = ex.output
+        exitcode = ex.returncode
+    if data[-1:] == "\n":
+        data = data[:-1]
+    return exitcode, data
+
+
+def getoutput(cmd: Any, *, encoding: Optional[str] = None, errors: Optional[str] = None, **kwargs: Any) -> str:
+    """Return the output of a shell command; see :func:`subprocess.getoutput`."""
+    return getstatusoutput(cmd, encoding=encoding, errors=errors, **kwargs)[1]
