@@ -15,6 +15,7 @@ from .endpoints.control import Control, ControlApi, NodeInfo
 from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
 from .errors import ConnectionLost, RemowtError
 from .link import Link
+from .pipes import FdWriter
 from .process import RemoteProcess
 from .router import Router
 from .service import proxy
@@ -70,6 +71,7 @@ class Remowt:
         self._processes: Dict[int, RemoteProcess] = {}
         self._closed = False
         self._popen_class: Optional[Type[_popen.Popen]] = None
+        self._fd_writers: Dict[int, FdWriter] = {}
         self._control = proxy(ControlApi, router, self.agent)
         self._subprocess = proxy(SubprocessApi, router, self.agent)
         router.on_link_closed(self._link_closed)
@@ -127,6 +129,14 @@ class Remowt:
     def getstatusoutput(self, cmd: Any, **kwargs: Any) -> Tuple[int, str]:
         """:func:`remowt.getstatusoutput` on this connection."""
         return _popen.getstatusoutput(cmd, connection=self, **kwargs)
+
+    def fd_writer(self, fd: int) -> FdWriter:
+        """The writer that copies children's output to local fd ``fd`` (for inherited stdio)."""
+        with self._lock:
+            writer = self._fd_writers.get(fd)
+            if writer is None:
+                writer = self._fd_writers[fd] = FdWriter(fd)
+            return writer
 
     def cmd(self, program: str) -> Command:
         """A :class:`~remowt.command.Command` builder for ``program`` on this connection."""
@@ -254,6 +264,8 @@ class Remowt:
         self.router.close()
         for hook in self._on_close:
             hook()
+        for writer in list(self._fd_writers.values()):
+            writer.close()
 
 
 def _check_mode(name: str, mode: int, allowed: Sequence[int]) -> None:

@@ -1,19 +1,21 @@
 """File objects and fd pumps over streams: what Popen's stdio is made of.
 
 ``PIPE`` becomes a raw file object over the stream (wrapped in the usual
-buffered and text layers); an inherited or given fd becomes a pump thread
-that copies between that fd and the stream, as the child would have read or
-written it directly if it were local.
+buffered and text layers); an inherited or given fd is copied to or from the
+stream, as the child would have read or written it directly if it were
+local: input by a :class:`FdToStream` thread, output by the connection's
+:class:`FdWriter` for that fd.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import select
 import stat
 import threading
-from typing import Optional
+from typing import Deque, Optional, Set, Tuple
 
 from .errors import ConnectionLost
 from .streams import MAX_CHUNK, Stream
@@ -103,41 +105,95 @@ class FdToStream:
             pass
         finally:
             self.stream.close()
-            os.close(self._wake_r)
 
     def stop(self) -> None:
         """Stop copying (the child exited): what was not read stays in the fd."""
-        if self._wake_w >= 0:
-            os.write(self._wake_w, b"x")
-            os.close(self._wake_w)
-            self._wake_w = -1
+        if self._wake_w < 0:
+            return
+        os.write(self._wake_w, b"x")
         self._thread.join()
+        os.close(self._wake_w)
+        os.close(self._wake_r)
+        self._wake_w = self._wake_r = -1
 
 
-class StreamToFd:
-    """Copies a stream into a local fd until EOF."""
+class FdSink:
+    """One stream's bytes on their way to a local fd; ``done`` is set when all were written."""
 
-    def __init__(self, stream: Stream, fd: int) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
+        self.done = threading.Event()
+
+    def finish(self) -> None:
+        self.stream.close()
+        self.done.set()
+
+
+class FdWriter:
+    """Writes pushed stream chunks to one local fd, in order, on a thread of its own.
+
+    Chunks arrive on the thread that reads the link, which must not block,
+    so they are queued here; the bytes count against their stream's window
+    until written. The thread lingers a while for more work, then ends; a
+    stream that ends with nothing to write never needs it.
+    """
+
+    LINGER = 2.0
+
+    def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._thread = threading.Thread(target=self._run, name=f"remowt-fd{fd}-out", daemon=True)
-        self._thread.start()
+        self._cond = threading.Condition()
+        self._queue: Deque[Tuple[FdSink, bytes]] = collections.deque()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+
+    def attach(self, stream: Stream) -> FdSink:
+        """Send everything ``stream`` receives to this fd."""
+        sink = FdSink(stream)
+        stream.deliver_to(lambda data: self._push(sink, data))
+        return sink
+
+    def _push(self, sink: FdSink, data: bytes) -> None:
+        with self._cond:
+            if data or self._queue or self._thread is not None:
+                self._queue.append((sink, data))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=f"remowt-fd{self.fd}", daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+                return
+        sink.finish()
 
     def _run(self) -> None:
-        try:
-            while True:
-                data = self.stream.read(MAX_CHUNK)
-                if not data:
-                    break
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view) :]
-        except (OSError, ConnectionLost):
-            pass
-        finally:
-            self.stream.close()
+        broken: Set[FdSink] = set()
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait_for(lambda: bool(self._queue) or self._closed, self.LINGER)
+                if not self._queue:
+                    self._thread = None
+                    return
+                sink, data = self._queue.popleft()
+            if not data:
+                broken.discard(sink)
+                sink.finish()
+                continue
+            if sink not in broken:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self.fd, view) :]
+                except OSError:
+                    broken.add(sink)
+                    sink.stream.close()
+                    continue
+                sink.stream.ack(len(data))
 
-    def join(self, timeout: Optional[float]) -> bool:
-        """Wait until everything was copied; False if still copying after ``timeout``."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None:
+            thread.join()

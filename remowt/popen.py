@@ -9,6 +9,7 @@ subclass subprocess's so ``except subprocess.CalledProcessError`` still works.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import locale
 import os
@@ -19,7 +20,7 @@ import warnings
 from typing import IO, TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConnectionLost
-from .pipes import FdToStream, StreamReader, StreamToFd, StreamWriter, is_devnull
+from .pipes import FdSink, FdToStream, StreamReader, StreamWriter, is_devnull
 
 if TYPE_CHECKING:
     from .client import Remowt
@@ -144,7 +145,7 @@ class Popen:
         self.pid = -1
         self._process: Optional[RemoteProcess] = None
         self._in_pump: Optional[FdToStream] = None
-        self._out_pumps: List[StreamToFd] = []
+        self._sinks: List[FdSink] = []
         self._communication_started = False
         self._readers: Dict[str, Tuple[threading.Thread, List[bytes]]] = {}
         self._writer: Optional[threading.Thread] = None
@@ -241,7 +242,7 @@ class Popen:
                     handle = io.TextIOWrapper(handle, encoding=self.encoding, errors=self.errors)
                 setattr(self, name, handle)
             else:
-                self._out_pumps.append(StreamToFd(stream, _stdio_fd(name, value)))
+                self._sinks.append(self.connection.fd_writer(_stdio_fd(name, value)).attach(stream))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: returncode: {self.returncode} args: {self.args!r}>"
@@ -295,9 +296,18 @@ class Popen:
         if self._in_pump is not None:
             self._in_pump.stop()
             self._in_pump = None
-        for pump in self._out_pumps:
-            pump.join(INHERIT_GRACE)
+        if not self._sinks_done():
+            # Output copied to local fds must be out before wait() returns, as it
+            # would be locally; a grandchild holding the pipe open only delays us.
+            deadline = time.monotonic() + INHERIT_GRACE
+            with contextlib.suppress(TimeoutError):
+                self.connection.router.serve(self.connection.agent, self._sinks_done, INHERIT_GRACE)
+            for sink in self._sinks:
+                sink.done.wait(_remaining(deadline))
         self.returncode = returncode
+
+    def _sinks_done(self) -> bool:
+        return all(sink.done.is_set() for sink in self._sinks)
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child; nothing happens once it has exited."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Deque, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Tuple, Union
 
 from . import wire
 from .errors import ConnectionLost, ProtocolError
@@ -57,6 +57,9 @@ class Stream:
         self._sent_eof = False
         self._error: Optional[BaseException] = None
         self._closed = False
+        self._listener: Optional[Callable[[bytes], None]] = None
+        self._listener_ended = False
+        self._on_writable: Optional[Callable[[], None]] = None
 
     def __repr__(self) -> str:
         return f"<Stream {self.key[0]}#{self.sid} with {self.peer}>"
@@ -165,9 +168,72 @@ class Stream:
             self._closed = True
             self._chunks.clear()
             self._cond.notify_all()
+            callback = self._take_writable_callback()
+        if callback is not None:
+            callback()
         self.router.forget_stream(self)
         if not finished and not quiet:
             self._send(wire.Reset(self.router.address, self.peer, self.sid, self._from_opener, "closed"))
+
+    @property
+    def broken(self) -> bool:
+        """True once the stream failed or was closed on this side."""
+        return self._error is not None or self._closed
+
+    def credit(self) -> int:
+        """How many bytes :meth:`write` can send now without waiting (0 once failed or closed)."""
+        with self._cond:
+            if self._error is not None or self._closed or self._sent_eof:
+                return 0
+            return self._credit
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once, as soon as there is credit or the stream has failed or closed."""
+        with self._cond:
+            ready = self._credit > 0 or self._error is not None or self._closed
+            if not ready:
+                self._on_writable = callback
+        if ready:
+            callback()
+
+    def _take_writable_callback(self) -> Optional[Callable[[], None]]:
+        callback, self._on_writable = self._on_writable, None
+        return callback
+
+    # --- push mode --------------------------------------------------------
+
+    def deliver_to(self, listener: Callable[[bytes], None]) -> None:
+        """Hand every received chunk to ``listener`` instead of buffering it for :meth:`read`.
+
+        ``listener`` runs on whichever thread reads the link, so it must not
+        block; it gets ``b""`` once at the end (EOF, reset or lost link). The
+        bytes count against the window until the consumer calls :meth:`ack`.
+        """
+        with self._cond:
+            self._listener = listener
+            pending = list(self._chunks)
+            self._chunks.clear()
+        for chunk in pending:
+            listener(chunk)
+        self._maybe_end_listener()
+
+    def ack(self, amount: int) -> None:
+        """Push mode: the consumer is done with ``amount`` delivered bytes; return the credit."""
+        with self._cond:
+            self._buffered -= amount
+            credit = self._consumed(amount)
+        if credit:
+            self._send(wire.Credit(self.router.address, self.peer, self.sid, self._from_opener, credit))
+
+    def _maybe_end_listener(self) -> None:
+        with self._cond:
+            listener = self._listener
+            if listener is None or self._listener_ended or self._chunks:
+                return
+            if not (self._remote_eof or self._error is not None or self._closed):
+                return
+            self._listener_ended = True
+        listener(b"")
 
     def _send(self, message: wire.StreamMessage) -> None:
         self.router.send_routed(message.dst, wire.encode(message))
@@ -180,19 +246,27 @@ class Stream:
                 return
             if self._buffered + self._unacked + len(data) > self.window:
                 raise ProtocolError(f"{self.peer} overran the window of {self!r}")
-            self._chunks.append(data)
             self._buffered += len(data)
-            self._cond.notify_all()
+            listener = self._listener
+            if listener is None:
+                self._chunks.append(data)
+                self._cond.notify_all()
+        if listener is not None:
+            listener(data)
 
     def on_eof(self) -> None:
         with self._cond:
             self._remote_eof = True
             self._cond.notify_all()
+        self._maybe_end_listener()
 
     def on_credit(self, amount: int) -> None:
         with self._cond:
             self._credit += amount
             self._cond.notify_all()
+            callback = self._take_writable_callback()
+        if callback is not None:
+            callback()
 
     def on_reset(self, reason: str) -> None:
         with self._cond:
@@ -204,6 +278,10 @@ class Stream:
             if self._error is None:
                 self._error = error
             self._cond.notify_all()
+            callback = self._take_writable_callback()
+        if callback is not None:
+            callback()
+        self._maybe_end_listener()
 
     def lost(self) -> None:
         self.fail(ConnectionLost(f"connection to {self.peer} lost"))

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -25,6 +24,7 @@ from ..router import Router
 from ..service import Service, proxy, rpc
 from ..streams import MAX_CHUNK, Stream
 from ..transports.stdio import enlarge_pipe
+from .childio import Child, ChildIO
 
 log = logging.getLogger("remowt.subprocess")
 
@@ -100,94 +100,12 @@ class _Child:
         self.exited = threading.Event()
 
 
-class ChildWatcher:
-    """One thread that learns of child exits through pidfds (a thread per child without them)."""
-
-    def __init__(self, on_exit: Callable[[_Child], None]) -> None:
-        self._on_exit = on_exit
-        self._lock = threading.Lock()
-        self._fds: Dict[int, _Child] = {}
-        self._poll = select.poll()
-        self._wake_r, self._wake_w = os.pipe()
-        self._poll.register(self._wake_r, select.POLLIN)
-        self._thread: Optional[threading.Thread] = None
-        self._stopped = False
-        self._fallback: List[threading.Thread] = []
-
-    def watch(self, child: _Child) -> None:
-        pidfd_open = getattr(os, "pidfd_open", None)
-        try:
-            fd = pidfd_open(child.process.pid) if pidfd_open is not None else -1
-        except OSError:
-            fd = -1
-        if fd < 0:
-            thread = threading.Thread(target=self._wait_one, args=(child,), daemon=True)
-            self._fallback.append(thread)
-            thread.start()
-            return
-        with self._lock:
-            self._fds[fd] = child
-            self._poll.register(fd, select.POLLIN)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="remowt-child-watcher", daemon=True)
-                self._thread.start()
-        os.write(self._wake_w, b"x")
-
-    def _wait_one(self, child: _Child) -> None:
-        child.process.wait()
-        self._on_exit(child)
-
-    def _run(self) -> None:
-        while True:
-            for fd, _ in self._poll.poll():
-                if fd == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                    if self._stopped:
-                        return
-                    continue
-                with self._lock:
-                    child = self._fds.get(fd)
-                if child is None or child.process.poll() is None:
-                    continue
-                with self._lock:
-                    del self._fds[fd]
-                    self._poll.unregister(fd)
-                os.close(fd)
-                self._on_exit(child)
-
-    def stop(self, timeout: float) -> None:
-        self._stopped = True
-        os.write(self._wake_w, b"x")
-        if self._thread is not None:
-            self._thread.join(timeout)
-        for thread in self._fallback:
-            thread.join(timeout)
-        with self._lock:
-            for fd in self._fds:
-                os.close(fd)
-            self._fds.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-
-def _pump_out(fd: int, stream: Stream) -> None:
-    """Child pipe → stream, until EOF or until the reader goes away."""
-    try:
-        while True:
-            data = os.read(fd, MAX_CHUNK)
-            if not data:
-                stream.close_write()
-                break
-            stream.write(data)
-    except (BrokenPipeError, ConnectionLost, ValueError):
-        pass
-    finally:
-        os.close(fd)
-        stream.close()
-
-
 def _pump_in(stream: Stream, fd: int) -> None:
-    """Stream → child pipe, until EOF; a child that stops reading resets the stream."""
+    """Stream → child pipe, until EOF; a child that stops reading resets the stream.
+
+    A thread of its own per child stdin: writing to the child may block, and
+    only this child's input should wait for it.
+    """
     try:
         while True:
             data = stream.read(MAX_CHUNK)
@@ -210,7 +128,8 @@ class Subprocesses(SubprocessApi):
         self._router = router
         self._lock = threading.Lock()
         self._children: Dict[Tuple[str, int], _Child] = {}
-        self._watcher = ChildWatcher(self._child_exited)
+        self._io = ChildIO(self._child_exited)
+        self._by_pid: Dict[int, _Child] = {}
         self._pumps: List[threading.Thread] = []
         self._closed = False
 
@@ -246,8 +165,9 @@ class Subprocesses(SubprocessApi):
         child = _Child(owner, spec.handle, process, spec.keep_on_disconnect)
         with self._lock:
             self._children[key] = child
+            self._by_pid[process.pid] = child
         self._start_pumps(child, streams)
-        self._watcher.watch(child)
+        self._io.watch_exit(child.process)
         return process.pid
 
     def _popen_kwargs(self, spec: SpawnSpec, streams: Dict[str, Optional[Stream]]) -> Dict[str, Any]:
@@ -287,25 +207,25 @@ class Subprocesses(SubprocessApi):
 
     def _start_pumps(self, child: _Child, streams: Dict[str, Optional[Stream]]) -> None:
         process = child.process
-        jobs: List[Tuple[Callable[..., None], Tuple[Any, ...]]] = []
-        if streams["stdin"] is not None and process.stdin is not None:
-            streams["stdin"].close_write()
-            jobs.append((_pump_in, (streams["stdin"], _detach(process.stdin))))
         for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
             stream = streams[name]
             if stream is not None and pipe is not None:
                 enlarge_pipe(pipe.fileno())
-                jobs.append((_pump_out, (_detach(pipe), stream)))
-        threads = [
-            threading.Thread(target=target, args=args, name=f"remowt-pump-{process.pid}", daemon=True)
-            for target, args in jobs
-        ]
-        with self._lock:
-            self._pumps = [pump for pump in self._pumps if pump.is_alive()] + threads
-        for thread in threads:
+                self._io.pump(_detach(pipe), stream)
+        stdin = streams["stdin"]
+        if stdin is not None and process.stdin is not None:
+            stdin.close_write()
+            thread = threading.Thread(
+                target=_pump_in, args=(stdin, _detach(process.stdin)), name=f"remowt-stdin-{process.pid}", daemon=True
+            )
+            with self._lock:
+                self._pumps = [pump for pump in self._pumps if pump.is_alive()]
+                self._pumps.append(thread)
             thread.start()
 
-    def _child_exited(self, child: _Child) -> None:
+    def _child_exited(self, process: Child) -> None:
+        with self._lock:
+            child = self._by_pid.pop(process.pid)
         child.returncode = child.process.returncode
         child.exited.set()
         assert child.returncode is not None
@@ -357,7 +277,7 @@ class Subprocesses(SubprocessApi):
 
     def join(self, timeout: float = 5.0) -> None:
         """Stop the exit watcher and join the stdio pumps (after the router closed their streams)."""
-        self._watcher.stop(timeout)
+        self._io.stop(timeout)
         with self._lock:
             pumps = list(self._pumps)
         for pump in pumps:
