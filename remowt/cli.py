@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
-import threading
 from types import FrameType
-from typing import BinaryIO, List, Optional
+from typing import List, Optional
 
 from . import client
 from .errors import RemowtError
-from .streams import Stream
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -36,27 +33,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pump_in(source: int, stream: Stream) -> None:
-    try:
-        while True:
-            data = os.read(source, 65536)
-            if not data:
-                break
-            stream.write(data)
-        stream.close_write()
-    except (OSError, RemowtError):
-        pass
-
-
-def _pump_out(stream: Stream, sink: BinaryIO) -> None:
-    while True:
-        data = stream.read(1 << 20)
-        if not data:
-            return
-        sink.write(data)
-        sink.flush()
-
-
 def exit_status(returncode: int) -> int:
     """A shell's exit status for a child's return code: 128+N for death by signal N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -64,24 +40,17 @@ def exit_status(returncode: int) -> int:
 
 def run_attached(connection: client.Remowt, argv: List[str]) -> int:
     """Run ``argv`` with this process's stdio wired through; return the shell-style exit status."""
-    process = connection.spawn(argv, stdin=client.PIPE, stdout=client.PIPE, stderr=client.PIPE)
-    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    with connection.Popen(argv) as process:
 
-    def forward(signum: int, frame: Optional[FrameType]) -> None:
-        process.send_signal(signum)
+        def forward(signum: int, frame: Optional[FrameType]) -> None:
+            process.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
-    try:
-        threading.Thread(target=_pump_in, args=(sys.stdin.fileno(), process.stdin), daemon=True).start()
-        err = threading.Thread(target=_pump_out, args=(process.stderr, sys.stderr.buffer), daemon=True)
-        err.start()
-        _pump_out(process.stdout, sys.stdout.buffer)
-        err.join()
-        return exit_status(process.wait())
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        process.close()
+        previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+        try:
+            return exit_status(process.wait())
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
