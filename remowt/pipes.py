@@ -28,11 +28,13 @@ class StreamReader(io.RawIOBase):
         super().__init__()
         self.stream = stream
         self.name = name
+        self.touched = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        self.touched = True
         view = memoryview(buffer).cast("B")
         data = self.stream.read(len(view))
         view[: len(data)] = data
@@ -40,6 +42,7 @@ class StreamReader(io.RawIOBase):
 
     def read1(self, size: int = -1) -> bytes:
         """At most ``size`` bytes as soon as any are there."""
+        self.touched = True
         return self.stream.read(MAX_CHUNK if size < 0 else size)
 
     def close(self) -> None:

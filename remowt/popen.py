@@ -146,6 +146,7 @@ class Popen:
         self._process: Optional[RemoteProcess] = None
         self._in_pump: Optional[FdToStream] = None
         self._sinks: List[FdSink] = []
+        self._raw_readers: Dict[str, StreamReader] = {}
         self._communication_started = False
         self._readers: Dict[str, Tuple[threading.Thread, List[bytes]]] = {}
         self._writer: Optional[threading.Thread] = None
@@ -237,6 +238,7 @@ class Popen:
                 continue
             if value == PIPE:
                 raw: Any = StreamReader(stream, f"<{name}>")
+                self._raw_readers[name] = raw
                 handle = raw if bufsize == 0 else io.BufferedReader(raw, _buffer_size(bufsize))
                 if self.text_mode:
                     handle = io.TextIOWrapper(handle, encoding=self.encoding, errors=self.errors)
@@ -361,7 +363,10 @@ class Popen:
         for name in ("stdout", "stderr"):
             handle = getattr(self, name)
             if handle is not None:
-                binary = getattr(handle, "buffer", handle)
+                raw = self._raw_readers[name]
+                # Nothing read yet: no buffered layer holds bytes, so take the
+                # stream's chunks as they are instead of copying them through it.
+                binary = raw if not raw.touched else getattr(handle, "buffer", handle)
                 chunks: List[bytes] = []
                 reader = threading.Thread(target=_read_all, args=(binary, chunks), daemon=True)
                 self._readers[name] = (reader, chunks)

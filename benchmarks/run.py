@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Run remowt's benchmarks side by side with its peers and print medians, ratios and PASS/MISS.
+
+    python3 benchmarks/run.py            # full run
+    python3 benchmarks/run.py --quick    # smoke run, a few seconds
+    python3 benchmarks/run.py --only ping
+
+See benchmarks/README.md for what each metric means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import contenders as c
+from harness import Contender, Group, GroupResult, Target, print_group, print_summary, run_group, settle_allocator
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+MiB = 1 << 20
+
+
+def ping_group(quick: bool) -> Group:
+    return Group(
+        name="ping",
+        title="no-op call round trip",
+        kind="latency",
+        unit="us",
+        scale=1e6,
+        iterations=200 if quick else 2000,
+        block=20 if quick else 100,
+        warmup=20 if quick else 200,
+        contenders=[
+            Contender("remowt local ping", c.remowt_local_ping, requires=("remowt",)),
+            Contender("execnet popen echo", c.execnet_popen_echo, requires=("execnet",)),
+            Contender("mitogen local call", c.mitogen_local_call, requires=("mitogen.master",)),
+            Contender("remowt loopback ping", c.remowt_loopback_ping, requires=("remowt",), note="info only"),
+        ],
+        targets=[Target("remowt local ping", "execnet popen echo", 0.5)],
+        detail="remowt: conn.ping(); execnet: channel send+receive of b'ping' on an echo loop; "
+        "mitogen: context.call(noop)",
+    )
+
+
+def spawn_group(quick: bool) -> Group:
+    return Group(
+        name="spawn",
+        title="spawn + wait of `true`",
+        kind="latency",
+        unit="ms",
+        scale=1e3,
+        iterations=30 if quick else 300,
+        block=10 if quick else 25,
+        warmup=3 if quick else 20,
+        contenders=[
+            Contender("remowt local spawn", c.remowt_local_spawn_true, requires=("remowt",)),
+            Contender("subprocess.run", c.subprocess_run_true),
+        ],
+        targets=[Target("remowt local spawn", "subprocess.run", 1.5)],
+        detail="remowt: conn.spawn(['true']).wait(); baseline: subprocess.run(['true'])",
+    )
+
+
+def throughput_group(quick: bool) -> Group:
+    size = (16 if quick else 256) * MiB
+    return Group(
+        name="throughput",
+        title="child stdout throughput",
+        kind="throughput",
+        iterations=3 if quick else 5,
+        block=1,
+        warmup=1,
+        contenders=[
+            Contender("remowt local stdout", c.remowt_local_stdout(size), requires=("remowt",)),
+            Contender("raw pipe os.read", c.raw_pipe_stdout(size)),
+        ],
+        targets=[Target("remowt local stdout", "raw pipe os.read", 0.4)],
+        detail=f"`head -c {size // MiB}MiB /dev/zero`, stdout=PIPE, read in 1 MiB chunks until EOF "
+        "(timed from spawn to exit)",
+    )
+
+
+def run_group_(quick: bool) -> Group:
+    return Group(
+        name="run",
+        title="remowt.run(['true']) vs subprocess.run(['true'])",
+        kind="latency",
+        unit="ms",
+        scale=1e3,
+        iterations=30 if quick else 300,
+        block=10 if quick else 25,
+        warmup=3 if quick else 20,
+        contenders=[
+            Contender("remowt.run", c.remowt_run_true, requires=("remowt",)),
+            Contender("subprocess.run", c.subprocess_run_true),
+        ],
+        targets=[Target("remowt.run", "subprocess.run", 1.5)],
+        detail="the drop-in on its default connection (a shared local agent), stdio inherited as subprocess does",
+    )
+
+
+def communicate_group(quick: bool) -> Group:
+    size = (64 if quick else 1024) * MiB
+    return Group(
+        name="communicate",
+        title="communicate() on a child's stdout",
+        kind="throughput",
+        iterations=2 if quick else 3,
+        block=1,
+        warmup=1,
+        contenders=[
+            Contender("remowt communicate", c.remowt_communicate_stdout(size), requires=("remowt",)),
+            Contender("raw pipe os.read", c.raw_pipe_stdout(size)),
+        ],
+        targets=[Target("remowt communicate", "raw pipe os.read", 0.4)],
+        detail=f"`head -c {size // MiB}MiB /dev/zero`: remowt Popen(stdout=PIPE).communicate() "
+        "vs reading the same child's pipe with os.read",
+    )
+
+
+GROUPS: Dict[str, Callable[[bool], Group]] = {
+    "ping": ping_group,
+    "spawn": spawn_group,
+    "throughput": throughput_group,
+    "run": run_group_,
+    "communicate": communicate_group,
+}
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return "not importable"
+    version = getattr(mod, "__version__", "?")
+    if isinstance(version, tuple):
+        version = ".".join(str(part) for part in version)
+    return str(version)
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev}{' (modified)' if dirty else ''}" if rev else "unknown"
+
+
+def print_environment(quick: bool, cold_malloc: bool) -> None:
+    print(
+        f"remowt benchmarks ({'quick' if quick else 'full'} mode"
+        f"{', cold malloc' if cold_malloc else ''}), {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
+    print(f"  python {platform.python_version()} ({sys.executable}), {platform.platform()}, {os.cpu_count()} CPUs")
+    print(
+        f"  remowt {_version('remowt')} at {REPO} git {_git_revision()}; "
+        f"execnet {_version('execnet')}; mitogen {_version('mitogen')}"
+    )
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few iterations and small transfers (smoke run)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(GROUPS),
+        metavar="NAME",
+        help=f"run only this group (repeatable): {', '.join(GROUPS)}",
+    )
+    parser.add_argument(
+        "--cold-malloc",
+        action="store_true",
+        help="do not settle glibc malloc's mmap threshold first (the raw pipe baseline then reads ~3x slower)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="dump stacks and exit if one setup or block of iterations takes longer (0: never; default 300)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    # Benchmark the working tree, not whatever remowt may be installed.
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    if not args.cold_malloc:
+        settle_allocator()
+    print_environment(args.quick, args.cold_malloc)
+    results: List[GroupResult] = []
+    for name in args.only or list(GROUPS):
+        group = GROUPS[name](args.quick)
+        print(f"\nrunning {name} ...", file=sys.stderr, flush=True)
+        results.append(run_group(group, stall_timeout=args.stall_timeout))
+        print_group(results[-1])
+        sys.stdout.flush()
+    print_summary(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
