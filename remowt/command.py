@@ -35,7 +35,12 @@ class Command:
         self.directory = directory
 
     def _with(self, **changes: Any) -> Command:
-        values = dict(arguments=self.arguments, environment=self.environment, directory=self.directory, **changes)
+        values: dict[str, Any] = {
+            "arguments": self.arguments,
+            "environment": self.environment,
+            "directory": self.directory,
+        }
+        values.update(changes)
         return Command(self.connection, self.program, **values)
 
     def arg(self, value: Any) -> Command:
