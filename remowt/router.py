@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 import msgspec
 
@@ -108,6 +108,7 @@ class Router:
         self._routes_changed = threading.Condition(self._lock)
         self._local = threading.local()
         self._pool = WorkerPool(max_workers, f"remowt-{self.address}-worker")
+        self._lost: Set[str] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -230,6 +231,8 @@ class Router:
             raise ConnectionLost(f"{self!r} is closed")
         link = self._routes.next_hop(dst)
         if link is None:
+            if dst in self._lost:
+                raise ConnectionLost(f"connection from {self.address} to {dst} was lost")
             known = ", ".join(sorted(self._routes.reachable())) or "nothing"
             raise Unreachable(f"no route from {self.address} to {dst!r} (reachable: {known})")
         return link
@@ -272,6 +275,8 @@ class Router:
             raise ProtocolError(f"second hello from {link.peer}")
         elif isinstance(message, wire.Routes):
             self._on_routes(link, message)
+        elif not self._arrived_from(link, message.src):
+            log.debug("dropping %s from %s: it came over %s", type(message).__name__, message.src, link.name)
         elif message.dst != self.address:
             self._forward(link, message, body)
         elif isinstance(message, wire.Call):
@@ -282,6 +287,11 @@ class Router:
             self._on_answer(message)
         else:
             self._on_stream_message(message)
+
+    def _arrived_from(self, link: Link, src: str) -> bool:
+        """Messages from ``src`` must come over the link we would send to ``src`` on."""
+        with self._lock:
+            return self._routes.next_hop(src) is link
 
     def _on_hello(self, link: Link, message: wire.Message) -> None:
         if not isinstance(message, wire.Hello):
@@ -318,6 +328,7 @@ class Router:
         self._lose(lost, None)
 
     def _announce_locked(self) -> None:
+        self._lost -= set(self._routes.reachable())
         for link, advert in self._routes.signature().items():
             if self._announced.get(link) != advert:
                 self._announced[link] = advert
@@ -353,10 +364,11 @@ class Router:
     def _run_call(self, message: wire.Call, spec: MethodSpec, handler: Callable[..., Any]) -> None:
         try:
             result = self._invoke(message.src, message.args, spec, handler)
+            encoded = wire.encode_value(result)
         except BaseException as e:  # every failure becomes a reply; nothing escapes
             self._fail_call(message, e)
             return
-        reply = wire.Reply(message.id, self.address, message.src, msgspec.Raw(wire.encode_value(result)))
+        reply = wire.Reply(message.id, self.address, message.src, msgspec.Raw(encoded))
         self.send_routed(message.src, wire.encode(reply))
 
     def _on_notify(self, message: wire.Notify) -> None:
@@ -380,7 +392,7 @@ class Router:
     def _invoke(self, src: str, raw: msgspec.Raw, spec: MethodSpec, handler: Callable[..., Any]) -> Any:
         try:
             args = spec.decode_args(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as e:
             raise BadArguments(f"bad arguments for {spec.name}: {e}") from None
         outer = getattr(self._local, "caller", None)
         self._local.caller = src
@@ -413,9 +425,14 @@ class Router:
 
     def _on_answer(self, message: Any) -> None:
         with self._lock:
-            pending = self._pending.pop(message.id, None)
-        if pending is None:
-            return
+            pending = self._pending.get(message.id)
+            # Only the callee answers, but any router on the way may say it is unreachable.
+            genuine = pending is not None and (
+                message.src == pending.dst or (isinstance(message, wire.Fail) and message.kind == "unreachable")
+            )
+            if pending is None or not genuine:
+                return
+            del self._pending[message.id]
         if isinstance(message, wire.Reply):
             pending.resolve(bytes(message.result), None)
         else:
@@ -470,6 +487,7 @@ class Router:
         why = f" ({reason})" if reason else ""
         self._fail_pending(lambda p: p.dst in lost, "route lost" + why)
         with self._lock:
+            self._lost |= lost
             gone = [s for s in self._streams.values() if s.peer in lost]
             for stream in gone:
                 del self._streams[stream.key]

@@ -182,7 +182,7 @@ def decode(body: Body) -> Message:
         return _decoder.decode(body)
     except msgspec.ValidationError as e:
         raise ProtocolError(f"malformed message: {e}") from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"frame body is not valid msgpack: {e}") from None
 
 
