@@ -1,0 +1,212 @@
+"""Helpers shared by the tests: process inspection, bounded polling, raw protocol peers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import remowt
+from remowt import wire
+from remowt.router import Router
+
+TRANSPORTS = ["loopback", "local"]
+
+
+def make_connection(kind: str) -> remowt.Remowt:
+    """A connection over the transport named ``kind``."""
+    if kind == "loopback":
+        return remowt.loopback()
+    if kind == "local":
+        return remowt.connect_local()
+    raise ValueError(kind)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` passes (for states that have no event)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def proc_state(pid: int) -> Optional[str]:
+    """The state letter of ``pid`` from /proc (R, S, Z, ...), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # the command name is in parentheses and may contain spaces: split after the last ')'
+    return stat[stat.rindex(")") + 2]
+
+
+def proc_gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs: no /proc entry, or only a zombie waiting to be reaped."""
+    return proc_state(pid) in (None, "Z")
+
+
+def proc_alive(pid: int) -> bool:
+    return not proc_gone(pid)
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of ``pid`` (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def children_of(pid: int) -> Set[int]:
+    """Pids whose parent is ``pid`` (zombies included)."""
+    out = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            out.add(int(name))
+    return out
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def kill_quietly(pid: int, sig: int = 9) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def reap_quietly(pid: int) -> None:
+    """Reap ``pid`` if it is our child and not yet reaped by someone else."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def connect_routers(a: Router, b: Router, timeout: float = 10.0) -> Tuple[object, object]:
+    """Link two routers over a fresh loopback pair; returns (link at a, link at b)."""
+    from remowt.transports import loopback
+
+    ta, tb = loopback.pair()
+    result: Dict[str, object] = {}
+
+    def other_end() -> None:
+        try:
+            result["b"] = b.add_link(tb, timeout=timeout)
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=other_end, daemon=True)
+    thread.start()
+    link_a = a.add_link(ta, timeout=timeout)
+    thread.join(timeout)
+    assert not thread.is_alive(), "the other end of the handshake did not finish"
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return link_a, result["b"]
+
+
+def transport_write_all(transport: object, data: bytes) -> None:
+    """Write every byte of ``data`` to a raw transport (blocking)."""
+    view = memoryview(data)
+    while len(view):
+        n = transport.write(view, True)  # type: ignore[attr-defined]
+        view = view[n:]
+
+
+def transport_read(transport: object, size: int) -> Optional[bytes]:
+    """Blocking read from a raw transport, whichever read interface it has.
+
+    Returns ``b""`` at end of stream. Works with transports whose ``read``
+    blocks and with those that have ``wait_readable`` and a non-blocking ``read``.
+    """
+    wait_readable = getattr(transport, "wait_readable", None)
+    while True:
+        if wait_readable is not None:
+            wait_readable(None)
+        data = transport.read(size)  # type: ignore[attr-defined]
+        if data is not None:
+            return data
+
+
+class RawPeer:
+    """The test acting as a remowt node on one end of a transport: writes raw bytes, collects decoded frames."""
+
+    def __init__(self, transport: object, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+        self.transport = transport
+        self.frames: queue.Queue[Optional[bytes]] = queue.Queue()
+        self.eof = threading.Event()
+        self._reader = wire.FrameReader(max_frame)
+        self._thread = threading.Thread(target=self._run, name="raw-peer-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                data = transport_read(self.transport, 1 << 20)
+                if not data:
+                    break
+                for body in self._reader.feed(data):
+                    self.frames.put(body)
+        finally:
+            self.eof.set()
+            self.frames.put(None)
+
+    def send(self, data: bytes) -> None:
+        # if the other side already closed, what it made of the bytes is checked separately
+        with contextlib.suppress(OSError):
+            transport_write_all(self.transport, data)
+
+    def send_message(self, message: wire.Message) -> None:
+        self.send(bytes(wire.encode(message)))
+
+    def next_message(self, timeout: float) -> Optional[wire.Message]:
+        """The next decoded message, or None at end of stream; raises queue.Empty on timeout."""
+        body = self.frames.get(timeout=timeout)
+        if body is None:
+            self.frames.put(None)  # keep reporting EOF
+            return None
+        return wire.decode(body)
+
+    def wait_for(self, match: Callable[[wire.Message], bool], timeout: float) -> Optional[wire.Message]:
+        """Skip messages until one matches; None if the stream ended first; raises queue.Empty on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.next_message(max(deadline - time.monotonic(), 0.0))
+            if message is None or match(message):
+                return message
+
+    def close(self) -> None:
+        self.transport.close()  # type: ignore[attr-defined]
+        self._thread.join(10)
+
+
+def handshake_raw(router: Router, address: str) -> Tuple[object, RawPeer]:
+    """Attach a raw peer calling itself ``address`` to ``router``; returns (router's link, peer)."""
+    from remowt.transports import loopback
+
+    router_end, test_end = loopback.pair()
+    peer = RawPeer(test_end)
+    peer.send_message(wire.Hello(wire.PROTOCOL_VERSION, address, wire.DEFAULT_MAX_FRAME))
+    link = router.add_link(router_end, timeout=10)
+    hello = peer.next_message(10)
+    assert isinstance(hello, wire.Hello), hello
+    return link, peer
+
+
+def thread_names() -> List[str]:
+    return sorted(t.name for t in threading.enumerate())

@@ -1,0 +1,276 @@
+"""Services: dispatch errors, argument validation, handler failures, declarations."""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator, List, Tuple
+
+import msgspec
+import pytest
+from _util import connect_routers
+
+import remowt
+from remowt import wire
+from remowt.endpoints.control import Control, ControlApi
+from remowt.endpoints.subprocess import SubprocessApi
+from remowt.errors import BadArguments, InternalError, RemoteError, UnknownMethod
+from remowt.router import Router
+from remowt.service import Service, proxy, rpc
+
+
+class CalcApi(Service, namespace=200):
+    @rpc(1)
+    def add(self, a: int, b: int) -> int: ...
+
+    @rpc(2)
+    def explode(self, why: str) -> None: ...
+
+    @rpc(3, inline=True)
+    def explode_inline(self, why: str) -> None: ...
+
+    @rpc(4, oneway=True)
+    def record(self, value: int) -> None: ...
+
+    @rpc(5)
+    def caller(self) -> str: ...
+
+    @rpc(6)
+    def unencodable(self) -> int: ...
+
+    @rpc(7, inline=True)
+    def unencodable_inline(self) -> int: ...
+
+
+class Calc(CalcApi):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.recorded: List[int] = []
+        self.got = threading.Event()
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def explode(self, why: str) -> None:
+        raise KeyError(why)
+
+    def explode_inline(self, why: str) -> None:
+        raise ZeroDivisionError(why)
+
+    def record(self, value: int) -> None:
+        self.recorded.append(value)
+        self.got.set()
+
+    def caller(self) -> str:
+        return self.router.caller()
+
+    def unencodable(self) -> int:
+        return 2**64  # msgpack cannot carry it
+
+    def unencodable_inline(self) -> int:
+        return 2**64
+
+
+@pytest.fixture
+def pair() -> Iterator[Tuple[Router, Router, Calc]]:
+    user = Router(wire.USER)
+    user.register(Control(wire.USER))
+    agent = Router(wire.AGENT)
+    agent.register(Control(wire.AGENT))
+    calc = Calc(agent)
+    agent.register(calc)
+    connect_routers(user, agent)
+    try:
+        yield user, agent, calc
+    finally:
+        user.close()
+        agent.close()
+
+
+def ping(router: Router, dst: str = wire.AGENT) -> None:
+    proxy(ControlApi, router, dst, timeout=10).ping()
+
+
+@pytest.mark.timeout(30)
+def test_typed_call(pair: Tuple[Router, Router, Calc]) -> None:
+    user, _, _ = pair
+    calc = proxy(CalcApi, user, wire.AGENT, timeout=10)
+    assert calc.add(2, 3) == 5
+    assert calc.add(a=2, b=-3) == -1
+    assert calc.caller() == wire.USER
+
+
+@pytest.mark.timeout(30)
+def test_oneway(pair: Tuple[Router, Router, Calc]) -> None:
+    user, _, impl = pair
+    assert proxy(CalcApi, user, wire.AGENT).record(7) is None
+    assert impl.got.wait(10)
+    assert impl.recorded == [7]
+
+
+@pytest.mark.timeout(30)
+def test_unknown_namespace_and_method(pair: Tuple[Router, Router, Calc]) -> None:
+    user, _, _ = pair
+    with pytest.raises(UnknownMethod, match="namespace 999"):
+        user.call(wire.AGENT, 999, 1, wire.encode_value([])).result(10)
+    with pytest.raises(UnknownMethod, match="method 99"):
+        user.call(wire.AGENT, CalcApi.namespace, 99, wire.encode_value([])).result(10)
+    ping(user)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "args",
+    [["x", 2], [1], [1, 2, 3], [], {"a": 1, "b": 2}, None, [1.5, 2]],
+    ids=["str", "too-few", "too-many", "none", "map", "nil", "float"],
+)
+def test_bad_arguments(pair: Tuple[Router, Router, Calc], args: object) -> None:
+    user, _, _ = pair
+    with pytest.raises(BadArguments, match="add"):
+        user.call(wire.AGENT, CalcApi.namespace, 1, wire.encode_value(args)).result(10)
+    ping(user)
+
+
+@pytest.mark.timeout(30)
+def test_invalid_utf8_argument_is_bad_arguments(pair: Tuple[Router, Router, Calc]) -> None:
+    user, _, _ = pair
+    # explode(why: str) with a one-byte string that is not UTF-8
+    with pytest.raises(BadArguments, match="explode"):
+        user.call(wire.AGENT, CalcApi.namespace, 2, b"\x91\xa1\xff").result(10)
+    ping(user)
+
+
+@pytest.mark.timeout(30)
+def test_bad_arguments_through_proxy(pair: Tuple[Router, Router, Calc]) -> None:
+    user, _, _ = pair
+    calc = proxy(CalcApi, user, wire.AGENT, timeout=10)
+    with pytest.raises(BadArguments):
+        calc.add("two", 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        calc.add(1)  # type: ignore[call-arg]  # caught before sending
+    assert calc.add(1, 1) == 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("method", ["explode", "explode_inline"])
+def test_handler_exception_is_internal_error(pair: Tuple[Router, Router, Calc], method: str) -> None:
+    user, _, _ = pair
+    calc = proxy(CalcApi, user, wire.AGENT, timeout=10)
+    expected = "KeyError" if method == "explode" else "ZeroDivisionError"
+    for _ in range(3):
+        with pytest.raises(InternalError, match=expected) as info:
+            getattr(calc, method)("kaboom")
+        assert "kaboom" in str(info.value)
+        assert isinstance(info.value, RemoteError)
+    # the link survived
+    ping(user)
+    assert calc.add(40, 2) == 42
+    assert all(not link.closed for link in user.links())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("method", ["unencodable", "unencodable_inline"])
+def test_unencodable_result_is_internal_error(pair: Tuple[Router, Router, Calc], method: str) -> None:
+    """A result that cannot be encoded is a handler failure like any other: the caller gets an answer."""
+    user, _, _ = pair
+    calc = proxy(CalcApi, user, wire.AGENT, timeout=5)
+    with pytest.raises(InternalError, match="OverflowError"):
+        getattr(calc, method)()
+    ping(user)
+    assert all(not link.closed for link in user.links())
+
+
+@pytest.mark.timeout(30)
+def test_duplicate_method_numbers_rejected() -> None:
+    with pytest.raises(ValueError, match="share number 1"):
+
+        class Twice(Service, namespace=201):
+            @rpc(1)
+            def one(self) -> None: ...
+
+            @rpc(1)
+            def other(self) -> None: ...
+
+
+@pytest.mark.timeout(30)
+def test_declaration_checks() -> None:
+    with pytest.raises(TypeError, match="annotation"):
+
+        class NoHint(Service, namespace=202):
+            @rpc(1)
+            def f(self, x) -> None: ...  # type: ignore[no-untyped-def]
+
+    with pytest.raises(TypeError, match="return type"):
+
+        class NoReturn(Service, namespace=203):
+            @rpc(1)
+            def f(self, x: int): ...  # type: ignore[no-untyped-def]
+
+    with pytest.raises(ValueError):
+        rpc(70000)
+
+    with pytest.raises(ValueError):
+
+        class BadNamespace(Service, namespace=-1):
+            pass
+
+
+@pytest.mark.timeout(30)
+def test_register_checks(pair: Tuple[Router, Router, Calc]) -> None:
+    _, agent, _ = pair
+    with pytest.raises(ValueError, match="already served"):
+        agent.register(Calc(agent))
+    with pytest.raises(TypeError):
+        agent.register(object())
+
+    class Partial(CalcApi):
+        def add(self, a: int, b: int) -> int:
+            return 0
+
+    other = Router(wire.USER)
+    try:
+        with pytest.raises(TypeError, match="does not implement"):
+            other.register(Partial())
+    finally:
+        other.close()
+
+
+# --- the same failures against the real agent, on both transports ------------
+
+
+@pytest.mark.timeout(30)
+def test_agent_unknown_namespace_and_method(conn: remowt.Remowt) -> None:
+    with pytest.raises(UnknownMethod):
+        conn.router.call(conn.agent, 999, 1, wire.encode_value([])).result(10)
+    with pytest.raises(UnknownMethod):
+        conn.router.call(conn.agent, SubprocessApi.namespace, 99, wire.encode_value([])).result(10)
+    conn.ping()
+
+
+@pytest.mark.timeout(30)
+def test_agent_bad_arguments(conn: remowt.Remowt) -> None:
+    # send_signal(handle: int, signum: int) with strings
+    with pytest.raises(BadArguments):
+        conn.router.call(conn.agent, SubprocessApi.namespace, 4, wire.encode_value(["a", "b"])).result(10)
+    # spawn with a spec missing its required fields
+    with pytest.raises(BadArguments):
+        conn.router.call(conn.agent, SubprocessApi.namespace, 1, wire.encode_value([{"argv": ["true"]}])).result(10)
+    # a spec with an unknown field
+    spec = {"handle": 10**6, "argv": ["true"], "bogus": 1}
+    with pytest.raises(BadArguments):
+        conn.router.call(conn.agent, SubprocessApi.namespace, 1, wire.encode_value([spec])).result(10)
+    # args that are not even an array
+    with pytest.raises(BadArguments):
+        conn.router.call(conn.agent, SubprocessApi.namespace, 3, msgspec.msgpack.encode("x")).result(10)
+    conn.ping()
+
+
+@pytest.mark.timeout(30)
+def test_agent_handler_crash_is_internal_error(conn: remowt.Remowt) -> None:
+    # Popen itself raises ValueError for a NUL byte: an unexpected exception in the spawn handler
+    with pytest.raises(InternalError, match="ValueError"):
+        conn.spawn(["echo", "a\0b"], stdout=remowt.PIPE)
+    assert conn.ping() < 5
+    proc = conn.spawn(["echo", "still here"], stdout=remowt.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readall(timeout=10) == b"still here\n"
+    assert proc.wait(timeout=10) == 0
