@@ -4,41 +4,90 @@
 ``check_call``, ``check_output``, ``getoutput``, ``getstatusoutput``, the
 constants and the exceptions mirror :mod:`subprocess`, and run through the
 default connection (or the one given as ``connection=``).
+
+Names are imported on first use, so the agent, which imports only the
+modules it serves, does not pay for the client side at start-up.
 """
 
-from .client import Remowt, connect_local, loopback
-from .command import Command
-from .default import default_connection
-from .errors import (
-    BadArguments,
-    ConnectionLost,
-    InternalError,
-    ProtocolError,
-    RemoteError,
-    RemowtError,
-    UnknownMethod,
-    Unreachable,
-)
-from .patching import patch
-from .popen import (
-    DEVNULL,
-    PIPE,
-    STDOUT,
-    CalledProcessError,
-    CompletedProcess,
-    Popen,
-    SubprocessError,
-    TimeoutExpired,
-    call,
-    check_call,
-    check_output,
-    getoutput,
-    getstatusoutput,
-    run,
-)
-from .process import RemoteProcess
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Dict
+
+if TYPE_CHECKING:
+    from .client import Remowt, connect_local, loopback
+    from .command import Command
+    from .default import default_connection
+    from .errors import (
+        BadArguments,
+        ConnectionLost,
+        InternalError,
+        ProtocolError,
+        RemoteError,
+        RemowtError,
+        UnknownMethod,
+        Unreachable,
+    )
+    from .patching import patch
+    from .popen import (
+        DEVNULL,
+        PIPE,
+        STDOUT,
+        CalledProcessError,
+        CompletedProcess,
+        Popen,
+        SubprocessError,
+        TimeoutExpired,
+        call,
+        check_call,
+        check_output,
+        getoutput,
+        getstatusoutput,
+        run,
+    )
+    from .process import RemoteProcess
 
 __version__ = "0.1.0"
+
+_HOMES: Dict[str, str] = {
+    **dict.fromkeys(["Remowt", "connect_local", "loopback"], "client"),
+    "Command": "command",
+    "default_connection": "default",
+    **dict.fromkeys(
+        [
+            "BadArguments",
+            "ConnectionLost",
+            "InternalError",
+            "ProtocolError",
+            "RemoteError",
+            "RemowtError",
+            "UnknownMethod",
+            "Unreachable",
+        ],
+        "errors",
+    ),
+    "patch": "patching",
+    **dict.fromkeys(
+        [
+            "DEVNULL",
+            "PIPE",
+            "STDOUT",
+            "CalledProcessError",
+            "CompletedProcess",
+            "Popen",
+            "SubprocessError",
+            "TimeoutExpired",
+            "call",
+            "check_call",
+            "check_output",
+            "getoutput",
+            "getstatusoutput",
+            "run",
+        ],
+        "popen",
+    ),
+    "RemoteProcess": "process",
+}
 
 __all__ = [
     "DEVNULL",
@@ -71,3 +120,16 @@ __all__ = [
     "patch",
     "run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'remowt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

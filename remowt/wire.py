@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import List, Optional, Tuple, Union
+from typing import Annotated, List, Optional, Tuple, Union
 
 import msgspec
-from typing_extensions import Annotated
 
 from .errors import ProtocolError
 
