@@ -19,6 +19,7 @@ from .transports.base import Transport
 
 log = logging.getLogger("remowt.link")
 READ_SIZE = 1024 * 1024
+SERVE_GRACE = 0.005
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -49,6 +50,11 @@ class Link:
         self._closed = False
         self._eof = False
         self._read_turn = threading.Lock()
+        self._servers_lock = threading.Lock()
+        self._no_servers = threading.Condition(self._servers_lock)
+        self._grace = threading.Condition(self._servers_lock)
+        self._servers = 0
+        self._served_since_aside = False
         self.close_reason: Optional[BaseException] = None
         self._reader = threading.Thread(target=self._read_loop, name=f"remowt-read-{name}", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"remowt-write-{name}", daemon=True)
@@ -112,6 +118,7 @@ class Link:
 
     def _read_loop(self) -> None:
         while True:
+            self._stand_aside()
             self.transport.wait_readable(None)
             with self._read_turn:
                 if not self._read_available():
@@ -145,6 +152,24 @@ class Link:
         self.transport.close()
         return False
 
+    def _stand_aside(self) -> None:
+        """Let callers that read for themselves do so without this thread waking too.
+
+        While a caller serves the link, this thread does not wait on the
+        transport (two threads waking for one answer cost a GIL hand-off). It
+        resumes once no caller has served for a short grace period, so
+        callers in a loop keep the link to themselves; what arrives with no
+        caller waiting is read at most ``SERVE_GRACE`` seconds late.
+        """
+        with self._servers_lock:
+            while not self._closed:
+                while self._servers and not self._closed:
+                    self._no_servers.wait()
+                if not self._served_since_aside:
+                    return
+                self._served_since_aside = False
+                self._grace.wait(SERVE_GRACE)
+
     def _set_reason(self, error: BaseException) -> None:
         with self._lock:
             if self.close_reason is None:
@@ -160,6 +185,9 @@ class Link:
         """
         if not self._read_turn.acquire(blocking=False):
             return False
+        with self._servers_lock:
+            self._servers += 1
+            self._served_since_aside = True
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not done():
@@ -172,13 +200,27 @@ class Link:
                     return False
             return True
         finally:
+            with self._servers_lock:
+                self._servers -= 1
+                if not self._servers:
+                    self._no_servers.notify()
             self._read_turn.release()
+
+    def wake_servers(self) -> None:
+        """Make threads serving the link re-check what they wait for (it changed off the link)."""
+        with self._servers_lock:
+            serving = self._servers > 0
+        if serving:
+            self.transport.interrupt()
 
     def close(self) -> None:
         """Close the transport; the reader thread then reports the close."""
         with self._lock:
             self._closed = True
             self._wakeup.notify_all()
+        with self._servers_lock:
+            self._no_servers.notify_all()
+            self._grace.notify_all()
         self.transport.close()
 
     def join(self, timeout: Optional[float] = None) -> None:

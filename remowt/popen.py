@@ -303,13 +303,17 @@ class Popen:
             # would be locally; a grandchild holding the pipe open only delays us.
             deadline = time.monotonic() + INHERIT_GRACE
             with contextlib.suppress(TimeoutError):
-                self.connection.router.serve(self.connection.agent, self._sinks_done, INHERIT_GRACE)
+                self.connection.router.serve(self.connection.agent, self._sinks_ended, INHERIT_GRACE)
             for sink in self._sinks:
                 sink.done.wait(_remaining(deadline))
         self.returncode = returncode
 
     def _sinks_done(self) -> bool:
         return all(sink.done.is_set() for sink in self._sinks)
+
+    def _sinks_ended(self) -> bool:
+        """The link delivered the end of every copied output (their writers may still be busy)."""
+        return all(sink.stream.ended for sink in self._sinks)
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child; nothing happens once it has exited."""
@@ -339,7 +343,7 @@ class Popen:
                 if thread.is_alive():
                     assert timeout is not None
                     raise TimeoutExpired(
-                        self.args, timeout, output=self._collected("stdout"), stderr=self._collected("stderr")
+                        self.args, timeout, output=self._partial("stdout"), stderr=self._partial("stderr")
                     )
         stdout: Any = self._collected("stdout")
         stderr: Any = self._collected("stderr")
@@ -385,6 +389,10 @@ class Popen:
     def _collected(self, name: str) -> Optional[bytes]:
         entry = self._readers.get(name)
         return None if entry is None else b"".join(entry[1])
+
+    def _partial(self, name: str) -> Optional[bytes]:
+        """What a timed-out communicate() has so far; None when nothing, as subprocess gives."""
+        return self._collected(name) or None
 
 
 def _read_all(handle: Any, chunks: List[bytes]) -> None:

@@ -226,6 +226,13 @@ class Router:
         if link is not None:
             link.serve_until(done, timeout)
 
+    def wake_servers(self, peer: str) -> None:
+        """Wake threads serving the link towards ``peer`` (see :meth:`serve`)."""
+        with self._lock:
+            link = self._routes.next_hop(peer)
+        if link is not None:
+            link.wake_servers()
+
     def _route_locked(self, dst: str) -> Link:
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")

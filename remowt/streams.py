@@ -171,9 +171,15 @@ class Stream:
             callback = self._take_writable_callback()
         if callback is not None:
             callback()
+        self.router.wake_servers(self.peer)
         self.router.forget_stream(self)
         if not finished and not quiet:
             self._send(wire.Reset(self.router.address, self.peer, self.sid, self._from_opener, "closed"))
+
+    @property
+    def ended(self) -> bool:
+        """True once nothing more will arrive: EOF, reset, lost, or closed here."""
+        return self._remote_eof or self._error is not None or self._closed
 
     @property
     def broken(self) -> bool:

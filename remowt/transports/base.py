@@ -26,6 +26,10 @@ class Transport(abc.ABC):
         """Wait until :meth:`read` would not return None; False if ``timeout`` passed first."""
 
     @abc.abstractmethod
+    def interrupt(self) -> None:
+        """Make the current (or next) :meth:`wait_readable` return at once."""
+
+    @abc.abstractmethod
     def write(self, data: memoryview, block: bool) -> int:
         """Write a prefix of ``data``; return its length.
 

@@ -42,6 +42,9 @@ class FdTransport(Transport):
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         self._wake_r, self._wake_w = os.pipe()
+        self._kick_r, self._kick_w = os.pipe()
+        os.set_blocking(self._kick_r, False)
+        os.set_blocking(self._kick_w, False)
         self._closed = False
         self._lock = threading.Lock()
         self._users = 0
@@ -86,7 +89,21 @@ class FdTransport(Transport):
             poller = select.poll()
             poller.register(self._rfd, select.POLLIN)
             poller.register(self._wake_r, select.POLLIN)
-            return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
+            poller.register(self._kick_r, select.POLLIN)
+            events = poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000)))
+            if any(fd == self._kick_r for fd, _ in events):
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._kick_r, 4096)
+            return bool(events)
+        finally:
+            self._leave()
+
+    def interrupt(self) -> None:
+        if not self._enter():
+            return
+        try:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._kick_w, b"k")
         finally:
             self._leave()
 
@@ -115,10 +132,10 @@ class FdTransport(Transport):
                 self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self._rfd, self._wfd, self._wake_r, self._wake_w):
+        for fd in (self._rfd, self._wfd, self._wake_r, self._wake_w, self._kick_r, self._kick_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._rfd = self._wfd = self._wake_r = self._wake_w = -1
+        self._rfd = self._wfd = self._wake_r = self._wake_w = self._kick_r = self._kick_w = -1
 
 
 class ChildTransport(FdTransport):
