@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from typing import Iterator
+from typing import Any, Iterator
 
 from harness import Factory, Operation
 
@@ -48,12 +48,18 @@ for item in channel:
 @contextlib.contextmanager
 def execnet_popen_echo() -> Iterator[Operation]:
     """execnet popen gateway; one send + receive of a small object on an echoing channel."""
+    with execnet_echo("popen", b"ping") as echo:
+        yield echo
+
+
+@contextlib.contextmanager
+def execnet_echo(spec: str, payload: bytes) -> Iterator[Operation]:
+    """An execnet gateway made from ``spec``; one send + receive of ``payload`` on an echoing channel."""
     import execnet
 
-    gateway = execnet.makegateway("popen")
+    gateway = execnet.makegateway(spec)
     try:
         channel = gateway.remote_exec(ECHO_SOURCE)
-        payload = b"ping"
 
         def echo() -> None:
             channel.send(payload)
@@ -141,6 +147,29 @@ def head_argv(size: int) -> list[str]:
     return ["head", "-c", str(size), "/dev/zero"]
 
 
+def read_stdout(conn: Any, size: int) -> int:
+    """Spawn ``head -c size /dev/zero`` on ``conn`` (a remowt connection), read its stdout in 1 MiB reads."""
+    import remowt
+
+    proc = conn.spawn(head_argv(size), stdout=remowt.PIPE)
+    stdout = proc.stdout
+    if stdout is None:
+        raise RuntimeError("spawn gave no stdout stream")
+    total = 0
+    try:
+        while True:
+            data = stdout.read(CHUNK)
+            if not data:
+                break
+            total += len(data)
+        proc.wait(timeout=60)
+    finally:
+        proc.close()
+    if total != size:
+        raise RuntimeError(f"read {total} bytes, expected {size}")
+    return total
+
+
 def remowt_local_stdout(size: int) -> Factory:
     """A factory reading ``size`` bytes of a child's stdout through a local agent."""
 
@@ -149,27 +178,7 @@ def remowt_local_stdout(size: int) -> Factory:
         import remowt
 
         with remowt.connect_local() as conn:
-
-            def read_all() -> int:
-                proc = conn.spawn(head_argv(size), stdout=remowt.PIPE)
-                stdout = proc.stdout
-                if stdout is None:
-                    raise RuntimeError("spawn gave no stdout stream")
-                total = 0
-                try:
-                    while True:
-                        data = stdout.read(CHUNK)
-                        if not data:
-                            break
-                        total += len(data)
-                    proc.wait(timeout=60)
-                finally:
-                    proc.close()
-                if total != size:
-                    raise RuntimeError(f"read {total} bytes, expected {size}")
-                return total
-
-            yield read_all
+            yield lambda: read_stdout(conn, size)
 
     return factory
 

@@ -14,8 +14,12 @@ All contenders of a group are set up together, warmed up, then run in blocks
 of ``block`` iterations, rotating which one goes first, so slow drifts of the
 machine (other load, CPU frequency, page cache) hit every contender alike.
 
-A :class:`Target` compares one contender's median with another's and prints
-PASS or MISS; nothing here ever raises on a missed target.
+An operation may return :class:`Then` to have work done after the clock
+stops (closing the connection a connect benchmark opened, say).
+
+A :class:`Target` compares one contender's median with another's (or with the
+best of several) and prints PASS or MISS; nothing here ever raises on a missed
+target.
 """
 
 from __future__ import annotations
@@ -33,9 +37,18 @@ from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, TextIO
 
 #: One iteration of work. Latency operations may return anything; throughput
-#: operations return the number of bytes they moved (an int).
+#: operations return the number of bytes they moved (an int). Either may wrap
+#: its result in :class:`Then`.
 Operation = Callable[[], object]
 Factory = Callable[[], ContextManager[Operation]]
+
+
+@dataclass(frozen=True)
+class Then:
+    """An operation's ``result`` plus ``after``, which the harness calls once the clock has stopped."""
+
+    result: object
+    after: Callable[[], object]
 
 
 @dataclass
@@ -46,6 +59,8 @@ class Contender:
     requires: Sequence[str] = ()
     #: Shown for information; never used as a target's baseline.
     note: str = ""
+    #: Says why this contender cannot run here ("" if it can), checked after ``requires``.
+    unavailable: Optional[Callable[[], str]] = None
 
 
 @dataclass
@@ -55,6 +70,12 @@ class Target:
     #: lower-is-better groups: PASS if contender <= ratio * baseline;
     #: higher-is-better groups: PASS if contender >= ratio * baseline.
     ratio: float
+    #: Further baselines: the best median among ``baseline`` and these is the reference.
+    best_of: Sequence[str] = ()
+
+    @property
+    def baselines(self) -> List[str]:
+        return [self.baseline, *self.best_of]
 
 
 @dataclass
@@ -140,24 +161,35 @@ def summarize(samples: Sequence[float]) -> Stats:
 
 
 def missing_requirement(contender: Contender) -> str:
-    """Why ``contender`` cannot run (a missing module), or "" if it can."""
+    """Why ``contender`` cannot run (a missing module, or what its own check says), or "" if it can."""
     for module in contender.requires:
         try:
             importlib.import_module(module)
         except Exception as e:  # ImportError, or a peer that breaks while importing
             return f"{module} is not importable ({type(e).__name__}: {e})"
-    return ""
+    return contender.unavailable() if contender.unavailable is not None else ""
 
 
 def _sample(kind: str, scale: float, operation: Operation) -> float:
     start = time.perf_counter()
     moved = operation()
     elapsed = time.perf_counter() - start
+    if isinstance(moved, Then):
+        moved.after()
+        moved = moved.result
     if kind == "throughput":
         if not isinstance(moved, int):
             raise TypeError(f"a throughput operation must return a byte count, got {moved!r}")
         return moved / elapsed / 1e6
     return elapsed * scale
+
+
+_stall_cleanups: List[Callable[[], object]] = []
+
+
+def at_stall(cleanup: Callable[[], object]) -> None:
+    """Have the watchdog call ``cleanup`` before it exits the process (to stop servers the run started)."""
+    _stall_cleanups.append(cleanup)
 
 
 class Watchdog:
@@ -217,6 +249,11 @@ class Watchdog:
         faulthandler.dump_traceback(file=self.log, all_threads=True)
         self.log.flush()
         sys.stdout.flush()
+        for cleanup in _stall_cleanups:
+            try:
+                cleanup()
+            except Exception as e:
+                print(f"cleanup after the stall failed: {type(e).__name__}: {e}", file=self.log, flush=True)
         os._exit(1)
 
 
@@ -319,6 +356,15 @@ def _median(result: GroupResult, name: str) -> Optional[float]:
     return entry.stats.median
 
 
+def best_baseline(result: GroupResult, target: Target) -> str:
+    """The name of the target's reference: its baseline with the best median (the first if none has one)."""
+    measured = [(median, name) for name in target.baselines if (median := _median(result, name)) is not None]
+    if not measured:
+        return target.baseline
+    pick = max if result.group.higher_is_better else min
+    return pick(measured)[1]
+
+
 def print_group(result: GroupResult, out: TextIO = sys.stdout) -> None:
     group = result.group
     better = "higher is better" if group.higher_is_better else "lower is better"
@@ -332,7 +378,7 @@ def print_group(result: GroupResult, out: TextIO = sys.stdout) -> None:
     if group.detail:
         print(f"   {group.detail}", file=out)
 
-    reference = group.targets[0].baseline if group.targets else ""
+    reference = best_baseline(result, group.targets[0]) if group.targets else ""
     ref_median = _median(result, reference) if reference else None
     width = max([len(c.name) for c in group.contenders] + [9])
     ratio_head = f"  vs {reference}" if reference else ""
@@ -359,11 +405,13 @@ def target_verdict(result: GroupResult, target: Target) -> str:
     """One line: the target, the measured ratio, PASS / MISS (or why it could not be judged)."""
     group = result.group
     op = ">=" if group.higher_is_better else "<="
-    wanted = f"target: {target.contender} {op} {target.ratio:g} x {target.baseline}"
+    baseline = best_baseline(result, target)
+    against = f"best of ({', '.join(target.baselines)}) = {baseline}" if target.best_of else baseline
+    wanted = f"target: {target.contender} {op} {target.ratio:g} x {against}"
     value = _median(result, target.contender)
-    base = _median(result, target.baseline)
+    base = _median(result, baseline)
     if value is None or base is None or base == 0:
-        missing = target.contender if value is None else target.baseline
+        missing = target.contender if value is None else baseline
         return f"{wanted}: n/a ({missing} has no result)"
     ratio = value / base
     ok = ratio >= target.ratio if group.higher_is_better else ratio <= target.ratio

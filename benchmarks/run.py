@@ -3,7 +3,7 @@
 
     python3 benchmarks/run.py            # full run
     python3 benchmarks/run.py --quick    # smoke run, a few seconds
-    python3 benchmarks/run.py --only ping
+    python3 benchmarks/run.py --only ping --only ssh-ping
 
 See benchmarks/README.md for what each metric means.
 """
@@ -17,26 +17,58 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import contenders as c
-from harness import Contender, Group, GroupResult, Target, print_group, print_summary, run_group, settle_allocator
+import ssh_contenders as s
+import ssh_server
+from harness import (
+    Contender,
+    Factory,
+    Group,
+    GroupResult,
+    Target,
+    at_stall,
+    print_group,
+    print_summary,
+    run_group,
+    settle_allocator,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MiB = 1 << 20
 
 
-def ping_group(quick: bool) -> Group:
-    return Group(
-        name="ping",
-        title="no-op call round trip",
+def round_trips(quick: bool) -> Dict[str, Any]:
+    """The measuring plan of a round-trip group (microseconds)."""
+    return dict(
         kind="latency",
         unit="us",
         scale=1e6,
         iterations=200 if quick else 2000,
         block=20 if quick else 100,
         warmup=20 if quick else 200,
+    )
+
+
+def spawns(quick: bool) -> Dict[str, Any]:
+    """The measuring plan of a spawn-and-wait group (milliseconds)."""
+    return dict(
+        kind="latency",
+        unit="ms",
+        scale=1e3,
+        iterations=30 if quick else 300,
+        block=10 if quick else 25,
+        warmup=3 if quick else 20,
+    )
+
+
+def ping_group(quick: bool) -> Group:
+    return Group(
+        name="ping",
+        title="no-op call round trip",
+        **round_trips(quick),
         contenders=[
             Contender("remowt local ping", c.remowt_local_ping, requires=("remowt",)),
             Contender("execnet popen echo", c.execnet_popen_echo, requires=("execnet",)),
@@ -53,12 +85,7 @@ def spawn_group(quick: bool) -> Group:
     return Group(
         name="spawn",
         title="spawn + wait of `true`",
-        kind="latency",
-        unit="ms",
-        scale=1e3,
-        iterations=30 if quick else 300,
-        block=10 if quick else 25,
-        warmup=3 if quick else 20,
+        **spawns(quick),
         contenders=[
             Contender("remowt local spawn", c.remowt_local_spawn_true, requires=("remowt",)),
             Contender("subprocess.run", c.subprocess_run_true),
@@ -91,12 +118,7 @@ def run_group_(quick: bool) -> Group:
     return Group(
         name="run",
         title="remowt.run(['true']) vs subprocess.run(['true'])",
-        kind="latency",
-        unit="ms",
-        scale=1e3,
-        iterations=30 if quick else 300,
-        block=10 if quick else 25,
-        warmup=3 if quick else 20,
+        **spawns(quick),
         contenders=[
             Contender("remowt.run", c.remowt_run_true, requires=("remowt",)),
             Contender("subprocess.run", c.subprocess_run_true),
@@ -125,12 +147,111 @@ def communicate_group(quick: bool) -> Group:
     )
 
 
+# --- ssh groups: every contender against the same sshd (ssh_server.py) ------------------
+
+SSH = ("remowt",)  # what a remowt ssh contender needs besides the sshd
+
+
+def ssh_contender(name: str, factory: Factory, requires: Sequence[str] = SSH, note: str = "") -> Contender:
+    """A contender that also needs the run's sshd (skipped, with the reason, when it cannot start)."""
+    return Contender(name, factory, requires=requires, note=note, unavailable=ssh_server.unavailable)
+
+
+def ssh_connect_group(quick: bool) -> Group:
+    return Group(
+        name="ssh-connect",
+        title="ssh: connect until ready",
+        kind="latency",
+        unit="ms",
+        scale=1e3,
+        iterations=5 if quick else 30,
+        block=1,
+        warmup=1,
+        contenders=[
+            ssh_contender("remowt connect (agent cached)", s.remowt_ssh_connect),
+            ssh_contender("paramiko connect + exec true", s.paramiko_connect_exec, requires=("paramiko",)),
+            ssh_contender("execnet ssh gateway start", s.execnet_ssh_start, requires=("execnet",), note="info only"),
+            ssh_contender("mitogen ssh start", s.mitogen_ssh_start, requires=("mitogen.master",), note="info only"),
+        ],
+        targets=[Target("remowt connect (agent cached)", "paramiko connect + exec true", 1.5)],
+        detail="remowt: remowt.connect() returning a ready connection, the agent already deployed (by the warm-up); "
+        "paramiko: SSHClient.connect + exec_command('true') + recv_exit_status; execnet/mitogen: gateway/context "
+        "start through the ssh command. Closing is not timed.",
+    )
+
+
+def ssh_spawn_group(quick: bool) -> Group:
+    return Group(
+        name="ssh-spawn",
+        title="ssh: spawn + wait of `true` on an open connection",
+        **spawns(quick),
+        contenders=[
+            ssh_contender("remowt spawn", s.remowt_ssh_spawn_true),
+            ssh_contender("remowt conn.run", s.remowt_ssh_run_true),
+            ssh_contender("paramiko exec_command", s.paramiko_exec_true_open, requires=("paramiko",)),
+        ],
+        targets=[
+            Target("remowt spawn", "paramiko exec_command", 1.0),
+            Target("remowt conn.run", "paramiko exec_command", 1.0),
+        ],
+        detail="remowt: conn.spawn(['true']).wait() and conn.run(['true'], check=True); "
+        "paramiko: exec_command('true') + recv_exit_status() + channel close",
+    )
+
+
+def ssh_ping_group(quick: bool) -> Group:
+    return Group(
+        name="ssh-ping",
+        title="ssh: no-op call round trip",
+        **round_trips(quick),
+        contenders=[
+            ssh_contender("remowt ssh ping", s.remowt_ssh_ping),
+            ssh_contender("paramiko cat echo", s.paramiko_cat_echo, requires=("paramiko",)),
+            ssh_contender("execnet ssh echo", s.execnet_ssh_echo, requires=("execnet",)),
+            ssh_contender("mitogen ssh call", s.mitogen_ssh_call, requires=("mitogen.master",)),
+        ],
+        targets=[Target("remowt ssh ping", "paramiko cat echo", 1.3)],
+        detail="remowt: conn.ping(); paramiko: 16 bytes to an exec'd `cat` and back on one channel; "
+        "execnet: channel send+receive of 16 bytes on an echo loop; mitogen: context.call(noop)",
+    )
+
+
+def ssh_throughput_group(quick: bool) -> Group:
+    size = (32 if quick else 256) * MiB
+    return Group(
+        name="ssh-throughput",
+        title="ssh: remote child stdout throughput",
+        kind="throughput",
+        iterations=3 if quick else 8,
+        block=1,
+        warmup=1,
+        contenders=[
+            ssh_contender("remowt ssh stdout", s.remowt_ssh_stdout(size)),
+            ssh_contender(
+                "paramiko read, 2 MiB window", s.paramiko_channel_read(size, 2 * MiB), requires=("paramiko",)
+            ),
+            ssh_contender(
+                "paramiko read, 8 MiB window", s.paramiko_channel_read(size, 8 * MiB), requires=("paramiko",)
+            ),
+        ],
+        targets=[
+            Target("remowt ssh stdout", "paramiko read, 2 MiB window", 0.8, best_of=("paramiko read, 8 MiB window",))
+        ],
+        detail=f"remote `head -c {size // MiB}MiB /dev/zero`, read in 1 MiB chunks until EOF, timed from "
+        "spawn/exec to exit status; aes128-gcm for both; paramiko gets a fresh connection (untimed) per transfer",
+    )
+
+
 GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ping": ping_group,
     "spawn": spawn_group,
     "throughput": throughput_group,
     "run": run_group_,
     "communicate": communicate_group,
+    "ssh-connect": ssh_connect_group,
+    "ssh-spawn": ssh_spawn_group,
+    "ssh-ping": ssh_ping_group,
+    "ssh-throughput": ssh_throughput_group,
 }
 
 
@@ -169,8 +290,18 @@ def print_environment(quick: bool, cold_malloc: bool) -> None:
     print(f"  python {platform.python_version()} ({sys.executable}), {platform.platform()}, {os.cpu_count()} CPUs")
     print(
         f"  remowt {_version('remowt')} at {REPO} git {_git_revision()}; "
-        f"execnet {_version('execnet')}; mitogen {_version('mitogen')}"
+        f"execnet {_version('execnet')}; mitogen {_version('mitogen')}; paramiko {_version('paramiko')}; "
+        f"{_openssh_version()}"
     )
+
+
+def _openssh_version() -> str:
+    """What ``ssh -V`` says (the ssh groups' sshd and the ssh command execnet and mitogen use)."""
+    try:
+        done = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "no ssh command"
+    return (done.stderr or done.stdout).strip().split(",")[0] or "ssh -V said nothing"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -207,12 +338,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settle_allocator()
     print_environment(args.quick, args.cold_malloc)
     results: List[GroupResult] = []
-    for name in args.only or list(GROUPS):
-        group = GROUPS[name](args.quick)
-        print(f"\nrunning {name} ...", file=sys.stderr, flush=True)
-        results.append(run_group(group, stall_timeout=args.stall_timeout))
-        print_group(results[-1])
-        sys.stdout.flush()
+    at_stall(ssh_server.stop)
+    try:
+        for name in args.only or list(GROUPS):
+            group = GROUPS[name](args.quick)
+            print(f"\nrunning {name} ...", file=sys.stderr, flush=True)
+            results.append(run_group(group, stall_timeout=args.stall_timeout))
+            print_group(results[-1])
+            sys.stdout.flush()
+    finally:
+        ssh_server.stop()
     print_summary(results)
     return 0
 

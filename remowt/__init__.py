@@ -15,12 +15,13 @@ import importlib
 from typing import TYPE_CHECKING, Any, Dict
 
 if TYPE_CHECKING:
-    from .client import Remowt, connect_local, loopback
+    from .client import Remowt, connect, connect_local, loopback
     from .command import Command
     from .default import default_connection
     from .errors import (
         BadArguments,
         ConnectionLost,
+        EscalationError,
         InternalError,
         ProtocolError,
         RemoteError,
@@ -50,13 +51,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _HOMES: Dict[str, str] = {
-    **dict.fromkeys(["Remowt", "connect_local", "loopback"], "client"),
+    **dict.fromkeys(["Remowt", "connect", "connect_local", "loopback"], "client"),
     "Command": "command",
     "default_connection": "default",
     **dict.fromkeys(
         [
             "BadArguments",
             "ConnectionLost",
+            "EscalationError",
             "InternalError",
             "ProtocolError",
             "RemoteError",
@@ -98,6 +100,7 @@ __all__ = [
     "Command",
     "CompletedProcess",
     "ConnectionLost",
+    "EscalationError",
     "InternalError",
     "Popen",
     "ProtocolError",
@@ -112,6 +115,7 @@ __all__ = [
     "call",
     "check_call",
     "check_output",
+    "connect",
     "connect_local",
     "default_connection",
     "getoutput",

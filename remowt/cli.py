@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from types import FrameType
@@ -30,7 +31,89 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     local.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV", help="the command and its arguments")
+    ssh = commands.add_parser(
+        "ssh",
+        help="run a command on an ssh host through a remowt agent",
+        description=(
+            "Connect to HOST over ssh (honouring ~/.ssh/config and known_hosts), deploy the agent if the host "
+            "does not have it yet, run ARGV there with this terminal's stdin, stdout and stderr wired through, "
+            "and exit with its exit code (128+N if it was killed by signal N; 255 if the connection failed)."
+        ),
+    )
+    ssh.add_argument("host", help="host name or ~/.ssh/config alias, optionally user@host")
+    ssh.add_argument("-p", "--port", type=int, help="port to connect to")
+    ssh.add_argument("-l", "--login", metavar="USER", help="user to log in as")
+    ssh.add_argument("-i", "--identity", metavar="KEY", action="append", help="private key file (repeatable)")
+    ssh.add_argument("-F", "--config", metavar="FILE", help="ssh config file (default ~/.ssh/config)")
+    ssh.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="trust an unknown host's key and record it in known_hosts (changed keys are still refused)",
+    )
+    ssh.add_argument("argv", nargs="*", metavar="-- ARGV", help="the command and its arguments, after --")
+    _add_bundle_parser(commands)
     return parser
+
+
+def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bundle = commands.add_parser(
+        "bundle",
+        help="build and list the agent bundle deployed to targets",
+        description=(
+            "The agent bundle holds one artifact per target platform (uname -m + Python tag, e.g. "
+            "x86_64-cp311): the remowt package and msgspec built for that platform."
+        ),
+    )
+    actions = bundle.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    build = actions.add_parser(
+        "build",
+        help="(re)build the artifact for this interpreter's platform",
+        description="Build the artifact for this interpreter's platform from the installed remowt and msgspec.",
+    )
+    add = actions.add_parser(
+        "add",
+        help="add a platform from a msgspec wheel fetched with pip",
+        description=(
+            "Fetch a manylinux msgspec wheel for PLATFORM with pip (the newest release not newer than the "
+            "installed one that supports that Python), keep it in the bundle, and build the artifact."
+        ),
+    )
+    add.add_argument("--platform", required=True, help="the target's `uname -m` and Python tag, e.g. aarch64-cp39")
+    add.add_argument("--msgspec-version", metavar="VERSION", help="use exactly this msgspec release")
+    listing = actions.add_parser(
+        "list", help="show the platforms, their sha256 and sources", description="Show the bundle's platforms."
+    )
+    for action in (build, add, listing):
+        action.add_argument(
+            "--dir",
+            help="the bundle directory (default: $REMOWT_BUNDLE_DIR, else the checkout's agent_bundle/, "
+            "else ~/.cache/remowt/bundle)",
+        )
+
+
+def _bundle_main(args: argparse.Namespace) -> int:
+    """``remowt bundle build|add|list``: print what was done; exit 1 with the reason when it fails."""
+    from . import bundle
+
+    directory = os.path.abspath(args.dir) if args.dir else bundle.default_bundle_dir()
+    try:
+        if args.bundle_command == "build":
+            digest = bundle.build_local(directory)
+            print(f"{bundle.local_platform()} {digest} in {directory}")
+        elif args.bundle_command == "add":
+            added = bundle.add_platform(directory, args.platform, args.msgspec_version)
+            print(f"{added.platform} {added.sha256} in {directory} (msgspec {added.msgspec_version})")
+        else:
+            infos = bundle.describe(directory)
+            print(f"agent bundle {directory}:")
+            for info in infos:
+                state = {True: "current", False: "stale: sources changed", None: "made elsewhere"}[info.current]
+                made = f"msgspec {info.msgspec_version} from {info.source}" if info.source else ""
+                print(f"{info.platform:<16} {info.sha256}  {state}  {made}".rstrip())
+    except bundle.BundleError as e:
+        print(f"remowt: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def exit_status(returncode: int) -> int:
@@ -53,8 +136,8 @@ def run_attached(connection: client.Remowt, argv: List[str]) -> int:
                 signal.signal(sig, handler)
 
 
-def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
-    argv: List[str] = list(args.argv)
+def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser, after: Optional[List[str]]) -> List[str]:
+    argv: List[str] = list(args.argv) if after is None else list(args.argv) + after
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
@@ -62,12 +145,32 @@ def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str
     return argv
 
 
+def _connection(args: argparse.Namespace) -> client.Remowt:
+    if args.command == "local":
+        return client.connect_local()
+    return client.connect(
+        args.host,
+        port=args.port,
+        user=args.login,
+        key_filename=args.identity,
+        ssh_config=args.config,
+        host_key_policy="accept-new" if args.accept_new_host_key else None,
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = _parser()
-    args = parser.parse_args(argv)
-    command = _argv(args, parser)
+    words = sys.argv[1:] if argv is None else list(argv)
+    after: Optional[List[str]] = None
+    if words[:1] == ["ssh"] and "--" in words:  # ssh's options may follow HOST; ARGV is all after --
+        cut = words.index("--")
+        words, after = words[:cut], words[cut + 1 :]
+    args = parser.parse_args(words)
+    if args.command == "bundle":
+        sys.exit(_bundle_main(args))
+    command = _argv(args, parser, after)
     try:
-        with client.connect_local() as connection:
+        with _connection(args) as connection:
             status = run_attached(connection, command)
     except FileNotFoundError as e:
         print(f"remowt: {command[0]}: {e.strerror}", file=sys.stderr)

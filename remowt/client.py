@@ -5,24 +5,30 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from . import popen as _popen
 from . import wire
 from .agent.main import Agent
 from .command import Command
 from .endpoints.control import Control, ControlApi, NodeInfo
+from .endpoints.escalate import check_tool
 from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
 from .errors import ConnectionLost, RemowtError
 from .link import Link
 from .pipes import FdWriter
 from .process import RemoteProcess
+from .prompt import Prompter, check_prompter, has_terminal, terminal_prompter
 from .router import Router
 from .service import proxy
 from .streams import Stream
 from .transports import local as local_transport
 from .transports import loopback as loopback_transport
 from .transports.base import Transport
+
+if TYPE_CHECKING:
+    from .bundle import AgentBundle
+    from .escalation import Privileged
 
 PIPE = _popen.PIPE
 DEVNULL = _popen.DEVNULL
@@ -60,11 +66,16 @@ class Remowt:
         *,
         description: str,
         on_close: Sequence[Callable[[], None]] = (),
+        prompter: Optional[Prompter] = None,
+        escalation: Optional[str] = None,
     ) -> None:
         self.router = router
         self.link = link
         self.description = description
         self.agent = wire.AGENT
+        self.prompter = prompter
+        self.escalation = escalation
+        self._privileged: Optional[Privileged] = None
         self._on_close = list(on_close)
         self._handles = itertools.count(1)
         self._lock = threading.Lock()
@@ -96,6 +107,22 @@ class Remowt:
     def info(self) -> NodeInfo:
         """Who the agent is: pid, uid, Python version and machine."""
         return self._control.info()
+
+    @property
+    def privileged(self) -> Privileged:
+        """This connection with its calls going to the privileged agent (started on first use).
+
+        The agent starts itself again through ``self.escalation`` (run0, sudo
+        or doas; None: the first one found on the target); password prompts
+        go to ``self.prompter`` (None: the terminal). Both may be changed
+        before first use. See :class:`remowt.escalation.Privileged`.
+        """
+        from .escalation import Privileged
+
+        with self._lock:
+            if self._privileged is None:
+                self._privileged = Privileged(self)
+            return self._privileged
 
     # --- the subprocess face ---------------------------------------------
 
@@ -234,9 +261,15 @@ class Remowt:
     def _process_exited(self, handle: int, returncode: int) -> None:
         with self._lock:
             process = self._processes.pop(handle, None)
+            closed = self._closed
         if process is not None:
             process._set_exited(returncode)
-            self._subprocess.release(handle)
+            if closed:  # the agent forgets its children by itself when the connection goes
+                return
+            try:
+                process._api.release(handle)  # the agent (or privileged agent) that ran it
+            except ConnectionLost:
+                return  # closed meanwhile: nothing left to release
 
     def _link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         if link is not self.link:
@@ -280,7 +313,15 @@ def _user_router() -> Router:
     return router
 
 
-def _connect(router: Router, transport: Transport, description: str, on_close: Sequence[Callable[[], None]]) -> Remowt:
+def _connect(
+    router: Router,
+    transport: Transport,
+    description: str,
+    on_close: Sequence[Callable[[], None]],
+    *,
+    prompter: Optional[Prompter] = None,
+    escalation: Optional[str] = None,
+) -> Remowt:
     try:
         link = router.add_link(transport, name=f"user-{transport.name}")
     except BaseException:
@@ -288,13 +329,24 @@ def _connect(router: Router, transport: Transport, description: str, on_close: S
         for hook in on_close:
             hook()
         raise
-    connection = Remowt(router, link, description=description, on_close=on_close)
+    connection = Remowt(
+        router, link, description=description, on_close=on_close, prompter=prompter, escalation=escalation
+    )
     router.register(_ProcessEvents(connection))
+    from .escalation import serve_user_side
+
+    serve_user_side(router, connection)
     return connection
 
 
-def loopback() -> Remowt:
-    """A connection to an agent running on threads in this process (tests, teaching)."""
+def loopback(*, prompter: Optional[Prompter] = None, escalation: Optional[str] = None) -> Remowt:
+    """A connection to an agent running on threads in this process (tests, teaching).
+
+    ``prompter(prompt) -> password`` answers password prompts (default: ask
+    on the terminal); ``escalation`` picks the tool for ``conn.privileged``.
+    """
+    check_prompter(prompter)
+    check_tool(escalation)
     user_end, agent_end = loopback_transport.pair()
     agent = Agent()
     failure: List[BaseException] = []
@@ -307,7 +359,9 @@ def loopback() -> Remowt:
 
     thread = threading.Thread(target=serve, name="remowt-loopback-agent", daemon=True)
     thread.start()
-    connection = _connect(_user_router(), user_end, "loopback", [agent.shutdown])
+    connection = _connect(
+        _user_router(), user_end, "loopback", [agent.shutdown], prompter=prompter, escalation=escalation
+    )
     thread.join()
     if failure:
         connection.close()
@@ -315,10 +369,83 @@ def loopback() -> Remowt:
     return connection
 
 
-def connect_local(python: Optional[str] = None) -> Remowt:
-    """Start an agent as a child process on this machine and connect to it."""
+def connect_local(
+    python: Optional[str] = None, *, prompter: Optional[Prompter] = None, escalation: Optional[str] = None
+) -> Remowt:
+    """Start an agent as a child process on this machine and connect to it.
+
+    ``prompter`` and ``escalation`` are as for :func:`loopback`.
+    """
+    check_prompter(prompter)
+    check_tool(escalation)
     transport = local_transport.start_local_agent(python)
     try:
-        return _connect(_user_router(), transport, f"local agent pid {transport.process.pid}", [])
+        description = f"local agent pid {transport.process.pid}"
+        return _connect(_user_router(), transport, description, [], prompter=prompter, escalation=escalation)
     except ConnectionLost as e:
         raise ConnectionLost(f"local agent failed to start: {e}\n{transport.stderr_tail()}") from None
+
+
+def connect(
+    host: str,
+    *,
+    port: Optional[int] = None,
+    user: Optional[str] = None,
+    key_filename: Union[str, Sequence[str], None] = None,
+    password: Optional[str] = None,
+    ssh_config: Optional[str] = None,
+    known_hosts: Union[str, Sequence[str], None] = None,
+    host_key_policy: Optional[str] = None,
+    connect_timeout: Optional[float] = None,
+    keepalive_interval: Optional[float] = None,
+    prompter: Optional[Prompter] = None,
+    escalation: Optional[str] = None,
+    bundle: Optional[AgentBundle] = None,
+    python: str = "python3",
+) -> Remowt:
+    """Connect over ssh to ``host`` (a name or ``~/.ssh/config`` alias), deploy the agent if needed, start it.
+
+    Explicit arguments win over the ssh config (``ssh_config=`` or
+    ``~/.ssh/config``): HostName, Port, User, IdentityFile, ProxyJump,
+    ProxyCommand, ConnectTimeout, ServerAliveInterval, UserKnownHostsFile and
+    StrictHostKeyChecking are honoured. Host keys are checked against
+    known_hosts: ``host_key_policy`` is ``"reject"`` (default),
+    ``"accept-new"`` (trust on first use) or ``"insecure-accept-any"``.
+    Authentication tries ssh-agent keys, key files (asking ``prompter`` for
+    an encrypted key's passphrase) and ``password``. ``prompter`` also
+    answers password prompts of privilege escalation, and ``escalation``
+    picks its tool, as for :func:`loopback`; without a prompter, the
+    terminal is asked when there is one. ``bundle`` is what to deploy
+    (default :meth:`AgentBundle.default`), ``python`` the target's interpreter.
+    """
+    from . import sshconfig
+    from .bundle import AgentBundle
+    from .deploy import remote_start_command, start_agent
+    from .transports import ssh as ssh_transport
+
+    check_prompter(prompter)
+    check_tool(escalation)
+    config = sshconfig.load_config(ssh_config)
+    target = sshconfig.resolve(
+        host,
+        config,
+        port=port,
+        user=user,
+        key_filename=key_filename,
+        known_hosts=known_hosts,
+        host_key_policy=host_key_policy,
+        connect_timeout=connect_timeout,
+        keepalive_interval=keepalive_interval,
+    )
+    asker = prompter if prompter is not None else terminal_prompter if has_terminal() else None
+    session = ssh_transport.open_session(target, config, password=password, prompter=asker)
+    try:
+        agent_bundle = bundle if bundle is not None else AgentBundle.default()
+        transport = session.exec(remote_start_command(agent_bundle, python), description=f"agent on {target.alias}")
+        start_agent(transport, agent_bundle, timeout=max(target.connect_timeout, 30.0))
+    except BaseException:
+        session.close()
+        raise
+    return _connect(
+        _user_router(), transport, f"ssh {target}", [session.close], prompter=prompter, escalation=escalation
+    )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Tuple, Type, TypeVar
 
 import msgspec
 
+from . import wire
 from .popen import PIPE, CalledProcessError, CompletedProcess, Popen, run
 
 if TYPE_CHECKING:
@@ -69,6 +70,15 @@ class Command:
         """Run the command in ``path``."""
         return self._with(directory=str(path))
 
+    def sudo(self) -> Command:
+        """Run the command as root, through the connection's privileged agent (``conn.privileged``)."""
+        return Command(self.connection.privileged, self.program, self.arguments, self.environment, self.directory)
+
+    @property
+    def privileged(self) -> bool:
+        """Whether the command runs through the privileged agent (:meth:`sudo`)."""
+        return getattr(self.connection, "agent", None) == wire.AGENT_PRIVILEGED
+
     @property
     def argv(self) -> list[str]:
         return [self.program, *self.arguments]
@@ -78,10 +88,19 @@ class Command:
         parts = []
         if self.directory is not None:
             parts.append(f"cd {shlex.quote(self.directory)} &&")
+        if self.privileged:
+            parts.append("sudo")
         if self.environment:
             parts.append("env")
             parts.extend(shlex.quote(f"{k}={v}") for k, v in self.environment)
-        parts.extend(shlex.quote(a) for a in self.argv)
+        if self.environment or self.privileged:
+            if "=" in self.program:
+                # env and sudo would take the program for one more NAME=VALUE: let a shell start it instead
+                parts.extend(["sh", "-c", shlex.quote('exec "$0" "$@"')])
+            parts.append(shlex.quote(self.program))
+        else:
+            parts.append(_quote_program(self.program))
+        parts.extend(shlex.quote(a) for a in self.arguments)
         return " ".join(parts)
 
     def __repr__(self) -> str:
@@ -115,3 +134,9 @@ class Command:
             return msgspec.json.decode(stdout, type=type)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise ValueError(f"output of {self} is not a valid {type!r}: {e}") from None
+
+
+def _quote_program(program: str) -> str:
+    """The program's word in a shell line: quoted if it has a '=', or the shell may read an assignment."""
+    quoted = shlex.quote(program)
+    return f"'{program}'" if "=" in program and quoted == program else quoted

@@ -7,8 +7,6 @@ import os
 import threading
 from typing import TYPE_CHECKING, Optional
 
-from .errors import RemowtError
-
 if TYPE_CHECKING:
     from .client import Remowt
 
@@ -19,19 +17,16 @@ _connection: Optional[Remowt] = None
 def default_connection() -> Remowt:
     """The shared connection, made on first use and closed at interpreter exit.
 
-    It is a local agent on this machine. ``REMOWT_HOST`` names a host to use
-    instead; that needs the ssh transport, which this version does not have,
-    so a set ``REMOWT_HOST`` is an error rather than silently ignored.
+    With ``REMOWT_HOST`` set it is ``remowt.connect(REMOWT_HOST)`` (an ssh
+    host or ``~/.ssh/config`` alias); otherwise a local agent on this machine.
     """
     global _connection
     with _lock:
         if _connection is None or _connection.closed:
-            host = os.environ.get("REMOWT_HOST")
-            if host:
-                raise RemowtError(f"REMOWT_HOST={host!r} is set, but this remowt has no ssh transport yet")
-            from .client import connect_local
+            from .client import connect, connect_local
 
-            _connection = connect_local()
+            host = os.environ.get("REMOWT_HOST")
+            _connection = connect(host) if host else connect_local()
         return _connection
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno as _errno
-from typing import Optional
+from typing import Optional, Tuple
 
 
 class RemowtError(Exception):
@@ -50,7 +50,13 @@ class InternalError(RemoteError):
     kind = "internal"
 
 
-REMOTE_ERRORS = {cls.kind: cls for cls in (RemoteError, UnknownMethod, BadArguments, InternalError)}
+class EscalationError(RemoteError):
+    """Starting the privileged agent failed: no tool, failed authentication, or a cancelled prompt."""
+
+    kind = "escalation"
+
+
+REMOTE_ERRORS = {cls.kind: cls for cls in (RemoteError, UnknownMethod, BadArguments, InternalError, EscalationError)}
 
 
 def remote_os_error(errno: int, message: str, filename: Optional[str]) -> OSError:
@@ -59,3 +65,25 @@ def remote_os_error(errno: int, message: str, filename: Optional[str]) -> OSErro
     if filename is None:
         return OSError(errno, strerror)
     return OSError(errno, strerror, filename)
+
+
+class SshError(RemowtError):
+    """Reaching or logging in to an ssh host failed; the message says why and what to do."""
+
+
+class HostKeyError(SshError):
+    """The host's key is unknown or differs from known_hosts; ``fingerprint`` is the offered key's SHA256."""
+
+    def __init__(self, message: str, *, host: str, key_type: str, fingerprint: str) -> None:
+        super().__init__(message)
+        self.host = host
+        self.key_type = key_type
+        self.fingerprint = fingerprint
+
+
+class AuthenticationError(SshError):
+    """No authentication method was accepted; ``tried`` lists what was tried."""
+
+    def __init__(self, message: str, *, tried: Tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.tried = tried

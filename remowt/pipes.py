@@ -1,77 +1,234 @@
-"""File objects and fd pumps over streams: what Popen's stdio is made of.
+"""File objects, fd pumps and relays over streams: what Popen's stdio is made of.
 
 ``PIPE`` becomes a raw file object over the stream (wrapped in the usual
 buffered and text layers); an inherited or given fd is copied to or from the
 stream, as the child would have read or written it directly if it were
 local: input by a :class:`FdToStream` thread, output by the connection's
-:class:`FdWriter` for that fd.
+:class:`FdWriter` for that fd. One child's pipe given as another child's
+stdio is copied from stream to stream by a :class:`Relay`.
 """
 
 from __future__ import annotations
 
+import abc
 import collections
+import errno
 import io
 import os
 import select
 import stat
 import threading
-from typing import Deque, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Optional, Set, Tuple, Union
 
 from .errors import ConnectionLost
 from .streams import MAX_CHUNK, Stream
+from .transports.stdio import enlarge_pipe
 
 
-class StreamReader(io.RawIOBase):
-    """A readable raw file over the receiving side of a stream."""
+class PipeEnd:
+    """A child's stdio stream as this process holds it, shared like a ``dup()``-ed fd.
 
-    def __init__(self, stream: Stream, name: str) -> None:
-        super().__init__()
+    The file object Popen made and every relay or fd copy of the stream hold
+    it; the stream is finished when the last holder lets go: closed, after
+    sending EOF if it is a child's stdin. ``exited`` says whether that child
+    is gone, so that writing to its stdin raises ``BrokenPipeError`` as
+    writing to a local pipe nobody reads would.
+    """
+
+    def __init__(self, stream: Stream, writable: bool, exited: Optional[Callable[[], bool]] = None) -> None:
         self.stream = stream
-        self.name = name
-        self.touched = False
+        self.writable = writable
+        self._exited = exited
+        self._holders = 1
+        self._lock = threading.Lock()
 
-    def readable(self) -> bool:
-        return True
+    def hold(self) -> bool:
+        """One more holder; False if the stream was already let go."""
+        with self._lock:
+            if self._holders == 0:
+                return False
+            self._holders += 1
+            return True
 
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        self.touched = True
-        view = memoryview(buffer).cast("B")
-        data = self.stream.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def read1(self, size: int = -1) -> bytes:
-        """At most ``size`` bytes as soon as any are there."""
-        self.touched = True
-        return self.stream.read(MAX_CHUNK if size < 0 else size)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.stream.close()
-        super().close()
-
-
-class StreamWriter(io.RawIOBase):
-    """A writable raw file over the sending side of a stream; closing it sends EOF."""
-
-    def __init__(self, stream: Stream, name: str) -> None:
-        super().__init__()
-        self.stream = stream
-        self.name = name
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        return self.stream.write(data)
-
-    def close(self) -> None:
-        if not self.closed:
+    def release(self) -> None:
+        """One holder less; the last one finishes the stream."""
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if not last:
+            return
+        if self.writable:
             try:
                 self.stream.close_write()
             finally:
                 self.stream.close()
+        else:
+            self.stream.close()
+
+    def check_writable(self) -> None:
+        """``BrokenPipeError`` if the child that reads this stream has exited."""
+        if self._exited is not None and self._exited():
+            raise BrokenPipeError(errno.EPIPE, f"Broken pipe: the child reading {self.stream!r} has exited")
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        """Send all of ``data``; ``BrokenPipeError`` (with errno EPIPE) once nobody reads."""
+        self.check_writable()
+        try:
+            return self.stream.write(data)
+        except BrokenPipeError as e:
+            if e.errno is None:
+                raise BrokenPipeError(errno.EPIPE, f"Broken pipe: {e}") from None
+            raise
+
+
+class _PipeFile(io.RawIOBase):
+    """A raw file over a :class:`PipeEnd`.
+
+    ``fileno()`` puts a real OS pipe between the file and the stream (on the
+    first call): a thread copies between the stream and the pipe, so
+    ``select()``, non-blocking I/O and local processes given the file work
+    as with a local child's pipe.
+    """
+
+    def __init__(self, end: PipeEnd, name: str) -> None:
+        super().__init__()
+        self.end = end
+        self.name = name
+        self._fd = -1
+        self._lock = threading.Lock()
+
+    @property
+    def has_fd(self) -> bool:
+        """True once ``fileno()`` made a real pipe: the stream is used through it."""
+        return self._fd >= 0
+
+    def fileno(self) -> int:
+        """This side of the OS pipe (made on the first call)."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        with self._lock:
+            if self._fd < 0:
+                # the copying thread holds the stream too: the OS pipe may outlive this file (a local child has it)
+                if not self.end.hold():
+                    raise ValueError("I/O operation on closed file")
+                read_fd, write_fd = os.pipe()
+                enlarge_pipe(write_fd)
+                mine, theirs = (write_fd, read_fd) if self.end.writable else (read_fd, write_fd)
+                thread = threading.Thread(target=self._copy, args=(theirs,), name=f"remowt{self.name}", daemon=True)
+                thread.start()
+                self._fd = mine
+            return self._fd
+
+    @abc.abstractmethod
+    def _copy(self, fd: int) -> None:
+        """The thread between the stream and ``fd``, the other side of the OS pipe; lets go of the stream at the end."""
+
+    def close(self) -> None:
+        if not self.closed:
+            with self._lock:
+                fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
+            self.end.release()
         super().close()
+
+
+class StreamReader(_PipeFile):
+    """A readable raw file over the receiving side of a stream."""
+
+    def __init__(self, end: PipeEnd, name: str) -> None:
+        super().__init__(end, name)
+        self.touched = False
+        self._feed_error: Optional[BaseException] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> Optional[int]:
+        self.touched = True
+        if self._fd >= 0:
+            try:
+                n = os.readv(self._fd, [buffer])
+            except BlockingIOError:
+                return None
+            if n == 0 and self._feed_error is not None:
+                raise self._feed_error
+            return n
+        view = memoryview(buffer).cast("B")
+        data = self.end.stream.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def read1(self, size: int = -1) -> Optional[bytes]:
+        """At most ``size`` bytes as soon as any are there."""
+        size = MAX_CHUNK if size < 0 else size
+        if self._fd >= 0:
+            buffer = bytearray(size)
+            n = self.readinto(buffer)
+            return None if n is None else bytes(buffer[:n])
+        self.touched = True
+        return self.end.stream.read(size)
+
+    def _copy(self, fd: int) -> None:
+        """Stream → pipe until the stream ends or nobody reads the pipe."""
+        try:
+            while True:
+                try:
+                    data = self.end.stream.read(MAX_CHUNK)
+                except ConnectionLost as e:
+                    self._feed_error = e  # the reader sees it after the bytes that came before
+                    return
+                if not data:
+                    return
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except OSError:
+            return  # every read end was closed
+        finally:
+            os.close(fd)
+            self.end.release()
+
+
+class StreamWriter(_PipeFile):
+    """A writable raw file over the sending side of a stream; closing it sends EOF."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> Optional[int]:
+        if self.closed:
+            raise ValueError("write to closed file")
+        if self._fd >= 0:
+            self.end.check_writable()
+            try:
+                return os.write(self._fd, data)
+            except BlockingIOError:
+                return None
+        return self.end.write(data)
+
+    def _copy(self, fd: int) -> None:
+        """Pipe → stream until every write end is closed or nobody reads the stream."""
+        try:
+            while True:
+                data = os.read(fd, MAX_CHUNK)
+                if not data:
+                    return
+                self.end.write(data)
+        except (OSError, ConnectionLost, ValueError):
+            return  # closing our end makes the pipe's writers see EPIPE
+        finally:
+            os.close(fd)
+            self.end.release()
+
+
+def remowt_pipe(value: Any) -> Union[StreamReader, StreamWriter, None]:
+    """The remowt pipe below a file object's buffered and text layers, unless it has a real fd by now."""
+    for _ in range(3):
+        if isinstance(value, (StreamReader, StreamWriter)):
+            return None if value.has_fd else value
+        value = getattr(value, "buffer", None) or getattr(value, "raw", None)
+    return None
 
 
 def is_devnull(fd: int) -> bool:
@@ -83,23 +240,79 @@ def is_devnull(fd: int) -> bool:
     return stat.S_ISCHR(mine.st_mode) and mine.st_rdev == null.st_rdev
 
 
+class Relay:
+    """Copies one child's output stream into another child's stdin, on a thread of its own.
+
+    Each side is a :class:`PipeEnd` the relay holds one share of and lets go
+    when the output ends (the reading child then sees EOF unless someone else
+    still holds its stdin) or when the reading child is gone (the writing
+    child then gets SIGPIPE unless someone else still holds its output).
+    """
+
+    def __init__(self, source: PipeEnd, sink: PipeEnd) -> None:
+        self.source = source
+        self.sink = sink
+        self._thread = threading.Thread(target=self._run, name="remowt-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                data = self.source.stream.read(MAX_CHUNK)
+                if not data:
+                    return
+                self.sink.write(data)
+        except (OSError, ConnectionLost, ValueError):
+            return
+        finally:
+            self.source.release()
+            self.sink.release()
+
+
 class FdToStream:
-    """Copies a local fd into a stream until EOF, or until stopped."""
+    """Copies a local fd into a stream until EOF, or until stopped.
+
+    It reads from its own copy of the fd, so the caller may close theirs as
+    a local child's parent may. It reads only as much as the stream can take
+    at once, so what it has read has been sent: the child's side holds at
+    most a stream window plus a pipe's worth that the child may never read.
+    """
 
     def __init__(self, fd: int, stream: Stream) -> None:
-        self.fd = fd
+        self.fd = os.dup(fd)
         self.stream = stream
+        self._stopping = False
+        self._writable = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name=f"remowt-fd{fd}-in", daemon=True)
         self._thread.start()
+
+    def _room(self) -> int:
+        """How much the stream takes now, after waiting for credit; 0 once it failed or we stop."""
+        while not self._stopping:
+            credit = self.stream.credit()
+            if credit or self.stream.broken:
+                return credit
+            self._writable.clear()
+            if self._stopping:  # stop() set the event before we cleared it
+                break
+            self.stream.when_writable(self._writable.set)
+            self._writable.wait()
+        return 0
 
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         try:
-            while all(fd != self._wake_r for fd, _ in poller.poll()):
-                data = os.read(self.fd, MAX_CHUNK)
+            while True:
+                room = self._room()
+                if not room or any(fd == self._wake_r for fd, _ in poller.poll()):
+                    break
+                try:
+                    data = os.read(self.fd, min(room, MAX_CHUNK))
+                except BlockingIOError:
+                    continue
                 if not data:
                     self.stream.close_write()
                     break
@@ -107,13 +320,16 @@ class FdToStream:
         except (OSError, ConnectionLost, ValueError):
             pass
         finally:
+            os.close(self.fd)
             self.stream.close()
 
     def stop(self) -> None:
         """Stop copying (the child exited): what was not read stays in the fd."""
         if self._wake_w < 0:
             return
+        self._stopping = True
         os.write(self._wake_w, b"x")
+        self._writable.set()
         self._thread.join()
         os.close(self._wake_w)
         os.close(self._wake_r)
@@ -121,19 +337,28 @@ class FdToStream:
 
 
 class FdSink:
-    """One stream's bytes on their way to a local fd; ``done`` is set when all were written."""
+    """One stream's bytes on their way to a local fd; ``done`` is set when all were written.
 
-    def __init__(self, stream: Stream) -> None:
+    It writes to its own copy of the fd, taken when it was made, so the
+    caller may close theirs (or reuse the number) as a local child's parent may.
+    """
+
+    def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
+        self.fd = os.dup(fd)
         self.done = threading.Event()
 
     def finish(self) -> None:
         self.stream.close()
+        os.close(self.fd)
         self.done.set()
 
 
 class FdWriter:
     """Writes pushed stream chunks to one local fd, in order, on a thread of its own.
+
+    Each stream's bytes go to its sink's copy of the fd; sharing one thread
+    per fd number keeps the order in which they arrived.
 
     Chunks arrive on the thread that reads the link, which must not block,
     so they are queued here; the bytes count against their stream's window
@@ -152,7 +377,7 @@ class FdWriter:
 
     def attach(self, stream: Stream) -> FdSink:
         """Send everything ``stream`` receives to this fd."""
-        sink = FdSink(stream)
+        sink = FdSink(stream, self.fd)
         stream.deliver_to(lambda data: self._push(sink, data))
         return sink
 
@@ -185,7 +410,7 @@ class FdWriter:
                 try:
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(self.fd, view) :]
+                        view = view[os.write(sink.fd, view) :]
                 except OSError:
                     broken.add(sink)
                     sink.stream.close()

@@ -13,6 +13,7 @@ import contextlib
 import io
 import locale
 import os
+import select
 import subprocess
 import threading
 import time
@@ -20,7 +21,7 @@ import warnings
 from typing import IO, TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConnectionLost
-from .pipes import FdSink, FdToStream, StreamReader, StreamWriter, is_devnull
+from .pipes import FdSink, FdToStream, PipeEnd, Relay, StreamReader, StreamWriter, is_devnull, remowt_pipe
 
 if TYPE_CHECKING:
     from .client import Remowt
@@ -67,12 +68,18 @@ def _check_local_only(
         raise ValueError("creationflags is Windows only")
 
 
+def _no_nul(value: str, what: str) -> str:
+    if "\0" in value:
+        raise ValueError(f"embedded null byte in {what}: {value!r}")
+    return value
+
+
 def _argv(args: Args, shell: bool, executable: Optional[StrOrBytesPath]) -> Tuple[List[str], Optional[str]]:
     if isinstance(args, (str, bytes, os.PathLike)):
-        argv = [os.fsdecode(args)]
+        argv = [_no_nul(os.fsdecode(args), "args")]
     else:
-        argv = [os.fsdecode(a) for a in args]
-    exe = None if executable is None else os.fsdecode(executable)
+        argv = [_no_nul(os.fsdecode(a), f"args[{i}]") for i, a in enumerate(args)]
+    exe = None if executable is None else _no_nul(os.fsdecode(executable), "executable")
     if shell:
         argv = [exe or "/bin/sh", "-c", *argv]
         exe = None
@@ -81,26 +88,100 @@ def _argv(args: Args, shell: bool, executable: Optional[StrOrBytesPath]) -> Tupl
     return argv, exe
 
 
-def _stdio_fd(name: str, value: Any) -> int:
-    """The local fd behind an inherited (None), integer or file-object stdio argument."""
+def _environment(name: str, env: Optional[Mapping[Any, Any]]) -> Optional[Dict[str, str]]:
+    """``env`` as strings, refused as subprocess refuses it: NUL anywhere, or '=' in a name."""
+    if env is None:
+        return None
+    result: Dict[str, str] = {}
+    for key, value in env.items():
+        k, v = os.fsdecode(key), os.fsdecode(value)
+        if "=" in k:
+            raise ValueError(f"illegal environment variable name in {name}: {k!r}")
+        result[_no_nul(k, f"{name} name")] = _no_nul(v, f"{name}[{k!r}]")
+    return result
+
+
+_STD_FDS = {"stdin": 0, "stdout": 1, "stderr": 2}
+Choice = Union[int, PipeEnd]
+
+
+def _resolve_stdio(name: str, value: Any) -> Choice:
+    """What one stdio argument means here: PIPE, DEVNULL, STDOUT, a local fd, or another child's pipe.
+
+    A local fd is checked to be open (``OSError`` EBADF, as subprocess raises);
+    an inherited one that is closed, or stdin that is /dev/null, becomes
+    DEVNULL. Another remowt child's pipe comes back as its :class:`PipeEnd`,
+    already held for the relay that will copy it.
+    """
     if value is None:
-        return {"stdin": 0, "stdout": 1, "stderr": 2}[name]
+        fd = _STD_FDS[name]
+        return DEVNULL if not _is_open(fd) or (name == "stdin" and is_devnull(fd)) else fd
     if isinstance(value, int):
+        if value in (PIPE, DEVNULL) or (value == STDOUT and name == "stderr"):
+            return value
         if value < 0:
             raise ValueError(f"{name}={value} is neither PIPE, DEVNULL, STDOUT nor a file descriptor")
-        return value
+        fd = value
+    else:
+        pipe = remowt_pipe(value)
+        if pipe is not None:
+            return _hold(name, pipe)
+        try:
+            fd = int(value.fileno())
+        except (AttributeError, io.UnsupportedOperation):
+            raise ValueError(
+                f"{name} must be PIPE, DEVNULL, None, an fd or a file with fileno(), got {value!r}"
+            ) from None
+    os.fstat(fd)
+    return DEVNULL if name == "stdin" and is_devnull(fd) else fd
+
+
+def _hold(name: str, pipe: Union[StreamReader, StreamWriter]) -> PipeEnd:
+    want = "readable" if name == "stdin" else "writable"
+    if isinstance(pipe, StreamWriter) == (name == "stdin"):
+        raise ValueError(f"{name} is the {pipe.name} pipe of another remowt process, which is not {want}")
+    if pipe.closed or not pipe.end.hold():
+        raise ValueError(f"{name}: I/O operation on closed file")
+    return pipe.end
+
+
+def _is_open(fd: int) -> bool:
     try:
-        return int(value.fileno())
-    except (AttributeError, io.UnsupportedOperation):
-        raise ValueError(f"{name} must be PIPE, DEVNULL, None, an fd or a file with fileno(), got {value!r}") from None
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _mode(choice: Choice) -> int:
+    """What the agent does with one stdio: DEVNULL, STDOUT, or a pipe to us."""
+    if isinstance(choice, int) and choice in (DEVNULL, STDOUT):
+        return choice
+    return PIPE
 
 
 class Popen:
     """Execute a child program where ``connection`` points (like :class:`subprocess.Popen`).
 
-    Beyond subprocess's arguments: ``connection`` (else the default one) and
+    Beyond subprocess's arguments: ``connection`` (else the default one),
     ``extra_env`` (variables added to the target's environment instead of
-    replacing it as ``env`` does).
+    replacing it as ``env`` does) and ``sudo`` (run it as root through the
+    connection's privileged agent, :attr:`remowt.Remowt.privileged`).
+
+    Where it differs from a local child, because the child is elsewhere:
+
+    - A stdin given as a local fd or file (or inherited) is copied to the
+      child by a thread, which reads ahead of the child: a child that stops
+      reading early (``head -n 1``) leaves the shared file offset after what
+      was sent, not after what it consumed, and the copy stops when the
+      child exits. Output given as a local fd or file is copied likewise.
+    - Writing to the stdin of a child known to have exited raises
+      ``BrokenPipeError`` even if a grandchild still holds that pipe.
+    - ``fileno()`` of a ``PIPE`` file object starts a thread that copies the
+      stream through a real OS pipe, so ``select()`` works; the bytes take
+      one more hop from then on.
+    - Pipes given as another remowt child's stdio are copied by a thread in
+      this process, not joined on the target.
     """
 
     _bound_connection: Optional[Remowt] = None
@@ -136,6 +217,7 @@ class Popen:
         process_group: Optional[int] = None,
         connection: Optional[Remowt] = None,
         extra_env: Optional[Mapping[str, str]] = None,
+        sudo: bool = False,
     ) -> None:
         self.args = args
         self.returncode: Optional[int] = None
@@ -148,7 +230,7 @@ class Popen:
         self._sinks: List[FdSink] = []
         self._raw_readers: Dict[str, StreamReader] = {}
         self._communication_started = False
-        self._readers: Dict[str, Tuple[threading.Thread, List[bytes]]] = {}
+        self._readers: Dict[str, Tuple[threading.Thread, io.BytesIO]] = {}
         self._writer: Optional[threading.Thread] = None
         _check_local_only(preexec_fn, close_fds, pass_fds, startupinfo, creationflags)
         if bufsize is None:
@@ -176,51 +258,59 @@ class Popen:
                 stacklevel=2,
             )
             bufsize = -1
-        conn = connection or self._bound_connection
-        if conn is None:
-            from .default import default_connection
-
-            conn = default_connection()
-        self.connection = conn
         argv, exe = _argv(args, shell, executable)
-        modes = {name: self._mode(name, value) for name, value in (("stdin", stdin), ("stdout", stdout))}
-        modes["stderr"] = STDOUT if stderr == STDOUT else self._mode("stderr", stderr)
-        process = conn.spawn(
-            argv,
-            executable=exe,
-            cwd=None if cwd is None else os.fsdecode(cwd),
-            env=None if env is None else {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
-            extra_env=extra_env,
-            stdin=modes["stdin"],
-            stdout=modes["stdout"],
-            stderr=modes["stderr"],
-            start_new_session=start_new_session,
-            process_group=process_group,
-            umask=umask,
-            restore_signals=restore_signals,
-            user=user,
-            group=group,
-            extra_groups=extra_groups,
-        )
+        environment = _environment("env", env)
+        extra_environment = _environment("extra_env", extra_env)
+        directory = None if cwd is None else _no_nul(os.fsdecode(cwd), "cwd")
+        choices: Dict[str, Choice] = {}
+        try:
+            for name, value in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+                choices[name] = _resolve_stdio(name, value)
+            # The connection the child runs on: the one given, else the one this class is bound to, else the default.
+            conn = connection or self._bound_connection
+            if conn is None:
+                from .default import default_connection
+
+                conn = default_connection()
+            if sudo:
+                conn = conn.privileged
+            self.connection = conn
+            process = conn.spawn(
+                argv,
+                executable=exe,
+                cwd=directory,
+                env=environment,
+                extra_env=extra_environment,
+                stdin=_mode(choices["stdin"]),
+                stdout=_mode(choices["stdout"]),
+                stderr=_mode(choices["stderr"]),
+                start_new_session=start_new_session,
+                process_group=process_group,
+                umask=umask,
+                restore_signals=restore_signals,
+                user=user,
+                group=group,
+                extra_groups=extra_groups,
+            )
+        except BaseException:
+            for choice in choices.values():
+                if isinstance(choice, PipeEnd):
+                    choice.release()
+            raise
         self._process = process
         self.pid = process.pid
-        self._wire_stdio(process, stdin, stdout, stderr, bufsize, line_buffering)
-
-    def _mode(self, name: str, value: Any) -> int:
-        """What the agent should do with one stdio: a pipe to us, or /dev/null."""
-        if value == DEVNULL:
-            return DEVNULL
-        if value == PIPE:
-            return PIPE
-        fd = _stdio_fd(name, value)
-        return DEVNULL if name == "stdin" and is_devnull(fd) else PIPE
+        self._wire_stdio(process, choices, bufsize, line_buffering)
 
     def _wire_stdio(
-        self, process: RemoteProcess, stdin: Any, stdout: Any, stderr: Any, bufsize: int, line_buffering: bool
+        self, process: RemoteProcess, choices: Dict[str, Choice], bufsize: int, line_buffering: bool
     ) -> None:
+        choice = choices["stdin"]
         if process.stdin is not None:
-            if stdin == PIPE:
-                raw_in: Any = StreamWriter(process.stdin, "<stdin>")
+            end = PipeEnd(process.stdin, writable=True, exited=lambda: process.returncode is not None)
+            if isinstance(choice, PipeEnd):
+                Relay(choice, end)
+            elif choice == PIPE:
+                raw_in: Any = StreamWriter(end, "<stdin>")
                 handle_in: Any = raw_in if bufsize == 0 else io.BufferedWriter(raw_in, _buffer_size(bufsize))
                 self.stdin = handle_in
                 if self.text_mode:
@@ -232,19 +322,22 @@ class Popen:
                         line_buffering=line_buffering,
                     )
             else:
-                self._in_pump = FdToStream(_stdio_fd("stdin", stdin), process.stdin)
-        for name, value, stream in (("stdout", stdout, process.stdout), ("stderr", stderr, process.stderr)):
+                self._in_pump = FdToStream(choice, process.stdin)
+        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
+            choice = choices[name]
             if stream is None:
                 continue
-            if value == PIPE:
-                raw: Any = StreamReader(stream, f"<{name}>")
+            if isinstance(choice, PipeEnd):
+                Relay(PipeEnd(stream, writable=False), choice)
+            elif choice == PIPE:
+                raw = StreamReader(PipeEnd(stream, writable=False), f"<{name}>")
                 self._raw_readers[name] = raw
-                handle = raw if bufsize == 0 else io.BufferedReader(raw, _buffer_size(bufsize))
+                handle: Any = raw if bufsize == 0 else io.BufferedReader(raw, _buffer_size(bufsize))
                 if self.text_mode:
                     handle = io.TextIOWrapper(handle, encoding=self.encoding, errors=self.errors)
                 setattr(self, name, handle)
             else:
-                self._sinks.append(self.connection.fd_writer(_stdio_fd(name, value)).attach(stream))
+                self._sinks.append(self.connection.fd_writer(choice).attach(stream))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: returncode: {self.returncode} args: {self.args!r}>"
@@ -265,7 +358,8 @@ class Popen:
                 self.wait()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if self._process is not None and self.returncode is None and self._process.returncode is None:
+        process = getattr(self, "_process", None)  # absent when __init__ failed early
+        if process is not None and self.returncode is None and process.returncode is None:
             _warn(f"remote subprocess {self.pid} is still running", ResourceWarning, source=self)
 
     # --- status -----------------------------------------------------------
@@ -358,6 +452,9 @@ class Popen:
 
     def _start_communication(self, input: Any) -> None:
         if self.stdin is not None:
+            # As subprocess does: flush what the caller wrote (ValueError if they closed stdin).
+            with contextlib.suppress(BrokenPipeError):
+                self.stdin.flush()
             data = input
             if self.text_mode and data:
                 stdin: Any = self.stdin
@@ -371,37 +468,41 @@ class Popen:
                 # Nothing read yet: no buffered layer holds bytes, so take the
                 # stream's chunks as they are instead of copying them through it.
                 binary = raw if not raw.touched else getattr(handle, "buffer", handle)
-                chunks: List[bytes] = []
-                reader = threading.Thread(target=_read_all, args=(binary, chunks), daemon=True)
-                self._readers[name] = (reader, chunks)
+                collected = io.BytesIO()
+                reader = threading.Thread(target=_read_all, args=(binary, collected), daemon=True)
+                self._readers[name] = (reader, collected)
                 reader.start()
 
     def _write_input(self, data: Optional[bytes]) -> None:
         assert self.stdin is not None
         binary = getattr(self.stdin, "buffer", self.stdin)
-        try:
+        # As subprocess does: a child that exits without reading its input is not an error.
+        with contextlib.suppress(BrokenPipeError, ValueError):
             if data:
                 binary.write(data)
+        with contextlib.suppress(BrokenPipeError, ValueError):
             binary.close()
-        except (BrokenPipeError, ValueError):
-            pass
 
     def _collected(self, name: str) -> Optional[bytes]:
         entry = self._readers.get(name)
-        return None if entry is None else b"".join(entry[1])
+        return None if entry is None else entry[1].getvalue()
 
     def _partial(self, name: str) -> Optional[bytes]:
         """What a timed-out communicate() has so far; None when nothing, as subprocess gives."""
         return self._collected(name) or None
 
 
-def _read_all(handle: Any, chunks: List[bytes]) -> None:
+def _read_all(handle: Any, collected: io.BytesIO) -> None:
+    """Read ``handle`` to the end into ``collected`` (whose buffer then becomes the result, uncopied)."""
     try:
         while True:
             data = handle.read1(1 << 20)
+            if data is None:  # the caller made the pipe non-blocking: wait until it is readable
+                select.select([handle], [], [])
+                continue
             if not data:
                 return
-            chunks.append(data)
+            collected.write(data)
     except (ValueError, OSError):
         return
 

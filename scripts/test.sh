@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test,lint]'
 python3 -m ruff check remowt tests benchmarks
 python3 -m mypy
+bash scripts/setup-test-host.sh
 python3 -m pytest "$@"

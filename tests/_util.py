@@ -210,3 +210,35 @@ def handshake_raw(router: Router, address: str) -> Tuple[object, RawPeer]:
 
 def thread_names() -> List[str]:
     return sorted(t.name for t in threading.enumerate())
+
+
+def run_together(fn: Callable[[int], object], count: int, timeout: float) -> List[object]:
+    """Call ``fn(0..count-1)`` on threads released together by a barrier; each result, or the exception raised."""
+    barrier = threading.Barrier(count)
+    results: Dict[int, object] = {}
+
+    def run(n: int) -> None:
+        barrier.wait(timeout)
+        try:
+            results[n] = fn(n)
+        except BaseException as e:
+            results[n] = e
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), f"{fn} did not finish within {timeout} s"
+    return [results[n] for n in range(count)]
+
+
+def pypi_reachable() -> bool:
+    """Whether pip can reach PyPI from here (tests that fetch wheels skip otherwise)."""
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False

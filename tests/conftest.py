@@ -13,6 +13,7 @@ if importlib.util.find_spec("remowt") is None:  # plain ``pytest``: use the chec
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _util import TRANSPORTS, make_connection
+from sshd import ClientKeys, SshdUnavailable, SshServer
 
 import remowt
 
@@ -38,3 +39,35 @@ def local_conn() -> Iterator[remowt.Remowt]:
         yield connection
     finally:
         connection.close()
+
+
+@pytest.fixture(scope="session")
+def ssh_client_keys(tmp_path_factory: pytest.TempPathFactory) -> ClientKeys:
+    """Client keys (one encrypted) authorized on every test sshd; fails if sshd is not set up."""
+    try:
+        return ClientKeys(str(tmp_path_factory.mktemp("ssh-client-keys")))
+    except SshdUnavailable as e:
+        problem = str(e)
+    pytest.fail(problem, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sshd(ssh_client_keys: ClientKeys) -> Iterator[SshServer]:
+    """A real sshd on 127.0.0.1: aliases remowt-test-host (test user) and remowt-test-root."""
+    with SshServer(ssh_client_keys, "remowt-test-host", "remowt-test-root") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sshd_jump(sshd: SshServer, ssh_client_keys: ClientKeys) -> Iterator[SshServer]:
+    """A second sshd (remowt-test-jump, logging forwards) whose ssh_config reaches ``sshd`` as remowt-behind-jump."""
+    with SshServer(ssh_client_keys, "remowt-test-jump", "remowt-test-jump-root", log_level="DEBUG1") as server:
+        server.add_behind(sshd, "remowt-behind-jump")
+        yield server
+
+
+@pytest.fixture
+def private_sshd(ssh_client_keys: ClientKeys) -> Iterator[SshServer]:
+    """An sshd of the test's own (aliases like ``sshd``), for tests that kill its sessions."""
+    with SshServer(ssh_client_keys, "remowt-test-host", "remowt-test-root") as server:
+        yield server

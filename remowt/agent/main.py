@@ -1,8 +1,9 @@
-"""Agent entry point: ``real-agent [--local] [--privileged]``.
+"""Agent entry point: ``real-agent [--local] [--privileged]``, and ``askpass [PROMPT]``.
 
 The agent speaks the framed protocol on its stdin/stdout, serves its
 endpoints, and when its link to the user side is gone it kills the children
-it started and exits.
+it started and exits. In ``askpass`` mode it is sudo's password helper for
+the agent that started sudo (:mod:`remowt.agent.askpass`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import List, Optional
 
 from .. import wire
 from ..endpoints.control import Control
+from ..endpoints.escalate import Escalator
 from ..endpoints.subprocess import Subprocesses
 from ..router import Router
 from ..transports.base import Transport
@@ -32,6 +35,10 @@ class Agent:
         self.router.register(Control(address))
         self.subprocesses = Subprocesses(self.router)
         self.router.register(self.subprocesses)
+        self.escalator: Optional[Escalator] = None
+        if address == wire.AGENT:
+            self.escalator = Escalator(self.router)
+            self.router.register(self.escalator)
         self.upstream_lost = threading.Event()
         self._finished = threading.Event()
 
@@ -52,6 +59,8 @@ class Agent:
         if self._finished.is_set():
             return
         self._finished.set()
+        if self.escalator is not None:
+            self.escalator.close()
         self.subprocesses.kill_all(timeout)
         self.router.close(timeout)
         self.subprocesses.join(timeout)
@@ -68,16 +77,27 @@ def _take_stdio() -> FdTransport:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["askpass"]:  # the prompt is sudo's text: no option parsing
+        from .askpass import main as askpass
+
+        sys.exit(askpass(args_list[1] if len(args_list) > 1 else "Password: "))
     parser = argparse.ArgumentParser(prog="remowt-agent")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("askpass", help="sudo's password helper (sudo -A): asks the agent that started sudo")
     real = commands.add_parser("real-agent", help="serve the remowt protocol on stdin/stdout")
     real.add_argument("--local", action="store_true", help="the user side is on this machine")
     real.add_argument("--privileged", action="store_true", help="take the address agent-privileged")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(args_list)
     logging.basicConfig(
         level=os.environ.get("REMOWT_AGENT_LOG", "WARNING").upper(),
         format=f"remowt-agent[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
+    if args.privileged:
+        # doas and run0 leave the unprivileged agent's pty as our controlling terminal: when that
+        # agent dies, its hangup must not kill us before we kill our children at end of input.
+        # (A handler, not SIG_IGN, so the children get the default back at exec.)
+        signal.signal(signal.SIGHUP, lambda signum, frame: None)
     agent = Agent(wire.AGENT_PRIVILEGED if args.privileged else wire.AGENT)
     try:
         agent.serve(_take_stdio())

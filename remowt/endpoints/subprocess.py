@@ -156,7 +156,10 @@ class Subprocesses(SubprocessApi):
             for name, sid in (("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr))
         }
         try:
-            process = LocalPopen(spec.argv, **self._popen_kwargs(spec, streams))
+            try:
+                process = LocalPopen(spec.argv, **self._popen_kwargs(spec, streams))
+            except (ValueError, KeyError, TypeError) as e:  # bad env, unknown user or group: the caller's mistake
+                raise BadArguments(f"cannot start {spec.argv[0]!r}: {e}") from None
         except BaseException:
             for stream in streams.values():
                 if stream is not None:

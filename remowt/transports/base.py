@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class Transport(abc.ABC):
@@ -37,6 +37,14 @@ class Transport(abc.ABC):
         now. With ``block=True`` write at least one byte or raise ``OSError``.
         """
 
+    def writev(self, buffers: Sequence[memoryview], block: bool) -> int:
+        """Write a prefix of the concatenated ``buffers`` (not empty), as :meth:`write` does."""
+        return self.write(buffers[0], block)
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the transport; the peer sees end of stream."""
+
+    def stderr_tail(self) -> str:
+        """The last lines the peer process wrote to stderr, for error messages ("" when there is none)."""
+        return ""

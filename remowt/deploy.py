@@ -1,0 +1,479 @@
+"""Start the agent on a target through one remote shell line, installing it there first if needed.
+
+:func:`remote_start_command` is that line: it checks that Python is there and
+execs ``python3 -I -S -c <STUB> <platform>=<sha256>...``. The stub announces
+itself with :data:`MAGIC`, checks the Python version in code that parses on
+any Python 3, reads the bootstrap (:data:`BOOT`) from its stdin and runs it.
+The client sends the bootstrap at once, without waiting, so a start costs no
+round trip more than the agent's own handshake when the agent is cached.
+
+The bootstrap then speaks a small pre-protocol on stdin/stdout before the
+agent's framed RPC protocol starts. Its messages are frames (4-byte
+big-endian length, then JSON), so the client never reads past them:
+
+1. BOOT sends ``status``: platform, Python version and executable, the
+   cache directory (``$XDG_CACHE_HOME/remowt/<sha256>``, else
+   ``~/.cache/remowt/<sha256>``), whether a loadable agent is there already,
+   and a note when it will have to use a temporary directory instead (the
+   cache cannot be written, is mounted noexec, ...). Or an ``error`` frame:
+   platform missing from the bundle, Python too old.
+2. Only when not installed: the client sends the artifact as one frame;
+   BOOT checks its sha256, unpacks it into a temporary directory beside the
+   cache directory and renames it into place (the rename is the last step,
+   so nobody runs a half-written agent; when another client won the race,
+   its copy is used). When that fails, or msgspec does not load from there,
+   it uses a fresh private temporary directory, removed when the agent ends.
+3. BOOT sends ``ready`` (the directory and any note) and runs the agent
+   (``agent.py real-agent``) in the same process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shlex
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from .bundle import AgentBundle
+from .errors import RemowtError
+from .transports.base import Transport
+
+log = logging.getLogger("remowt.deploy")
+
+MAGIC = b"\x00remowt-boot-1\x00"
+NO_PYTHON_EXIT = 127  # the shell line's exit status when the interpreter is not found
+BOOT_FAILED_EXIT = 3  # the bootstrap's exit status after it reported an error
+MAX_BOOT_FRAME = 1 << 20
+MAX_JUNK = 64 * 1024  # output of login scripts before the stub starts that is skipped, at most
+DEFAULT_TIMEOUT = 60.0
+
+# Runs first, from argv: must parse on every Python 3 that has -I (3.4+).
+STUB = """import os, sys
+def r(n):
+    b = []
+    while n:
+        c = os.read(0, n)
+        if not c:
+            sys.exit(3)
+        b.append(c)
+        n -= len(c)
+    return b"".join(b)
+os.write(1, MAGIC)
+if sys.version_info < (3, 9):
+    import json, struct
+    v = "%d.%d.%d" % sys.version_info[:3]
+    m = json.dumps({"kind": "error", "error": "too-old", "python": v, "executable": sys.executable}).encode()
+    os.write(1, struct.pack(">I", len(m)) + m)
+    sys.stderr.write("remowt: Python %s (%s) is too old: the agent needs Python 3.9 or newer\\n" % (v, sys.executable))
+    sys.exit(3)
+exec(compile(r(int.from_bytes(r(4), "big")), "remowt-boot", "exec"))
+""".replace("MAGIC", repr(MAGIC))
+
+# Sent by the client and run by the stub on Python >= 3.9; ``r`` reads exactly n bytes of stdin.
+BOOT = r'''
+import json, struct
+want = dict(arg.split("=", 1) for arg in sys.argv[1:])
+impl = sys.implementation.name
+plat = "%s-%s%d%d" % (os.uname().machine, {"cpython": "cp", "pypy": "pp"}.get(impl, impl), *sys.version_info[:2])
+python = "%d.%d.%d" % sys.version_info[:3]
+
+
+def send(kind, **fields):
+    m = json.dumps(dict(fields, kind=kind, platform=plat, python=python, executable=sys.executable)).encode()
+    m = struct.pack(">I", len(m)) + m
+    while m:
+        m = m[os.write(1, m):]
+
+
+def fail(error, message):
+    send("error", error=error, message=message)
+    sys.stderr.write("remowt: %s\n" % message)
+    sys.exit(3)
+
+
+def complete(d):
+    return os.path.isfile(os.path.join(d, "agent.py"))
+
+
+def noexec(d):
+    try:
+        return bool(os.statvfs(d).f_flag & os.ST_NOEXEC)
+    except (OSError, AttributeError):
+        return False
+
+
+# None when msgspec (a compiled extension) imports from d, else why not
+def loads(d):
+    sys.path.insert(0, d)
+    try:
+        import msgspec
+        return None
+    except Exception as e:
+        sys.path.remove(d)
+        for name in [m for m in sys.modules if m == "msgspec" or m.startswith("msgspec.")]:
+            del sys.modules[name]
+        return "%s: %s" % (type(e).__name__, e)
+
+
+# None when the artifact is unpacked into dest, else why not
+def unpack(data, dest):
+    import io, tarfile
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if member.name.startswith("/") or ".." in parts or not (member.isdir() or member.isfile()):
+                    fail("install", "refusing the archive member %r" % member.name)
+                path = os.path.join(dest, *parts)
+                if member.isdir():
+                    os.makedirs(path, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(tar.extractfile(member).read())
+                os.chmod(path, member.mode & 0o755)
+    except (OSError, tarfile.TarError) as e:
+        return "cannot unpack the agent into %s (%s)" % (dest, e)
+    return None
+
+
+# unpack beside the cache dir and rename into place: None when it is there and loads, else why not
+def install_cache(data):
+    import shutil, tempfile
+    try:
+        staging = tempfile.mkdtemp(prefix=".tmp-%s-" % digest[:12], dir=root)
+    except OSError as e:
+        return "cannot write %s (%s)" % (root, e.strerror or e)
+    try:
+        why = unpack(data, staging)
+        if why is not None:
+            return why
+        try:
+            os.rename(staging, target)
+        except OSError as e:
+            if not complete(target):  # else another client installed it first
+                return "cannot install into %s (%s)" % (target, e.strerror or e)
+        why = loads(target)
+        return None if why is None else "cannot load the agent from %s (%s)" % (target, why)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# a fresh private directory that allows running code, with the agent unpacked and loading
+def install_private(data):
+    import shutil, tempfile
+    tried = []
+    for base in (tempfile.gettempdir(), "/var/tmp", "/dev/shm"):
+        if base in tried:
+            continue
+        tried.append(base)
+        if noexec(base):
+            continue
+        try:
+            d = tempfile.mkdtemp(prefix="remowt-agent-", dir=base)
+        except OSError:
+            continue
+        why = unpack(data, d) or loads(d)
+        if why is None:
+            return d
+        shutil.rmtree(d, ignore_errors=True)
+        fail("load", "cannot run the agent from %s: %s" % (d, why))
+    fail("install", "no writable directory that allows running code: the cache dir, %s all refused" % ", ".join(tried))
+
+
+digest = want.get(plat)
+if digest is None:
+    fail("platform-missing", "the bundle has no agent for %s (it has: %s)" % (plat, ", ".join(sorted(want)) or "none"))
+xdg = os.environ.get("XDG_CACHE_HOME", "")
+base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
+root = os.path.join(base, "remowt") if os.path.isabs(base) else None
+target = os.path.join(root, digest) if root else None
+notes = []
+final = None
+if target is None:
+    notes.append("neither $XDG_CACHE_HOME nor $HOME names a directory")
+elif complete(target):
+    why = loads(target)
+    if why is None:
+        final = target
+    else:
+        notes.append("cannot load the agent from %s (%s)" % (target, why))
+elif os.path.lexists(target):
+    notes.append("%s is incomplete (not made by remowt?); remove it" % target)
+else:
+    try:
+        os.makedirs(root, exist_ok=True)
+        if noexec(root):
+            notes.append("%s is on a filesystem mounted noexec" % root)
+    except OSError as e:
+        notes.append("cannot write %s (%s)" % (root, e.strerror or e))
+send("status", path=target, installed=final is not None, note="; ".join(notes))
+fallback = False
+if final is None:
+    data = r(struct.unpack(">I", r(4))[0])
+    import hashlib
+    got = hashlib.sha256(data).hexdigest()
+    if got != digest:
+        fail("hash-mismatch", "the artifact received for %s has sha256 %s, not %s" % (plat, got, digest))
+    if not notes:
+        why = install_cache(data)
+        if why is None:
+            final = target
+        else:
+            notes.append(why)
+    if final is None:
+        final = install_private(data)
+        fallback = True
+        notes.append("running the agent from the temporary directory %s" % final)
+    del data
+send("ready", path=final, note="; ".join(notes))
+entry = os.path.join(final, "agent.py")
+sys.argv = [entry, "real-agent"]
+try:
+    with open(entry) as f:
+        code = compile(f.read(), entry, "exec")
+    exec(code, {"__name__": "__main__", "__file__": entry})
+finally:
+    if fallback:
+        import shutil
+        shutil.rmtree(final, ignore_errors=True)
+'''
+
+
+class DeployError(RemowtError):
+    """Starting the agent on the target failed; ``kind`` says how.
+
+    Kinds: ``no-python``, ``too-old``, ``platform-missing``, ``hash-mismatch``,
+    ``install``, ``load``, ``start`` (ended before it was ready), ``timeout``,
+    ``protocol``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DeployReport:
+    """What :func:`start_agent` found and did on the target."""
+
+    platform: str
+    python_version: str
+    python_executable: str
+    path: str  # the directory the agent runs from
+    uploaded: bool  # False when the agent was cached there already
+    fallback: Optional[str]  # why the agent runs from a temporary directory (or another note); None when all is well
+    seconds: float
+
+
+def _frame(message: Dict[str, Any]) -> bytes:
+    body = json.dumps(message).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def remote_start_command(bundle: AgentBundle, python: str = "python3") -> str:
+    """The POSIX shell line that starts the agent's bootstrap with ``python`` (everything in it is quoted).
+
+    Without that interpreter it says so on stderr, writes an error frame, and
+    exits with :data:`NO_PYTHON_EXIT`.
+    """
+    quoted = shlex.quote(python)
+    said = MAGIC + _frame({"kind": "error", "error": "no-python", "python": python})
+    missing = "".join(f"\\{byte:03o}" for byte in said)
+    message = shlex.quote(f"remowt: {python} not found on the PATH; the agent needs Python 3.9 or newer")
+    platforms = " ".join(shlex.quote(f"{platform}={digest}") for platform, digest in sorted(bundle.hashes.items()))
+    return (
+        f"command -v {quoted} >/dev/null 2>&1 || {{ printf '{missing}'; echo {message} >&2; exit {NO_PYTHON_EXIT}; }}; "
+        f"exec {quoted} -I -S -c {shlex.quote(STUB)} {platforms}"
+    )
+
+
+class _Session:
+    """The client side of the pre-protocol on one transport, under one deadline."""
+
+    def __init__(self, transport: Transport, timeout: float) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.phase = "starting"
+        self.expired = False
+        self._lock = threading.Lock()
+        self._done = False
+        # a blocked write has no timeout of its own: closing the transport ends it
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+        self.transport.close()
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+    def timed_out(self) -> DeployError:
+        return DeployError("timeout", f"the target did not answer within {self.timeout:g} s while {self.phase}")
+
+    def read_exact(self, size: int) -> Optional[bytes]:
+        """Exactly ``size`` bytes, or None at end of stream (never more: what follows is the agent's)."""
+        chunks = []
+        needed = size
+        while needed:
+            data = self.transport.read(needed)
+            if data is None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self.timed_out()
+                self.transport.wait_readable(remaining)
+                continue
+            if not data:
+                if self.expired:
+                    raise self.timed_out()
+                return None
+            chunks.append(data)
+            needed -= len(data)
+        return b"".join(chunks)
+
+    def write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.transport.write(view, True) :]
+        except OSError:
+            if self.expired:
+                raise self.timed_out() from None
+            raise
+
+    def find_magic(self) -> bool:
+        """Skip what login scripts printed before the stub; False if the stream ended first."""
+        window = self.read_exact(len(MAGIC))
+        skipped = bytearray()
+        while window is not None and window != MAGIC:
+            if len(skipped) >= MAX_JUNK:
+                raise DeployError(
+                    "protocol",
+                    f"the target printed more than {MAX_JUNK} bytes that are not remowt's: {bytes(skipped[:200])!r}...",
+                )
+            skipped += window[:1]
+            byte = self.read_exact(1)
+            window = None if byte is None else window[1:] + byte
+        if skipped:
+            log.warning("the target printed this before the agent's bootstrap (login scripts?): %r", bytes(skipped))
+        return window is not None
+
+    def read_message(self) -> Optional[Dict[str, Any]]:
+        header = self.read_exact(4)
+        if header is None:
+            return None
+        (size,) = struct.unpack(">I", header)
+        if size > MAX_BOOT_FRAME:
+            raise DeployError("protocol", f"the bootstrap sent a frame of {size} bytes (more than {MAX_BOOT_FRAME})")
+        body = self.read_exact(size)
+        if body is None:
+            return None
+        try:
+            message = json.loads(body)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or not isinstance(message.get("kind"), str):
+            raise DeployError("protocol", f"the bootstrap sent something that is not a message: {body[:200]!r}")
+        return message
+
+
+def _error(message: Dict[str, Any], bundle: AgentBundle) -> DeployError:
+    """The user's error for an ``error`` frame from the target."""
+    kind = str(message.get("error"))
+    detail = str(message.get("message", ""))
+    python = message.get("python", "?")
+    if kind == "no-python":
+        return DeployError(
+            kind, f"no {message.get('python')} on the target: the agent needs Python 3.9 or newer on the remote PATH"
+        )
+    if kind == "too-old":
+        return DeployError(
+            kind, f"the target's {message.get('executable')} is Python {python}: the agent needs Python 3.9 or newer"
+        )
+    if kind == "platform-missing":
+        platform = message.get("platform")
+        where = shlex.quote(bundle.directory)
+        return DeployError(
+            kind,
+            f"target platform {platform} is missing from bundle {bundle.directory}; "
+            f"add it with: remowt bundle add --platform {platform} --dir {where}",
+        )
+    if kind == "hash-mismatch":
+        return DeployError(kind, f"the target refused the agent: {detail}")
+    if kind in ("install", "load"):
+        return DeployError(kind, f"installing the agent on the target failed: {detail}")
+    return DeployError("protocol", f"the bootstrap reported an unknown error {kind!r}: {detail}")
+
+
+def _expect(message: Optional[Dict[str, Any]], kind: str, bundle: AgentBundle, session: _Session) -> Dict[str, Any]:
+    if message is None:
+        tail = session.transport.stderr_tail().strip()
+        said = f"; its stderr:\n{tail}" if tail else " (no stderr)"
+        raise DeployError("start", f"the agent's bootstrap ended while {session.phase}{said}")
+    if message["kind"] == "error":
+        raise _error(message, bundle)
+    if message["kind"] != kind:
+        raise DeployError("protocol", f"the bootstrap sent {message['kind']!r} while {session.phase}")
+    return message
+
+
+def start_agent(transport: Transport, bundle: AgentBundle, *, timeout: float = DEFAULT_TIMEOUT) -> DeployReport:
+    """Install (if needed) and start the agent over ``transport``, which runs :func:`remote_start_command`.
+
+    Returns once the agent has taken over the stream: the next bytes are the
+    agent's protocol (``router.add_link(transport)``). On failure the
+    transport is closed and a :class:`DeployError` (or a
+    :class:`~remowt.bundle.BundleError` for a broken local bundle) says why.
+    """
+    started = time.monotonic()
+    session = _Session(transport, timeout)
+    try:
+        boot = BOOT.encode()
+        with contextlib.suppress(OSError):  # it ended at once (no Python?): what it said comes next
+            session.write_all(struct.pack(">I", len(boot)) + boot)
+        session.phase = "waiting for the bootstrap"
+        if not session.find_magic():
+            _expect(None, "status", bundle, session)
+        session.phase = "waiting for the target's status"
+        status = _expect(session.read_message(), "status", bundle, session)
+        uploaded = not status.get("installed")
+        if uploaded:
+            session.phase = f"uploading the agent for {status['platform']}"
+            artifact = bundle.read_artifact(str(status["platform"]))
+            session.write_all(struct.pack(">I", len(artifact)) + artifact)
+        session.phase = "waiting for the agent to be ready"
+        ready = _expect(session.read_message(), "ready", bundle, session)
+    except BaseException:
+        session.finish()
+        transport.close()
+        raise
+    session.finish()
+    if session.expired:  # the timer closed the transport just as the agent became ready
+        raise session.timed_out()
+    report = DeployReport(
+        platform=str(ready["platform"]),
+        python_version=str(ready["python"]),
+        python_executable=str(ready["executable"]),
+        path=str(ready["path"]),
+        uploaded=uploaded,
+        fallback=str(ready["note"]) or None,
+        seconds=time.monotonic() - started,
+    )
+    if report.fallback:
+        log.warning("remowt agent (%s, Python %s): %s", report.platform, report.python_version, report.fallback)
+    how = "uploaded" if uploaded else "cached"
+    log.info("agent %s at %s (%s) in %.3f s", how, report.path, report.platform, report.seconds)
+    return report

@@ -1,0 +1,465 @@
+"""The escalation service: the agent starts a privileged copy of itself through run0, sudo or doas.
+
+The privileged agent speaks the framed protocol on its stdin/stdout, like
+every agent, and becomes one more link of this agent's router: its address
+``agent-privileged`` is announced to the user like any other, and the user
+reaches it through this agent. One per agent, started on the first
+``elevate`` and reused.
+
+Passwords come from the prompt service of whoever asked
+(:class:`remowt.prompt.PromptApi`) and reach the tool through a pipe (sudo
+runs the agent's ``askpass`` mode, which asks this agent over a private unix
+socket) or through a pty this agent owns (doas and run0 read from their
+controlling terminal): never argv, the environment or a file. The tool's own
+limit on attempts applies; nothing here asks again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import select
+import shlex
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import msgspec
+
+from .. import wire
+from .._real import Popen as LocalPopen
+from ..agent.askpass import SOCKET_ENV, TOKEN_ENV, AskpassReply, AskpassRequest, read_message
+from ..errors import BadArguments, ConnectionLost, EscalationError, ProtocolError, RemoteError, Unreachable
+from ..link import Link
+from ..prompt import PromptApi
+from ..router import Router
+from ..service import Service, proxy, rpc
+from ..transports.stdio import ChildTransport, enlarge_pipe
+
+if TYPE_CHECKING:
+    import socket
+
+log = logging.getLogger("remowt.escalate")
+
+#: The tools in the order they are looked for, with the flags they need (as in the seeds).
+TOOLS: Dict[str, Tuple[str, ...]] = {"run0": ("--background=", "--pipe"), "sudo": (), "doas": ()}
+#: Tools that read the password from their controlling terminal: they get a pty of ours.
+TTY_TOOLS = ("run0", "doas")
+SUDO_PROMPT = "[sudo] password for %p@%H: "
+#: How long the tool may take to start the agent, not counting the time spent answering prompts.
+START_TIMEOUT = 60.0
+ASKPASS_IO_TIMEOUT = 10.0
+_PEERCRED = struct.Struct("3i")
+_AUTH_FAILED = re.compile(r"authentication fail|incorrect password|sorry, try again", re.IGNORECASE)
+_PROMPT_WORD = re.compile(r"password|passphrase|\bpin\b", re.IGNORECASE)
+# The implementation imports what only a start needs when it starts: the agent starts faster.
+# Run by the tty tools' starter: make the inherited pty slave our controlling terminal, then exec the tool.
+_CTTY = (
+    "import fcntl, os, sys, termios; fd = int(sys.argv[1]); fcntl.ioctl(fd, termios.TIOCSCTTY, 0); "
+    "os.close(fd); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+class EscalateApi(Service, namespace=20):
+    """Served by the (unprivileged) agent."""
+
+    @rpc(1)
+    def elevate(self, tool: Optional[str]) -> str:
+        """Start the privileged agent unless it runs; returns the tool used ("" when already root).
+
+        ``tool`` is one of :data:`TOOLS`, or None to take the first one found.
+        Prompts go to the caller's :class:`~remowt.prompt.PromptApi`.
+        """
+        raise NotImplementedError
+
+    @rpc(2)
+    def drop(self) -> bool:
+        """End the privileged agent (and its children); False if none was running."""
+        raise NotImplementedError
+
+
+class PrivilegedEventsApi(Service, namespace=22):
+    """Served by whoever asked for the privileged agent."""
+
+    @rpc(1, inline=True, oneway=True)
+    def lost(self, reason: str) -> None:
+        """The privileged agent is gone, and its children with it."""
+        raise NotImplementedError
+
+
+def check_tool(tool: Optional[str]) -> Optional[str]:
+    """Return ``tool`` if it is None or a known escalation tool, else raise ValueError."""
+    if tool is not None and tool not in TOOLS:
+        raise ValueError(f"escalation must be one of {', '.join(map(repr, TOOLS))} or None (detect), got {tool!r}")
+    return tool
+
+
+def find_tool(choice: Optional[str]) -> Tuple[str, str]:
+    """The name and path of the tool to use: ``choice``, or the first of :data:`TOOLS` that can work here."""
+    import platform
+    import shutil
+
+    search = os.environ.get("PATH", os.defpath)
+    for name in [choice] if choice else list(TOOLS):
+        path = shutil.which(name)
+        if path is None:
+            continue
+        if name == "run0" and not os.path.isdir("/run/systemd/system"):
+            if choice:
+                raise EscalationError(
+                    f"run0 needs a running systemd, and {platform.node()} has none (no /run/systemd/system)"
+                )
+            continue
+        return name, path
+    looked = choice or ", ".join(TOOLS)
+    raise EscalationError(f"no escalation tool on {platform.node()}: looked for {looked} in PATH {search}")
+
+
+def agent_command(*args: str) -> List[str]:
+    """Start this agent's code again (``-I -S``, only remowt's and msgspec's directories on the path)."""
+    if not sys.executable:
+        raise EscalationError("cannot start the agent again: the path of its Python (sys.executable) is unknown")
+    from ..transports.local import agent_pythonpath
+
+    bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.agent.main import main; main()"
+    return [sys.executable, "-I", "-S", "-c", bootstrap, *args]
+
+
+def _runtime_dir() -> Optional[str]:
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime) and os.access(runtime, os.W_OK | os.X_OK):
+        return runtime
+    return None
+
+
+class _Attempt:
+    """One try at starting the privileged agent: spawn the tool, answer its prompts, shake hands."""
+
+    def __init__(self, router: Router, owner: str, choice: Optional[str]) -> None:
+        import secrets
+
+        self.router = router
+        self.prompt = proxy(PromptApi, router, owner)
+        if os.geteuid() == 0:
+            self.tool, self.path = "", ""
+        else:
+            self.tool, self.path = find_tool(choice)
+        self.answers = 0
+        self.cancelled: Optional[str] = None
+        self.output = bytearray()
+        self.master = -1
+        self.slave = -1
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self._token = secrets.token_urlsafe(32)
+        self._secrets: List[str] = []
+        self._pending = bytearray()
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    @property
+    def name(self) -> str:
+        return self.tool or "the privileged agent"
+
+    def abort(self) -> None:
+        """Stop the attempt from another thread (the agent is shutting down)."""
+        with self._lock:
+            self._aborted = True
+            process = self.process
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.terminate()
+
+    def run(self) -> Link:
+        """Start the tool and return the link to the privileged agent; EscalationError if it did not start."""
+        import shutil
+        import tempfile
+
+        workdir = tempfile.mkdtemp(prefix="remowt-escalate-", dir=_runtime_dir())
+        listener: Optional[socket.socket] = None
+        transport: Optional[ChildTransport] = None
+        watch = -1
+        try:
+            argv = agent_command("real-agent", "--privileged")
+            env: Optional[Dict[str, str]] = None
+            pass_fds: Tuple[int, ...] = ()
+            if self.tool == "sudo":
+                listener, env = self._askpass(workdir)
+                argv = [self.path, "-A", "-p", SUDO_PROMPT, "--", *argv]
+            elif self.tool in TTY_TOOLS:
+                self.master, self.slave = os.openpty()
+                pass_fds = (self.slave,)
+                argv = [sys.executable, "-I", "-S", "-c", _CTTY, str(self.slave), self.path, *TOOLS[self.tool], "--"]
+                argv += agent_command("real-agent", "--privileged")
+            process = self._spawn(argv, env, pass_fds)
+            assert process.stdout is not None
+            watch = os.dup(process.stdout.fileno())
+            transport = ChildTransport(process)
+            self._answer_until_output(watch, listener)
+            return self._handshake(transport)
+        except BaseException:
+            if transport is not None:
+                transport.close()
+            self.close_tty()
+            raise
+        finally:
+            self._secrets.clear()
+            if watch >= 0:
+                os.close(watch)
+            if listener is not None:
+                listener.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def close_tty(self) -> None:
+        """Close the pty (once the tool and the agent it started are gone)."""
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                os.close(fd)
+        self.master = self.slave = -1
+
+    def _askpass(self, workdir: str) -> Tuple[socket.socket, Dict[str, str]]:
+        """The private socket and the askpass script for sudo; the environment that names them."""
+        import socket
+
+        path = os.path.join(workdir, "askpass.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            listener.listen(4)
+            listener.setblocking(False)
+            script = os.path.join(workdir, "askpass")
+            command = " ".join(shlex.quote(arg) for arg in agent_command("askpass"))
+            fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+            with open(fd, "w") as f:
+                f.write(f'#!/bin/sh\nexec {command} "$@"\n')
+        except BaseException:
+            listener.close()
+            raise
+        env = dict(os.environ, SUDO_ASKPASS=script, **{SOCKET_ENV: path, TOKEN_ENV: self._token})
+        return listener, env
+
+    def _spawn(
+        self, argv: List[str], env: Optional[Dict[str, str]], pass_fds: Tuple[int, ...]
+    ) -> subprocess.Popen[bytes]:
+        # A session of its own: no terminal of the user's, so every prompt comes through us.
+        process = LocalPopen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            pass_fds=pass_fds,
+            bufsize=0,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        enlarge_pipe(process.stdin.fileno())
+        enlarge_pipe(process.stdout.fileno())
+        with self._lock:
+            self.process = process
+            aborted = self._aborted
+        if aborted:
+            process.terminate()
+        return process
+
+    def _answer_until_output(self, watch: int, listener: Optional[socket.socket]) -> None:
+        """Answer prompts until the child writes to stdout (the agent's hello) or exits."""
+        poller = select.poll()
+        poller.register(watch, select.POLLIN)
+        if listener is not None:
+            poller.register(listener.fileno(), select.POLLIN)
+        if self.master >= 0:
+            poller.register(self.master, select.POLLIN)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.abort()
+                said = self._tty_text()
+                raise EscalationError(
+                    f"{self.name} did not start the privileged agent within {START_TIMEOUT:g} s"
+                    + (f": {said}" if said else "")
+                )
+            ready = {fd for fd, _ in poller.poll(math.ceil(left * 1000))}
+            if watch in ready:
+                return
+            if listener is not None and listener.fileno() in ready:
+                self._serve_askpass(listener)
+                deadline = time.monotonic() + START_TIMEOUT
+            if self.master in ready:
+                if not self._read_tty():
+                    poller.unregister(self.master)
+                deadline = time.monotonic() + START_TIMEOUT
+
+    def _ask(self, prompt: str) -> Optional[str]:
+        """The user's answer to ``prompt``; None (and the reason kept) when there is none."""
+        if self.cancelled is None:
+            try:
+                answer = self.prompt.ask(prompt)
+            except (RemoteError, ConnectionLost, Unreachable) as e:
+                self.cancelled = str(e)
+            else:
+                if any(c in answer for c in "\r\n\0"):
+                    self.cancelled = "the password contains a line break or NUL, which the tool cannot read"
+                else:
+                    self.answers += 1
+                    self._secrets.append(answer)
+                    return answer
+        return None
+
+    def _serve_askpass(self, listener: socket.socket) -> None:
+        import hmac
+        import socket
+
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            try:
+                conn.settimeout(ASKPASS_IO_TIMEOUT)
+                pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                if uid != os.getuid():
+                    log.warning("askpass: refusing pid %d of uid %d", pid, uid)
+                    return
+                request = msgspec.json.decode(read_message(conn), type=AskpassRequest)
+                if not hmac.compare_digest(request.token, self._token):
+                    log.warning("askpass: refusing pid %d: wrong token", pid)
+                    return
+                password = self._ask(request.prompt)
+                conn.sendall(msgspec.json.encode(AskpassReply(password, self.cancelled if password is None else None)))
+            except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
+                log.warning("askpass: bad request: %s", e)
+
+    def _read_tty(self) -> bool:
+        """Read what the tool wrote on the pty and answer a prompt; False once the pty has ended."""
+        try:
+            data = os.read(self.master, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        self.output += data
+        del self.output[:-8192]
+        self._pending += data
+        line = re.split(rb"[\r\n]", bytes(self._pending))[-1].decode("utf-8", "replace").strip()
+        if line.endswith(":") and _PROMPT_WORD.search(line):
+            self._pending.clear()
+            password = self._ask(line + " ")
+            if password is None:
+                self.abort()
+            else:
+                os.write(self.master, password.encode() + b"\n")
+        return True
+
+    def _tty_text(self) -> str:
+        """What the tool wrote on the pty, without any password, for error messages."""
+        text = self.output.decode("utf-8", "replace")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+    def _handshake(self, transport: ChildTransport) -> Link:
+        try:
+            link = self.router.add_link(transport, name=wire.AGENT_PRIVILEGED)
+        except (ConnectionLost, ProtocolError) as e:
+            transport.close()
+            raise EscalationError(self._failure(transport, e)) from None
+        if link.peer != wire.AGENT_PRIVILEGED:
+            link.close()
+            raise EscalationError(f"{self.name} started a node that calls itself {link.peer!r}, not agent-privileged")
+        return link
+
+    def _failure(self, transport: ChildTransport, error: BaseException) -> str:
+        said = "\n".join(part for part in (self._tty_text(), transport.stderr_tail().strip()) if part)
+        if self.cancelled is not None:
+            return f"{self.name} was not given a password: {self.cancelled}"
+        if self.answers and _AUTH_FAILED.search(said):
+            attempts = f"{self.answers} attempt{'s' if self.answers != 1 else ''}"
+            return f"{self.name}: authentication failed after {attempts}: {said}"
+        status = transport.process.returncode
+        return f"{self.name} could not start the privileged agent (exit status {status}): {said or error}"
+
+
+class _Privileged:
+    """The running privileged agent: its link, the attempt that started it, who asked."""
+
+    def __init__(self, link: Link, attempt: _Attempt, owner: str) -> None:
+        self.link = link
+        self.attempt = attempt
+        self.owner = owner
+
+
+class Escalator(EscalateApi):
+    """The agent's implementation: at most one privileged agent, started on demand."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._start = threading.Lock()
+        self._lock = threading.Lock()
+        self._privileged: Optional[_Privileged] = None
+        self._attempt: Optional[_Attempt] = None
+        self._closed = False
+        router.on_link_closed(self._link_closed)
+
+    def elevate(self, tool: Optional[str]) -> str:
+        try:
+            check_tool(tool)
+        except ValueError as e:
+            raise BadArguments(str(e)) from None
+        owner = self._router.caller()
+        with self._start:
+            with self._lock:
+                if self._closed:
+                    raise ConnectionLost("the agent is shutting down")
+                if self._privileged is not None:
+                    return self._privileged.attempt.tool
+                attempt = self._attempt = _Attempt(self._router, owner, tool)
+            try:
+                link = attempt.run()
+            finally:
+                with self._lock:
+                    self._attempt = None
+            with self._lock:
+                self._privileged = _Privileged(link, attempt, owner)
+            if link.closed:
+                self._gone(link, None)
+            log.info("privileged agent started through %s", attempt.name)
+            return attempt.tool
+
+    def drop(self) -> bool:
+        with self._lock:
+            privileged = self._privileged
+        if privileged is None:
+            return False
+        privileged.link.close()
+        privileged.link.join(START_TIMEOUT)
+        return True
+
+    def close(self) -> None:
+        """Stop a start in progress (the agent is shutting down); the router closes a running one."""
+        with self._lock:
+            self._closed = True
+            attempt = self._attempt
+        if attempt is not None:
+            attempt.abort()
+
+    def _link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
+        self._gone(link, reason)
+
+    def _gone(self, link: Link, reason: Optional[BaseException]) -> None:
+        with self._lock:
+            privileged = self._privileged
+            if privileged is None or privileged.link is not link:
+                return
+            self._privileged = None
+        privileged.attempt.close_tty()
+        why = "its link closed" + (f": {reason}" if reason else "")
+        log.info("privileged agent gone: %s", why)
+        with contextlib.suppress(ConnectionLost, Unreachable):
+            proxy(PrivilegedEventsApi, self._router, privileged.owner).lost(why)

@@ -1,0 +1,136 @@
+"""Privilege escalation, client side: ``conn.privileged``, ``Popen(..., sudo=True)``, ``cmd(...).sudo()``.
+
+On first use the connection's agent starts a privileged copy of itself
+through run0, sudo or doas (:mod:`remowt.endpoints.escalate`); it becomes the
+address ``agent-privileged``, reached through the same connection. Password
+prompts come back to the connection's prompter (:mod:`remowt.prompt`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional, Sequence
+
+from . import wire
+from .client import Remowt
+from .endpoints.control import ControlApi, NodeInfo
+from .endpoints.escalate import EscalateApi, PrivilegedEventsApi
+from .endpoints.subprocess import SubprocessApi
+from .errors import ConnectionLost
+from .process import RemoteProcess
+from .prompt import Prompter, PromptService, terminal_prompter
+from .router import Router
+from .service import proxy
+
+
+class Privileged(Remowt):
+    """``conn.privileged``: the same connection, with its calls going to the privileged agent.
+
+    It has the connection's face (``Popen``, ``run``, ``check_output``,
+    ``cmd``, ``spawn``, ``ping``, ``info`` …). The privileged agent is started
+    on first use, asking the connection's prompter if the tool wants a
+    password, and then reused. Closing the view ends the privileged agent and
+    its children, not the connection; the next use starts it again.
+    """
+
+    def __init__(self, connection: Remowt) -> None:
+        self._connection = connection
+        self.agent = wire.AGENT_PRIVILEGED
+        self.description = f"{connection.description}, privileged"
+        self.tool: Optional[str] = None
+        self._popen_class = None
+        self._control = proxy(ControlApi, connection.router, self.agent)
+        self._subprocess = proxy(SubprocessApi, connection.router, self.agent)
+        self._escalate = proxy(EscalateApi, connection.router, connection.agent)
+        self._start_lock = threading.Lock()
+        self._starts = 0
+        self._failure: Optional[BaseException] = None
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest (router, link, processes, fd writers, lock, closed flag) is the connection's own.
+        if name == "_connection":
+            raise AttributeError(name)
+        return getattr(self._connection, name)
+
+    @property
+    def privileged(self) -> Privileged:
+        return self
+
+    def running(self) -> bool:
+        """Whether the privileged agent is up now (no round trip)."""
+        return wire.AGENT_PRIVILEGED in self.router.reachable()
+
+    def start(self) -> str:
+        """Start the privileged agent unless it runs; returns the tool used ("" if the agent is root).
+
+        Raises :class:`~remowt.errors.EscalationError` when no tool is found,
+        authentication fails or the prompt is cancelled. Callers that waited
+        while another thread's start failed get that failure, not a new prompt.
+        """
+        starts = self._starts
+        with self._start_lock:
+            if self._connection.closed:
+                raise ConnectionLost(f"{self._connection!r} is closed")
+            if self.running() and self.tool is not None:
+                return self.tool
+            if self._starts != starts and self._failure is not None:
+                raise self._failure
+            try:
+                self.tool = self._escalate.elevate(self._connection.escalation)
+                self._failure = None
+            except BaseException as e:
+                self._failure = e
+                raise
+            finally:
+                self._starts += 1
+            return self.tool
+
+    def ping(self) -> float:
+        self.start()
+        return super().ping()
+
+    def info(self) -> NodeInfo:
+        self.start()
+        return super().info()
+
+    def spawn(self, argv: Sequence[str], **kwargs: Any) -> RemoteProcess:
+        self.start()
+        return super().spawn(argv, **kwargs)
+
+    def close(self) -> None:
+        """End the privileged agent and its children; the connection stays open."""
+        with self._start_lock:
+            if not self._connection.closed and self.running():
+                self._escalate.drop()
+
+
+class _PrivilegedEvents(PrivilegedEventsApi):
+    def __init__(self, connection: Remowt) -> None:
+        self._connection = connection
+
+    def lost(self, reason: str) -> None:
+        connection = self._connection
+        with connection._lock:
+            gone = [p for p in connection._processes.values() if p.connection.agent == wire.AGENT_PRIVILEGED]
+            for process in gone:
+                del connection._processes[process.handle]
+        error = ConnectionLost(f"privileged agent of {connection.description} lost: {reason}")
+        for process in gone:
+            process._set_lost(error)
+
+
+class _ConnectionPrompts(PromptService):
+    """Prompts answered by the connection's prompter as it is when asked (it may be set later)."""
+
+    def __init__(self, connection: Remowt) -> None:
+        super().__init__()
+        self._connection = connection
+
+    def prompter(self) -> Prompter:
+        return self._connection.prompter or terminal_prompter
+
+
+def serve_user_side(router: Router, connection: Remowt) -> None:
+    """Register what the agent calls back during escalation: the prompt and the lost-agent event."""
+    router.register(_ConnectionPrompts(connection))
+    router.register(_PrivilegedEvents(connection))

@@ -1,0 +1,456 @@
+"""The ssh transport: paramiko sessions, and a channel as a remowt :class:`Transport`.
+
+:class:`SshSession` opens one authenticated ssh connection (through
+ProxyJump hops or a ProxyCommand when the config says so), checks the host
+key, and runs commands on channels. :class:`ChannelTransport` carries the
+framed protocol over one channel.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import socket
+import threading
+from typing import Any, Callable, Deque, List, Optional, Tuple, cast
+
+import paramiko
+from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_REQUEST
+
+from .. import hostkeys
+from ..errors import AuthenticationError, SshError
+from ..sshconfig import SshTarget, jump_target
+from .base import Transport
+
+log = logging.getLogger("remowt.ssh")
+
+Prompter = Callable[[str], str]
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+WINDOW_SIZE = 8 * 1024 * 1024
+MAX_PACKET_SIZE = 32768
+STDERR_TAIL = 8192
+CLOSE_TIMEOUT = 5.0
+TCP_QUICKACK: Optional[int] = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _deferred_during_kex(handler: Callable[[paramiko.Channel, paramiko.Message], None]) -> Any:
+    """Wrap a channel handler that may send: during a key exchange, run it off the transport thread.
+
+    paramiko runs channel handlers on its transport thread; a handler that
+    sends (a channel close answers with a close) waits for the key exchange
+    to finish, but only that thread can finish it, so the connection stalls
+    (paramiko issue 822). Deferred handlers run in arrival order.
+    """
+
+    def handle(channel: paramiko.Channel, message: paramiko.Message) -> None:
+        transport = channel.transport
+        assert isinstance(transport, ParamikoTransport)
+        transport.run_handler(handler, channel, message)
+
+    return handle
+
+
+class ParamikoTransport(paramiko.Transport):
+    """paramiko's Transport with two fixes: re-keying safety, and no delayed ACKs after a request.
+
+    sshd leaves Nagle's algorithm on for sessions without a pty, so an answer
+    it sends while an earlier packet of its own is unacknowledged waits for
+    our ACK, which Linux delays by 40 ms when it thinks the connection is
+    interactive (opening a channel right after logging in paid exactly
+    that). After each message we send, the socket is put back in quick-ACK
+    mode, so the next packet from the server is acknowledged at once.
+    """
+
+    _channel_handler_table = {
+        **vars(paramiko.Transport)["_channel_handler_table"],
+        MSG_CHANNEL_CLOSE: _deferred_during_kex(vars(paramiko.Channel)["_handle_close"]),
+        MSG_CHANNEL_REQUEST: _deferred_during_kex(vars(paramiko.Channel)["_handle_request"]),
+    }
+
+    def __init__(self, sock: Any) -> None:
+        super().__init__(sock)
+        self._deferred: Deque[Tuple[Callable[..., None], paramiko.Channel, paramiko.Message]] = collections.deque()
+        self._deferred_lock = threading.Lock()
+        self._deferred_running = False
+        self._quick_ack = sock if isinstance(sock, socket.socket) and TCP_QUICKACK is not None else None
+        self._quick_ack_option = TCP_QUICKACK or 0
+
+    def _send_user_message(self, data: Any) -> None:
+        vars(paramiko.Transport)["_send_user_message"](self, data)
+        if self._quick_ack is not None:
+            with contextlib.suppress(OSError):
+                self._quick_ack.setsockopt(socket.IPPROTO_TCP, self._quick_ack_option, 1)
+
+    def run_handler(self, handler: Callable[..., None], channel: paramiko.Channel, message: Any) -> None:
+        with self._deferred_lock:
+            direct = not self._deferred_running and self.clear_to_send.is_set()
+            if not direct:
+                self._deferred.append((handler, channel, message))
+                start, self._deferred_running = not self._deferred_running, True
+        if direct:
+            handler(channel, message)
+        elif start:
+            threading.Thread(target=self._run_deferred, name="remowt-ssh-deferred", daemon=True).start()
+
+    def _run_deferred(self) -> None:
+        while True:
+            with self._deferred_lock:
+                if not self._deferred:
+                    self._deferred_running = False
+                    return
+                handler, channel, message = self._deferred.popleft()
+            try:
+                handler(channel, message)
+            except Exception:
+                log.exception("deferred ssh channel message failed")
+
+
+class _Readiness:
+    """The event a paramiko buffer sets and clears, plus a kick for :meth:`Transport.interrupt`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ready = False
+        self._kicked = False
+
+    def set(self) -> None:
+        with self._cond:
+            self._ready = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._ready = False
+
+    def is_set(self) -> bool:
+        return self._ready
+
+    def kick(self) -> None:
+        with self._cond:
+            self._kicked = True
+            self._cond.notify_all()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        with self._cond:
+            ready = self._cond.wait_for(lambda: self._ready or self._kicked, timeout)
+            self._kicked = False
+            return ready
+
+
+class ChannelTransport(Transport):
+    """A paramiko channel (an exec'd command's stdin and stdout) as a byte transport.
+
+    The command's stderr is drained by a thread into the log, and its tail is
+    kept for error messages (an unread stderr would stall the channel's window).
+    """
+
+    name = "ssh"
+
+    def __init__(self, channel: paramiko.Channel, description: str) -> None:
+        self.channel = channel
+        self.description = description
+        self._readiness = _Readiness()
+        channel.in_buffer.set_event(cast("threading.Event", self._readiness))
+        self._stderr = bytearray()
+        self._stderr_lock = threading.Lock()
+        self._closed = False
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, name="remowt-ssh-stderr", daemon=True)
+        self._stderr_thread.start()
+
+    def _drain_stderr(self) -> None:
+        while True:
+            try:
+                chunk = self.channel.recv_stderr(65536)
+            except (OSError, EOFError, paramiko.SSHException):
+                return
+            if not chunk:
+                return
+            with self._stderr_lock:
+                self._stderr += chunk
+                del self._stderr[:-STDERR_TAIL]
+            for line in chunk.decode(errors="replace").splitlines():
+                log.info("%s: %s", self.description, line)
+
+    def stderr_tail(self) -> str:
+        with self._stderr_lock:
+            return self._stderr.decode(errors="replace")
+
+    def read(self, size: int) -> Optional[bytes]:
+        channel = self.channel
+        if channel.recv_ready():
+            return channel.recv(size)
+        if channel.eof_received or channel.closed or self._closed:
+            return channel.recv(size) if channel.recv_ready() else b""
+        return None
+
+    def wait_readable(self, timeout: Optional[float]) -> bool:
+        if self._closed:
+            return True
+        return self._readiness.wait(timeout)
+
+    def interrupt(self) -> None:
+        self._readiness.kick()
+
+    def write(self, data: memoryview, block: bool) -> int:
+        channel = self.channel
+        if self._closed or channel.closed or channel.eof_sent:
+            raise BrokenPipeError(f"{self.description}: channel is closed")
+        if not block and not channel.send_ready():
+            return 0
+        sent: int = channel.send(bytes(data[: channel.out_max_packet_size]))
+        if sent == 0:
+            raise BrokenPipeError(f"{self.description}: channel closed")
+        return sent
+
+    def exit_status(self, timeout: float) -> Optional[int]:
+        """The command's exit status once it has one, else None."""
+        if self.channel.status_event.wait(timeout):
+            status: int = self.channel.recv_exit_status()
+            return status
+        return None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.channel.close()
+        self._readiness.kick()
+        if threading.current_thread() is not self._stderr_thread:
+            self._stderr_thread.join(CLOSE_TIMEOUT)
+
+
+class SshSession:
+    """One authenticated ssh connection (and the jump hosts it goes through)."""
+
+    def __init__(self, target: SshTarget, transport: ParamikoTransport, hops: List[SshSession]) -> None:
+        self.target = target
+        self.transport = transport
+        self._hops = hops
+        self._stop = threading.Event()
+        self._keepalive: Optional[threading.Thread] = None
+        if target.keepalive_interval > 0:
+            self._keepalive = threading.Thread(target=self._send_keepalives, name="remowt-ssh-keepalive", daemon=True)
+            self._keepalive.start()
+
+    def __repr__(self) -> str:
+        return f"<SshSession {self.target}>"
+
+    def _send_keepalives(self) -> None:
+        """Send an ignored message every interval, so a dead TCP connection is noticed (TCP_USER_TIMEOUT)."""
+        while not self._stop.wait(self.target.keepalive_interval):
+            if not self.transport.is_active():
+                return
+            try:
+                self.transport.send_ignore()
+            except (OSError, EOFError, paramiko.SSHException):
+                return
+
+    def exec(self, command: str, *, description: str = "") -> ChannelTransport:
+        """Run ``command`` (a shell line) on the host; its stdin and stdout are the returned transport."""
+        try:
+            channel = self.transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
+            channel.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SshError(f"{self.target}: cannot run a command: {e}") from e
+        return ChannelTransport(channel, description or f"{self.target.alias}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.transport.close()
+        if self._keepalive is not None and threading.current_thread() is not self._keepalive:
+            self._keepalive.join(CLOSE_TIMEOUT)
+        for hop in reversed(self._hops):
+            hop.close()
+
+
+def open_session(
+    target: SshTarget,
+    config: paramiko.SSHConfig,
+    *,
+    password: Optional[str] = None,
+    prompter: Optional[Prompter] = None,
+) -> SshSession:
+    """Connect to ``target``, check its host key and authenticate."""
+    hops: List[SshSession] = []
+    try:
+        sock = _open_socket(target, config, hops, prompter)
+        transport = ParamikoTransport(sock)
+        try:
+            _negotiate(transport, target)
+            _authenticate(transport, target, password, prompter)
+        except BaseException:
+            transport.close()
+            raise
+        return SshSession(target, transport, hops)
+    except BaseException:
+        for hop in reversed(hops):
+            hop.close()
+        raise
+
+
+def _open_socket(
+    target: SshTarget, config: paramiko.SSHConfig, hops: List[SshSession], prompter: Optional[Prompter]
+) -> Any:
+    if target.proxy_jump:
+        hop = open_session(jump_target(target, config), config, prompter=prompter)
+        hops.append(hop)
+        try:
+            return hop.transport.open_channel(
+                "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0), timeout=target.connect_timeout
+            )
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SshError(f"jump host {hop.target} cannot reach {target.hostname}:{target.port}: {e}") from e
+    if target.proxy_command:
+        try:
+            return paramiko.ProxyCommand(target.proxy_command)
+        except (OSError, paramiko.SSHException) as e:
+            raise SshError(f"ProxyCommand {target.proxy_command!r} for {target.alias} failed: {e}") from e
+    try:
+        sock = socket.create_connection((target.hostname, target.port), timeout=target.connect_timeout)
+    except socket.gaierror as e:
+        raise SshError(f"cannot resolve host name {target.hostname!r}: {e.strerror}") from e
+    except socket.timeout:
+        raise SshError(
+            f"connecting to {target.hostname}:{target.port} timed out after {target.connect_timeout:g} s"
+        ) from None
+    except OSError as e:
+        raise SshError(f"cannot connect to {target.hostname}:{target.port}: {e.strerror or e}") from e
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if target.keepalive_interval > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if user_timeout is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(target.keepalive_interval * 1000))
+    return sock
+
+
+def _negotiate(transport: ParamikoTransport, target: SshTarget) -> None:
+    options = transport.get_security_options()
+    options.ciphers = PREFERRED_CIPHERS + tuple(c for c in options.ciphers if c not in PREFERRED_CIPHERS)
+    known = hostkeys.known_keys(target.known_hosts_name, target.known_hosts)
+    if known:
+        options.key_types = tuple(t for t in options.key_types if t in known) + tuple(
+            t for t in options.key_types if t not in known
+        )
+    transport.banner_timeout = transport.handshake_timeout = target.connect_timeout
+    try:
+        transport.start_client(timeout=target.connect_timeout)
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        raise SshError(f"ssh handshake with {target.hostname}:{target.port} failed: {e}") from e
+    if not transport.initial_kex_done:
+        raise SshError(
+            f"ssh handshake with {target.hostname}:{target.port} timed out after {target.connect_timeout:g} s"
+        )
+    key = transport.get_remote_server_key()
+    added = hostkeys.check(target.known_hosts_name, key, target.known_hosts, target.host_key_policy)
+    if added:
+        log.warning("%s: added %s key %s to %s", target.alias, key.get_name(), hostkeys.fingerprint(key), added)
+
+
+def _authenticate(
+    transport: ParamikoTransport, target: SshTarget, password: Optional[str], prompter: Optional[Prompter]
+) -> None:
+    """Try ssh-agent keys, then key files, then the password; raise :class:`AuthenticationError` naming all."""
+    tried: List[str] = []
+    allowed = _allowed_methods(transport, target.user)
+    if allowed is None:
+        return
+
+    def attempt(label: str, method: Callable[[], List[str]]) -> bool:
+        tried.append(label)
+        try:
+            method()
+        except paramiko.BadAuthenticationType as e:
+            allowed[:] = list(e.allowed_types)
+        except paramiko.AuthenticationException:
+            pass
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SshError(f"{target}: connection lost during authentication: {e}") from e
+        return bool(transport.is_authenticated())
+
+    if "publickey" in allowed:
+        if not target.identities_only:
+            agent = paramiko.Agent()
+            try:
+                for key in agent.get_keys():
+                    label = f"ssh-agent key {hostkeys.fingerprint(key)}"
+                    if attempt(label, functools.partial(transport.auth_publickey, target.user, key)):
+                        return
+            finally:
+                agent.close()
+        for path in target.identity_files:
+            loaded = _load_key(path, prompter, tried)
+            if loaded is None:
+                continue
+            if attempt(f"key {path}", functools.partial(transport.auth_publickey, target.user, loaded)):
+                return
+    if "password" in allowed or "keyboard-interactive" in allowed:
+        if password is None and prompter is not None:
+            password = _ask(prompter, f"{target.user}@{target.hostname}'s password: ", tried)
+        if password is not None:
+            secret = password
+            if "password" in allowed and attempt("password", lambda: transport.auth_password(target.user, secret)):
+                return
+            if "keyboard-interactive" in allowed and attempt(
+                "keyboard-interactive", lambda: transport.auth_interactive_dumb(target.user, _answer_all(secret))
+            ):
+                return
+    raise AuthenticationError(
+        f"authentication to {target} failed; tried: {', '.join(tried) or 'nothing'}; "
+        f"the server accepts: {', '.join(allowed) or 'nothing'}",
+        tried=tuple(tried),
+    )
+
+
+def _allowed_methods(transport: ParamikoTransport, user: str) -> Optional[List[str]]:
+    """The server's allowed methods for ``user``; None if no authentication is needed at all."""
+    try:
+        transport.auth_none(user)
+    except paramiko.BadAuthenticationType as e:
+        return list(e.allowed_types)
+    except paramiko.AuthenticationException:
+        return ["publickey", "password", "keyboard-interactive"]
+    return None if transport.is_authenticated() else ["publickey", "password", "keyboard-interactive"]
+
+
+def _load_key(path: str, prompter: Optional[Prompter], tried: List[str]) -> Optional[paramiko.PKey]:
+    try:
+        return paramiko.PKey.from_path(path)
+    except (paramiko.PasswordRequiredException, TypeError):  # TypeError: cryptography's "password-protected"
+        pass
+    except FileNotFoundError:
+        tried.append(f"key {path} (missing)")
+        return None
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        tried.append(f"key {path} (unreadable: {e})")
+        return None
+    if prompter is None:
+        tried.append(f"key {path} (encrypted; no prompter to ask its passphrase)")
+        return None
+    for _ in range(3):
+        passphrase = _ask(prompter, f"Enter passphrase for key '{path}': ", tried)
+        try:
+            return paramiko.PKey.from_path(path, password=cast(Any, passphrase.encode()))  # the stubs say str
+        except (paramiko.SSHException, ValueError, TypeError):
+            continue
+    tried.append(f"key {path} (wrong passphrase)")
+    return None
+
+
+def _ask(prompter: Prompter, text: str, tried: List[str]) -> str:
+    try:
+        return prompter(text)
+    except Exception as e:
+        raise AuthenticationError(
+            f"authentication cancelled: the prompter raised {type(e).__name__}: {e}", tried=tuple(tried)
+        ) from e
+
+
+def _answer_all(secret: str) -> Callable[[str, str, List[Tuple[str, bool]]], List[str]]:
+    def handler(title: str, instructions: str, prompts: List[Tuple[str, bool]]) -> List[str]:
+        return [secret for _ in prompts]
+
+    return handler

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Prepare this machine (as root, idempotently) for the ssh and escalation tests:
+# openssh-server/client, sudo, opendoas, python3 and iproute2 (network namespaces) installed; the user remowt-test with a
+# known password, allowed to escalate with sudo and doas, each asking for the password every time.
+# Does not start sshd: the tests start their own.
+set -euo pipefail
+
+TEST_USER=remowt-test
+TEST_PASSWORD=remowt-test-password
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-test-host.sh: must run as root (it installs packages and creates the user $TEST_USER)" >&2
+    exit 1
+fi
+
+missing=0
+for path in /usr/sbin/sshd /usr/bin/ssh /usr/bin/ssh-keygen /usr/bin/sudo /usr/bin/doas /usr/bin/python3; do
+    [ -x "$path" ] || missing=1
+done
+command -v ip >/dev/null || missing=1
+if [ "$missing" -eq 1 ]; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        openssh-server openssh-client sudo opendoas python3 iproute2
+fi
+
+# The user: a home, bash, a password (which also unlocks the account, so sshd lets it log in with a key).
+if ! id -u "$TEST_USER" >/dev/null 2>&1; then
+    useradd --create-home --home-dir "/home/$TEST_USER" --shell /bin/bash "$TEST_USER"
+fi
+echo "$TEST_USER:$TEST_PASSWORD" | chpasswd
+
+# sudo: every call asks for the password (timestamp_timeout=0), three tries, never a lecture.
+sudoers_tmp=$(mktemp)
+trap 'rm -f "$sudoers_tmp"' EXIT
+cat >"$sudoers_tmp" <<EOF
+# Written by remowt scripts/setup-test-host.sh for the escalation tests.
+Defaults:$TEST_USER timestamp_timeout=0
+Defaults:$TEST_USER passwd_tries=3
+Defaults:$TEST_USER lecture=never
+$TEST_USER ALL=(ALL:ALL) ALL
+EOF
+visudo -cqf "$sudoers_tmp"
+install -o root -g root -m 0440 "$sudoers_tmp" "/etc/sudoers.d/$TEST_USER"
+
+# doas: asks every time (no persist, no nopass); other rules are kept.
+doas_rule="permit $TEST_USER as root"
+touch /etc/doas.conf
+if ! grep -qxF "$doas_rule" /etc/doas.conf; then
+    # doas needs the file to end with a newline before the appended rule.
+    if [ -s /etc/doas.conf ] && [ -n "$(tail -c1 /etc/doas.conf)" ]; then
+        echo >>/etc/doas.conf
+    fi
+    echo "$doas_rule" >>/etc/doas.conf
+fi
+chown root:root /etc/doas.conf
+chmod 0600 /etc/doas.conf
+doas -C /etc/doas.conf

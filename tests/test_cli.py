@@ -1,0 +1,113 @@
+"""The ``remowt`` command line, run as a separate process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from typing import List
+
+import pytest
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def remowt_command() -> List[str]:
+    """The installed console script (next to this Python first), else the entry point through ``-c``."""
+    here = os.path.dirname(sys.executable)
+    script = shutil.which("remowt", path=here) or shutil.which("remowt")
+    if script is not None:
+        return [script]
+    return [sys.executable, "-c", "from remowt.cli import main; main()"]
+
+
+REMOWT = remowt_command()
+
+
+def remowt(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*REMOWT, *args], input=input, capture_output=True, timeout=25)
+
+
+def test_stdin_stdout_and_exit_code_pass_through() -> None:
+    result = remowt("local", "--", "sh", "-c", "cat; echo to-stderr >&2; exit 7", input=b"piped in\n")
+    assert (result.returncode, result.stdout, result.stderr) == (7, b"piped in\n", b"to-stderr\n")
+
+
+def test_without_double_dash() -> None:
+    result = remowt("local", "printf", "%s|", "a b", "--", "-x")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"a b|--|-x|", b"")
+
+
+def test_large_output() -> None:
+    size = 6 << 20
+    result = remowt("local", "--", "head", "-c", str(size), "/dev/zero")
+    assert (result.returncode, len(result.stdout), result.stdout.count(b"\0"), result.stderr) == (0, size, size, b"")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGUSR1], ids=lambda s: s.name)
+def test_death_by_signal_is_128_plus_n(sig: signal.Signals) -> None:
+    result = remowt("local", "--", "sh", "-c", f"echo before; kill -{int(sig)} $$")
+    assert (result.returncode, result.stdout) == (128 + int(sig), b"before\n")
+
+
+def test_missing_program_is_127() -> None:
+    result = remowt("local", "--", "no-such-program-remowt-cli", "arg")
+    assert result.returncode == 127
+    assert result.stdout == b""
+    message = result.stderr.decode()
+    assert "no-such-program-remowt-cli" in message
+    assert "No such file or directory" in message
+    assert "Traceback" not in message
+
+
+def test_not_executable_is_126(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "not-executable")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\necho never\n")
+    os.chmod(path, 0o644)
+    result = remowt("local", "--", path)
+    assert result.returncode == 126
+    assert "Permission denied" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_help() -> None:
+    result = remowt("--help")
+    assert result.returncode == 0
+    out = result.stdout.decode()
+    assert out.startswith("usage: remowt")
+    assert "local" in out
+    assert "Run processes on another machine" in out
+
+
+def test_local_help() -> None:
+    result = remowt("local", "--help")
+    assert result.returncode == 0
+    out = result.stdout.decode()
+    assert out.startswith("usage: remowt local")
+    assert "128+N" in out
+    assert "ARGV" in out
+
+
+@pytest.mark.parametrize("args", [["local"], ["local", "--"]], ids=["nothing", "double-dash-only"])
+def test_local_without_a_command_is_a_usage_error(args: List[str]) -> None:
+    result = remowt(*args)
+    assert result.returncode == 2
+    assert result.stdout == b""
+    err = result.stderr.decode()
+    assert err.startswith("usage: remowt")
+    assert "give the command to run" in err
+
+
+def test_no_subcommand_is_a_usage_error() -> None:
+    result = remowt()
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith("usage: remowt")
+
+
+def test_unknown_subcommand_is_a_usage_error() -> None:
+    result = remowt("elsewhere", "--", "true")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr.decode()

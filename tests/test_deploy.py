@@ -1,0 +1,460 @@
+"""Deploying the agent through one shell line (``sh -c`` standing in for ssh), with a temporary HOME.
+
+Real processes throughout: the bootstrap runs in a real Python, installs into
+a real cache directory (tmpfs mounts for the noexec, read-only and full
+cases), and the agent it starts serves a real connection.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+from _util import pypi_reachable, run_together
+
+from remowt import bundle
+from remowt.bundle import AgentBundle, BundleError, artifact_name, local_platform
+from remowt.client import Remowt, _connect, _user_router
+from remowt.deploy import (
+    BOOT,
+    BOOT_FAILED_EXIT,
+    MAGIC,
+    NO_PYTHON_EXIT,
+    DeployError,
+    DeployReport,
+    remote_start_command,
+    start_agent,
+)
+from remowt.transports.stdio import ChildTransport, spawn_framed_child
+
+pytestmark = pytest.mark.timeout(60)
+
+LOCAL = local_platform()
+TIMEOUT = 20.0
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> AgentBundle:
+    directory = str(tmp_path_factory.mktemp("bundle"))
+    bundle.build_local(directory)
+    return AgentBundle.from_dir(directory)
+
+
+@pytest.fixture(scope="module")
+def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A PATH entry whose ``python3`` is the interpreter running the tests."""
+    directory = str(tmp_path_factory.mktemp("bin"))
+    os.symlink(sys.executable, os.path.join(directory, "python3"))
+    return directory
+
+
+@pytest.fixture
+def home(tmp_path: os.PathLike[str]) -> str:
+    path = os.path.join(str(tmp_path), "home")
+    os.mkdir(path)
+    return path
+
+
+class Target:
+    """A pretend remote: ``/bin/sh -c LINE`` with its own HOME and PATH."""
+
+    def __init__(self, home: str, bin_dir: str) -> None:
+        self.env: Dict[str, str] = {"HOME": home, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+    def spawn(self, line: str) -> ChildTransport:
+        return spawn_framed_child(["/bin/sh", "-c", line], env=self.env)
+
+    def start(self, agent_bundle: AgentBundle, python: str = "python3", before: str = "") -> ChildTransport:
+        return self.spawn(before + remote_start_command(agent_bundle, python))
+
+    def deploy(self, agent_bundle: AgentBundle, **kwargs: str) -> Tuple[DeployReport, Remowt]:
+        transport = self.start(agent_bundle, **kwargs)
+        report = start_agent(transport, agent_bundle, timeout=TIMEOUT)
+        return report, _connect(_user_router(), transport, "deploy test", [])
+
+
+@pytest.fixture
+def target(home: str, bin_dir: str) -> Target:
+    return Target(home, bin_dir)
+
+
+@pytest.fixture
+def mounts() -> Iterator[Callable[..., None]]:
+    """``mount(path, *args)`` runs mount(8) and unmounts at the end; skips when that is not possible here."""
+    mounted: List[str] = []
+
+    def mount(path: str, *args: str) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("mounting needs root")
+        os.makedirs(path, exist_ok=True)
+        result = subprocess.run(["mount", *args, path], capture_output=True, text=True, timeout=10)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount here: {result.stderr.strip()}")
+        mounted.append(path)
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", path], check=True, timeout=10)
+
+
+def says_hi(conn: Remowt) -> None:
+    try:
+        assert conn.run(["echo", "hi"], capture_output=True, timeout=TIMEOUT).stdout == b"hi\n"
+    finally:
+        conn.close()
+
+
+def cache_root(home: str) -> str:
+    return os.path.join(home, ".cache", "remowt")
+
+
+def frames(data: bytes) -> List[Dict[str, object]]:
+    assert data.startswith(MAGIC), data[:100]
+    data = data[len(MAGIC) :]
+    out = []
+    while data:
+        (size,) = struct.unpack(">I", data[:4])
+        out.append(json.loads(data[4 : 4 + size]))
+        data = data[4 + size :]
+    return out
+
+
+def printf_bytes(data: bytes) -> str:
+    return "printf '" + "".join(f"\\{byte:03o}" for byte in data) + "'"
+
+
+def find_python(version: str) -> Optional[str]:
+    """A real interpreter binary of ``version`` (not a pyenv shim), or None."""
+    candidates = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")))
+    candidates += [p for p in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}") if os.path.exists(p)]
+    return candidates[0] if candidates else None
+
+
+# --- the normal path -------------------------------------------------------------
+
+
+def test_first_deploy_uploads_then_the_cache_is_reused(built: AgentBundle, target: Target, home: str) -> None:
+    expected = os.path.join(cache_root(home), built.hashes[LOCAL])
+    first, conn = target.deploy(built)
+    says_hi(conn)
+    assert (first.platform, first.path, first.uploaded, first.fallback) == (LOCAL, expected, True, None)
+    assert first.python_version == ".".join(map(str, sys.version_info[:3]))
+    assert first.python_executable == os.path.join(os.path.dirname(first.python_executable), "python3")
+    second, conn = target.deploy(built)
+    says_hi(conn)
+    assert (second.path, second.uploaded, second.fallback) == (expected, False, None)
+    assert sorted(os.listdir(cache_root(home))) == [built.hashes[LOCAL]]
+    assert {"agent.py", "remowt", "msgspec"} <= set(os.listdir(expected))
+
+
+def test_xdg_cache_home_is_honoured_and_a_relative_one_ignored(built: AgentBundle, target: Target, home: str) -> None:
+    xdg = os.path.join(home, "xdg")
+    target.env["XDG_CACHE_HOME"] = xdg
+    report, conn = target.deploy(built)
+    says_hi(conn)
+    assert report.path == os.path.join(xdg, "remowt", built.hashes[LOCAL])
+    assert not os.path.exists(os.path.join(home, ".cache"))
+    target.env["XDG_CACHE_HOME"] = "relative/xdg"
+    report, conn = target.deploy(built)
+    says_hi(conn)
+    assert report.path == os.path.join(cache_root(home), built.hashes[LOCAL])
+
+
+def test_concurrent_deploys_into_an_empty_cache_both_succeed(built: AgentBundle, target: Target, home: str) -> None:
+    def deploy(n: int) -> DeployReport:
+        report, conn = target.deploy(built)
+        says_hi(conn)
+        return report
+
+    expected = os.path.join(cache_root(home), built.hashes[LOCAL])
+    for report in run_together(deploy, 3, TIMEOUT + 10):
+        assert isinstance(report, DeployReport), report
+        assert (report.path, report.fallback) == (expected, None)
+    assert os.listdir(cache_root(home)) == [built.hashes[LOCAL]], "a staging directory was left behind"
+
+
+def read_frame(stream: IO[bytes]) -> Dict[str, object]:
+    (size,) = struct.unpack(">I", stream.read(4))
+    message: Dict[str, object] = json.loads(stream.read(size))
+    return message
+
+
+def test_losing_the_install_race_uses_the_winners_copy(
+    built: AgentBundle, target: Target, home: str, tmp_path: os.PathLike[str]
+) -> None:
+    """Another client renames its copy into place while this one uploads: this one's rename fails, and that is fine."""
+    other_home = os.path.join(str(tmp_path), "other")
+    os.mkdir(other_home)
+    report, conn = Target(other_home, target.env["PATH"].split(":")[0]).deploy(built)
+    says_hi(conn)
+    boot = BOOT.encode()
+    process = subprocess.Popen(
+        ["/bin/sh", "-c", remote_start_command(built)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=target.env,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        process.stdin.write(struct.pack(">I", len(boot)) + boot)
+        process.stdin.flush()
+        assert process.stdout.read(len(MAGIC)) == MAGIC
+        status = read_frame(process.stdout)
+        assert (status["kind"], status["installed"]) == ("status", False)
+        winner = os.path.join(cache_root(home), built.hashes[LOCAL])
+        shutil.copytree(report.path, winner)  # the other client won
+        marker = os.path.join(winner, "winner")
+        open(marker, "w").close()
+        artifact = built.read_artifact(LOCAL)
+        process.stdin.write(struct.pack(">I", len(artifact)) + artifact)
+        process.stdin.flush()
+        ready = read_frame(process.stdout)
+        assert (ready["kind"], ready["path"], ready["note"]) == ("ready", winner, "")
+        assert os.path.exists(marker)
+        assert os.listdir(cache_root(home)) == [built.hashes[LOCAL]], "the loser's staging directory was left behind"
+    finally:
+        process.stdin.close()  # the agent sees the end of its input and exits
+        process.stdout.close()
+        process.wait(TIMEOUT)
+
+
+def test_everything_in_the_line_is_quoted(built: AgentBundle, target: Target, tmp_path: os.PathLike[str]) -> None:
+    odd = os.path.join(str(tmp_path), "b i n's", "py $(thon) `3`;")
+    os.makedirs(os.path.dirname(odd))
+    os.symlink(sys.executable, odd)
+    report, conn = target.deploy(built, python=odd)
+    says_hi(conn)
+    assert report.python_executable == odd
+
+
+def test_login_script_output_before_the_bootstrap_is_skipped(
+    built: AgentBundle, target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="remowt.deploy"):
+        report, conn = target.deploy(built, before="echo 'Welcome to target!'; printf 'no newline'; ")
+    says_hi(conn)
+    assert report.uploaded
+    assert "Welcome to target!\\nno newline" in caplog.text
+
+
+def test_cached_start_is_quick(built: AgentBundle, target: Target) -> None:
+    _, conn = target.deploy(built)
+    says_hi(conn)
+    times = []
+    for _ in range(3):
+        report, conn = target.deploy(built)
+        conn.close()
+        assert not report.uploaded
+        times.append(report.seconds)
+    assert min(times) < 1.0, times  # about 30 ms here: Python's start and msgspec's import
+
+
+# --- falling back to a temporary directory ----------------------------------------
+
+
+def assert_ran_from_a_temporary_directory(report: DeployReport, conn: Remowt, tmpdir: str, note: str) -> None:
+    assert report.fallback is not None and note in report.fallback, report.fallback
+    assert report.uploaded and os.path.dirname(report.path) == tmpdir
+    assert os.path.isfile(os.path.join(report.path, "agent.py"))
+    says_hi(conn)
+    assert os.listdir(tmpdir) == [], "the temporary directory outlived its agent"
+
+
+@pytest.fixture
+def tmpdir_env(target: Target, tmp_path: os.PathLike[str]) -> str:
+    path = os.path.join(str(tmp_path), "tmp")
+    os.mkdir(path)
+    target.env["TMPDIR"] = path
+    return path
+
+
+def test_noexec_cache_falls_back(
+    built: AgentBundle, target: Target, home: str, tmpdir_env: str, mounts: Callable[..., None]
+) -> None:
+    mounts(os.path.join(home, ".cache"), "-t", "tmpfs", "-o", "noexec", "tmpfs")
+    report, conn = target.deploy(built)
+    note = f"{cache_root(home)} is on a filesystem mounted noexec"
+    assert_ran_from_a_temporary_directory(report, conn, tmpdir_env, note)
+
+
+def test_read_only_cache_falls_back(
+    built: AgentBundle, target: Target, home: str, tmpdir_env: str, mounts: Callable[..., None]
+) -> None:
+    xdg = os.path.join(home, "ro")
+    target.env["XDG_CACHE_HOME"] = xdg
+    mounts(xdg, "-t", "tmpfs", "-o", "ro", "tmpfs")
+    report, conn = target.deploy(built)
+    assert_ran_from_a_temporary_directory(
+        report, conn, tmpdir_env, f"cannot write {xdg}/remowt (Read-only file system)"
+    )
+
+
+def test_full_cache_falls_back(
+    built: AgentBundle, target: Target, home: str, tmpdir_env: str, mounts: Callable[..., None]
+) -> None:
+    mounts(os.path.join(home, ".cache"), "-t", "tmpfs", "-o", "size=64k", "tmpfs")
+    report, conn = target.deploy(built)
+    assert_ran_from_a_temporary_directory(report, conn, tmpdir_env, "No space left on device")
+    assert os.listdir(cache_root(home)) == [], "the half-unpacked staging directory was left behind"
+
+
+def test_cache_that_no_longer_loads_falls_back(
+    built: AgentBundle, target: Target, home: str, tmpdir_env: str, mounts: Callable[..., None]
+) -> None:
+    """Installed earlier, mounted noexec since (statvfs may not tell): the import check catches it."""
+    _, conn = target.deploy(built)
+    says_hi(conn)
+    cache = os.path.join(home, ".cache")
+    mounts(cache, "--bind", cache)
+    subprocess.run(["mount", "-o", "remount,bind,noexec", cache], check=True, timeout=10)
+    report, conn = target.deploy(built)
+    installed = os.path.join(cache_root(home), built.hashes[LOCAL])
+    assert_ran_from_a_temporary_directory(report, conn, tmpdir_env, f"cannot load the agent from {installed}")
+
+
+# --- errors a user can act on ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("python", ["python3", "python-does-not-exist"])
+def test_missing_python(built: AgentBundle, target: Target, tmp_path: os.PathLike[str], python: str) -> None:
+    target.env["PATH"] = str(tmp_path)  # nothing in it
+    transport = target.start(built, python=python)
+    with pytest.raises(DeployError, match=f"no {python} on the target: the agent needs Python 3.9 or newer") as e:
+        start_agent(transport, built, timeout=TIMEOUT)
+    assert e.value.kind == "no-python"
+    assert transport.process.returncode == NO_PYTHON_EXIT
+    assert f"remowt: {python} not found on the PATH" in transport.stderr_tail()
+
+
+@pytest.mark.parametrize("version", ["3.8", "3.6"])
+def test_python_too_old(built: AgentBundle, target: Target, version: str) -> None:
+    python = find_python(version)
+    if python is None:
+        pytest.skip(f"no Python {version} on this machine")
+    transport = target.start(built, python=python)
+    with pytest.raises(DeployError, match=f"the target's {python} is Python {version}\\.[0-9]+: the agent needs") as e:
+        start_agent(transport, built, timeout=TIMEOUT)
+    assert e.value.kind == "too-old"
+    assert transport.process.returncode == BOOT_FAILED_EXIT
+    assert "is too old" in transport.stderr_tail()
+
+
+def test_platform_missing_names_the_command_that_adds_it(built: AgentBundle, target: Target, home: str) -> None:
+    other = AgentBundle(built.directory, {"aarch64-cp39": "0" * 64})
+    transport = target.start(other)
+    with pytest.raises(DeployError) as e:
+        start_agent(transport, other, timeout=TIMEOUT)
+    assert e.value.kind == "platform-missing"
+    assert str(e.value) == (
+        f"target platform {LOCAL} is missing from bundle {built.directory}; "
+        f"add it with: remowt bundle add --platform {LOCAL} --dir {built.directory}"
+    )
+    assert not os.path.exists(cache_root(home))
+
+
+def test_corrupted_artifact_is_refused_before_upload(
+    built: AgentBundle, target: Target, home: str, tmp_path: os.PathLike[str]
+) -> None:
+    directory = os.path.join(str(tmp_path), "bundle")
+    shutil.copytree(built.directory, directory)
+    loaded = AgentBundle.from_dir(directory)
+    with open(os.path.join(directory, artifact_name(LOCAL)), "r+b") as f:
+        f.seek(1000)
+        f.write(b"corrupt")
+    transport = target.start(loaded)
+    with pytest.raises(BundleError, match="changed or corrupted"):
+        start_agent(transport, loaded, timeout=TIMEOUT)
+    assert transport.process.returncode == BOOT_FAILED_EXIT  # it saw the end of its input
+    assert os.listdir(cache_root(home)) == []
+
+
+def test_bootstrap_refuses_an_artifact_with_the_wrong_hash(built: AgentBundle, target: Target, home: str) -> None:
+    boot = BOOT.encode()
+    sent = struct.pack(">I", len(boot)) + boot + struct.pack(">I", 5) + b"bogus"
+    result = subprocess.run(
+        ["/bin/sh", "-c", remote_start_command(built)], input=sent, env=target.env, capture_output=True, timeout=TIMEOUT
+    )
+    assert result.returncode == BOOT_FAILED_EXIT
+    status, error = frames(result.stdout)
+    assert (status["kind"], status["installed"], status["platform"]) == ("status", False, LOCAL)
+    assert (error["kind"], error["error"]) == ("error", "hash-mismatch")
+    bogus = hashlib.sha256(b"bogus").hexdigest()
+    assert str(error["message"]).endswith(f"has sha256 {bogus}, not {built.hashes[LOCAL]}")
+    assert b"remowt: the artifact received for" in result.stderr
+    assert os.listdir(cache_root(home)) == []
+
+
+def test_interpreter_that_fails_to_start_shows_its_stderr(
+    built: AgentBundle, target: Target, tmp_path: os.PathLike[str]
+) -> None:
+    broken = os.path.join(str(tmp_path), "python3")
+    with open(broken, "w") as f:
+        f.write("#!/bin/sh\necho 'error while loading shared libraries: libpython3.so' >&2\nexit 1\n")
+    os.chmod(broken, 0o755)
+    transport = target.start(built, python=broken)
+    with pytest.raises(DeployError, match=r"ended while waiting for the bootstrap; its stderr:\n.*libpython3\.so") as e:
+        start_agent(transport, built, timeout=TIMEOUT)
+    assert e.value.kind == "start"
+
+
+def test_timeout_while_waiting_for_the_bootstrap(built: AgentBundle, target: Target) -> None:
+    transport = target.spawn("cat >/dev/null")  # holds stdout open, says nothing, ends at end of input
+    started = time.monotonic()
+    with pytest.raises(DeployError, match=r"did not answer within 0\.5 s while waiting for the bootstrap") as e:
+        start_agent(transport, built, timeout=0.5)
+    assert e.value.kind == "timeout"
+    assert time.monotonic() - started < 5
+    assert transport.process.returncode is not None
+
+
+def test_timeout_while_uploading(target: Target, tmp_path: os.PathLike[str]) -> None:
+    """A target that stops reading: the blocked write ends at the deadline too."""
+    directory = str(tmp_path)
+    artifact = os.urandom(4 << 20)  # more than the pipe holds
+    with open(os.path.join(directory, artifact_name(LOCAL)), "wb") as f:
+        f.write(artifact)
+    with open(os.path.join(directory, "hashes"), "w") as f:
+        f.write(f"{LOCAL} {hashlib.sha256(artifact).hexdigest()}\n")
+    big = AgentBundle.from_dir(directory)
+    status = {"kind": "status", "platform": LOCAL, "python": "3", "executable": "x", "path": "/x", "installed": False}
+    body = json.dumps(status).encode()
+    transport = target.spawn(printf_bytes(MAGIC + struct.pack(">I", len(body)) + body) + "; exec sleep 30")
+    transport.exit_timeout = 0.2
+    started = time.monotonic()
+    with pytest.raises(DeployError, match=rf"did not answer within 0\.5 s while uploading the agent for {LOCAL}"):
+        start_agent(transport, big, timeout=0.5)
+    assert time.monotonic() - started < 5
+
+
+# --- another platform, fetched with pip --------------------------------------------------
+
+
+def test_python39_runs_an_agent_built_from_a_pip_wheel(
+    built: AgentBundle, target: Target, tmp_path: os.PathLike[str]
+) -> None:
+    python = find_python("3.9")
+    if python is None:
+        pytest.skip("no Python 3.9 on this machine")
+    if not pypi_reachable():
+        pytest.skip("PyPI (pypi.org:443) is unreachable from this machine")
+    directory = os.path.join(str(tmp_path), "bundle")
+    shutil.copytree(built.directory, directory)
+    bundle.add_platform(directory, f"{os.uname().machine}-cp39")
+    both = AgentBundle.from_dir(directory)
+    report, conn = target.deploy(both, python=python)
+    try:
+        platform = f"{os.uname().machine}-cp39"
+        assert (report.platform, report.python_version[:4], report.uploaded) == (platform, "3.9.", True)
+        assert conn.info().python.startswith("3.9.")
+    finally:
+        says_hi(conn)
