@@ -3,25 +3,75 @@
 Senders write straight to the transport when nothing is queued and the
 transport takes the bytes without waiting; whatever it cannot take at once
 goes to a backlog that a writer thread drains. So no sender, and in
-particular no reader thread, ever blocks on a slow peer.
+particular no reader thread, ever blocks on a slow peer. A frame's payload
+may still be in a pipe (:class:`Spliced`): the transport moves it itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Callable, List, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 from . import wire
 from .errors import ProtocolError
 from .transports.base import Transport
 
 log = logging.getLogger("remowt.link")
-READ_SIZE = 1024 * 1024
+# Read what is there, up to a window: a paramiko channel moves what a read leaves to its buffer's front.
+READ_SIZE = 8 * 1024 * 1024
 SERVE_GRACE = 0.005
 
 Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Spliced:
+    """Part of a frame that is still in a pipe: ``count`` bytes of ``fd``, moved by :meth:`Transport.splice_from`.
+
+    ``on_sent(True)`` runs once they all left; ``on_sent(False)`` if the link ended first.
+    """
+
+    __slots__ = ("count", "fd", "on_sent")
+
+    def __init__(self, fd: int, count: int, on_sent: Callable[[bool], None]) -> None:
+        self.fd = fd
+        self.count = count
+        self.on_sent = on_sent
+
+    def __len__(self) -> int:
+        return self.count
+
+
+Part = Union[Buffer, Spliced]
+_Item = Union[memoryview, Spliced]
+
+
+class _Held(threading.local):
+    links: Optional[Dict[Link, List[Part]]] = None
+
+
+_held = _Held()
+
+
+@contextlib.contextmanager
+def held_sends() -> Iterator[None]:
+    """Hold the frames this thread sends meanwhile, and send them at the end: one write per link.
+
+    Only for code that waits for nothing from a peer (a held call would not be sent).
+    """
+    if _held.links is not None:
+        yield
+        return
+    links: Dict[Link, List[Part]] = {}
+    _held.links = links
+    try:
+        yield
+    finally:
+        _held.links = None
+        for link, parts in links.items():
+            link.send(*parts)
 
 
 class Link:
@@ -45,7 +95,7 @@ class Link:
         self._frames = wire.FrameReader(max_frame)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
-        self._backlog: List[memoryview] = []
+        self._backlog: List[_Item] = []
         self._writer_busy = False
         self._closed = False
         self._eof = False
@@ -54,6 +104,7 @@ class Link:
         self._no_servers = threading.Condition(self._servers_lock)
         self._grace = threading.Condition(self._servers_lock)
         self._servers = 0
+        self._server: Optional[int] = None
         self._served_since_aside = False
         self.close_reason: Optional[BaseException] = None
         self._reader = threading.Thread(target=self._read_loop, name=f"remowt-read-{name}", daemon=True)
@@ -68,25 +119,73 @@ class Link:
     def closed(self) -> bool:
         return self._closed
 
-    def send(self, frame: Buffer) -> None:
-        """Queue one encoded frame; never waits for the peer."""
-        view = memoryview(frame)
+    def send(self, *parts: Part) -> None:
+        """Queue one encoded frame (or several), given as consecutive parts; never waits for the peer.
+
+        The parts are sent as they are, not copied: they must not change afterwards.
+        """
+        held = _held.links
+        if held is not None:
+            held.setdefault(self, []).extend(parts)
+            return
+        if len(parts) == 1 and not isinstance(parts[0], Spliced):
+            items: List[_Item] = [memoryview(parts[0])]  # the usual case, made short
+        else:
+            items = [part if isinstance(part, Spliced) else memoryview(part) for part in parts if len(part)]
+        sent: List[Spliced] = []
+        dropped: List[_Item] = []
+        failed = False
         with self._lock:
             if self._closed:
-                return
-            if self._backlog or self._writer_busy:
-                self._backlog.append(view)
-                return
-            try:
-                written = self.transport.write(view, block=False)
-            except OSError as e:
-                self._fail_locked(e)
+                dropped = items
+            elif self._backlog or self._writer_busy:
+                self._backlog += items
             else:
-                if written < len(view):
-                    self._backlog.append(view[written:])
-                    self._wakeup.notify()
+                try:
+                    self._put(items, False, sent)
+                except OSError as e:
+                    dropped = items + self._fail_locked(e)
+                    failed = True
+                else:
+                    if items:
+                        self._backlog = items
+                        self._wakeup.notify()
+        if failed:
+            self.transport.close()
+        _report(sent, dropped)
+
+    def _put(self, items: List[_Item], block: bool, sent: List[Spliced]) -> None:
+        """Write ``items`` from the front, removing what left (and adding finished splices to ``sent``).
+
+        Without ``block`` it stops when the transport takes no more at once.
+        """
+        transport = self.transport
+        while items:
+            head = items[0]
+            if isinstance(head, Spliced):
+                moved = transport.splice_from(head.fd, head.count, block)
+                if not moved:
+                    return
+                head.count -= moved
+                if not head.count:
+                    del items[0]
+                    sent.append(head)
+                continue
+            buffers: List[memoryview] = []
+            for item in items:
+                if isinstance(item, Spliced):
+                    break
+                buffers.append(item)
+            written = transport.writev(buffers, block)
+            if not written:
                 return
-        self.transport.close()
+            done = 0
+            while done < len(buffers) and len(buffers[done]) <= written:
+                written -= len(buffers[done])
+                done += 1
+            del items[:done]
+            if written:
+                items[0] = buffers[done][written:]
 
     def _write_loop(self) -> None:
         while True:
@@ -95,26 +194,38 @@ class Link:
                     self._wakeup.wait()
                 if self._closed:
                     return
-                chunks, self._backlog = self._backlog, []
+                items, self._backlog = self._backlog, []
                 self._writer_busy = True
+            sent: List[Spliced] = []
             try:
-                for chunk in chunks:
-                    while len(chunk):
-                        chunk = chunk[self.transport.write(chunk, block=True) :]
+                self._put(items, True, sent)
             except OSError as e:
                 with self._lock:
                     self._writer_busy = False
-                    self._fail_locked(e)
+                    items += self._fail_locked(e)
                 self.transport.close()
+                _report(sent, items)
                 return
             with self._lock:
                 self._writer_busy = False
+            _report(sent, [])
 
-    def _fail_locked(self, error: BaseException) -> None:
+    def _fail_locked(self, error: BaseException) -> List[_Item]:
+        """Mark the link failed; returns the backlog, which will never be sent."""
         if self.close_reason is None:
             self.close_reason = error
         self._closed = True
         self._wakeup.notify_all()
+        dropped, self._backlog = self._backlog, []
+        return dropped
+
+    def _shut(self) -> None:
+        """Mark the link closed and give up what is still queued."""
+        with self._lock:
+            self._closed = True
+            self._wakeup.notify_all()
+            dropped, self._backlog = self._backlog, []
+        _report([], dropped)
 
     def _read_loop(self) -> None:
         while True:
@@ -123,9 +234,7 @@ class Link:
             with self._read_turn:
                 if not self._read_available():
                     break
-        with self._lock:
-            self._closed = True
-            self._wakeup.notify_all()
+        self._shut()
         self.transport.close()
         self._on_close(self, self.close_reason)
 
@@ -187,6 +296,7 @@ class Link:
             return False
         with self._servers_lock:
             self._servers += 1
+            self._server = threading.get_ident()
             self._served_since_aside = True
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -202,22 +312,24 @@ class Link:
         finally:
             with self._servers_lock:
                 self._servers -= 1
+                self._server = None
                 if not self._servers:
                     self._no_servers.notify()
             self._read_turn.release()
 
     def wake_servers(self) -> None:
-        """Make threads serving the link re-check what they wait for (it changed off the link)."""
+        """Make a thread serving the link re-check what it waits for (it changed off the link).
+
+        The serving thread itself re-checks after each frame anyway.
+        """
         with self._servers_lock:
-            serving = self._servers > 0
+            serving = self._servers > 0 and self._server != threading.get_ident()
         if serving:
             self.transport.interrupt()
 
     def close(self) -> None:
         """Close the transport; the reader thread then reports the close."""
-        with self._lock:
-            self._closed = True
-            self._wakeup.notify_all()
+        self._shut()
         with self._servers_lock:
             self._no_servers.notify_all()
             self._grace.notify_all()
@@ -228,3 +340,12 @@ class Link:
         for thread in (self._reader, self._writer):
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(timeout)
+
+
+def _report(sent: List[Spliced], dropped: List[_Item]) -> None:
+    """Tell splices whether their bytes left."""
+    for splice in sent:
+        splice.on_sent(True)
+    for item in dropped:
+        if isinstance(item, Spliced):
+            item.on_sent(False)

@@ -21,7 +21,7 @@ import threading
 from typing import Any, Callable, Deque, Optional, Set, Tuple, Union
 
 from .errors import ConnectionLost
-from .streams import MAX_CHUNK, Stream
+from .streams import MAX_CHUNK, Chunk, Stream
 from .transports.stdio import enlarge_pipe
 
 
@@ -154,20 +154,22 @@ class StreamReader(_PipeFile):
             if n == 0 and self._feed_error is not None:
                 raise self._feed_error
             return n
-        view = memoryview(buffer).cast("B")
-        data = self.end.stream.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        return self.end.stream.readinto(memoryview(buffer).cast("B"))
 
     def read1(self, size: int = -1) -> Optional[bytes]:
         """At most ``size`` bytes as soon as any are there."""
+        chunk = self.read_chunk(size)
+        return chunk if chunk is None or isinstance(chunk, bytes) else bytes(chunk)
+
+    def read_chunk(self, size: int = -1) -> Optional[Chunk]:
+        """:meth:`read1`, but a chunk the stream received comes as it is: maybe a view of its frame, uncopied."""
         size = MAX_CHUNK if size < 0 else size
         if self._fd >= 0:
             buffer = bytearray(size)
             n = self.readinto(buffer)
             return None if n is None else bytes(buffer[:n])
         self.touched = True
-        return self.end.stream.read(size)
+        return self.end.stream.read_chunk(size)
 
     def _copy(self, fd: int) -> None:
         """Stream → pipe until the stream ends or nobody reads the pipe."""
@@ -371,7 +373,7 @@ class FdWriter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._cond = threading.Condition()
-        self._queue: Deque[Tuple[FdSink, bytes]] = collections.deque()
+        self._queue: Deque[Tuple[FdSink, Chunk]] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
 
@@ -381,7 +383,7 @@ class FdWriter:
         stream.deliver_to(lambda data: self._push(sink, data))
         return sink
 
-    def _push(self, sink: FdSink, data: bytes) -> None:
+    def _push(self, sink: FdSink, data: Chunk) -> None:
         with self._cond:
             if data or self._queue or self._thread is not None:
                 self._queue.append((sink, data))

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 import warnings
-from typing import IO, TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConnectionLost
 from .pipes import FdSink, FdToStream, PipeEnd, Relay, StreamReader, StreamWriter, is_devnull, remowt_pipe
@@ -468,8 +468,9 @@ class Popen:
                 # Nothing read yet: no buffered layer holds bytes, so take the
                 # stream's chunks as they are instead of copying them through it.
                 binary = raw if not raw.touched else getattr(handle, "buffer", handle)
+                read = raw.read_chunk if binary is raw else binary.read1
                 collected = io.BytesIO()
-                reader = threading.Thread(target=_read_all, args=(binary, collected), daemon=True)
+                reader = threading.Thread(target=_read_all, args=(binary, read, collected), daemon=True)
                 self._readers[name] = (reader, collected)
                 reader.start()
 
@@ -492,11 +493,11 @@ class Popen:
         return self._collected(name) or None
 
 
-def _read_all(handle: Any, collected: io.BytesIO) -> None:
-    """Read ``handle`` to the end into ``collected`` (whose buffer then becomes the result, uncopied)."""
+def _read_all(handle: Any, read: Callable[[int], Any], collected: io.BytesIO) -> None:
+    """Read ``handle`` (with ``read``) to the end into ``collected``, whose buffer then becomes the result."""
     try:
         while True:
-            data = handle.read1(1 << 20)
+            data = read(1 << 20)
             if data is None:  # the caller made the pipe non-blocking: wait until it is readable
                 select.select([handle], [], [])
                 continue

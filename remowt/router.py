@@ -29,7 +29,7 @@ from .errors import (
     Unreachable,
     remote_os_error,
 )
-from .link import Link
+from .link import Link, Part
 from .routing import RouteTable
 from .streams import DEFAULT_WINDOW, Stream, StreamKey
 from .transports.base import Transport
@@ -206,14 +206,20 @@ class Router:
             link = self._route_locked(dst)
         link.send(wire.encode(wire.Notify(self.address, dst, ns, method, msgspec.Raw(args))))
 
-    def send_routed(self, dst: str, frame: bytearray) -> bool:
-        """Send an encoded frame towards ``dst``; False if there is no route."""
+    def send_routed(self, dst: str, *parts: Part) -> bool:
+        """Send an encoded frame (in one or more parts, see :meth:`Link.send`) towards ``dst``; False if no route."""
         with self._lock:
             link = self._routes.next_hop(dst)
         if link is None:
             return False
-        link.send(frame)
+        link.send(*parts)
         return True
+
+    def splices_to(self, dst: str) -> bool:
+        """Whether frames towards ``dst`` may carry :class:`~remowt.link.Spliced` parts."""
+        with self._lock:
+            link = self._routes.next_hop(dst)
+        return link is not None and link.transport.splices
 
     def serve(self, peer: str, done: Callable[[], bool], timeout: Optional[float]) -> None:
         """Let the calling thread read the link towards ``peer`` until ``done()``.
@@ -346,7 +352,7 @@ class Router:
         with self._lock:
             out = self._routes.next_hop(message.dst)
         if out is not None and out is not link:
-            out.send(wire.frame(body))
+            out.send(wire.HEADER.pack(len(body)), body)
         elif isinstance(message, wire.Call):
             self._fail_call(message, Unreachable(f"{self.address} has no route to {message.dst!r}"))
         elif isinstance(message, (wire.Open, wire.Data, wire.Eof)):

@@ -16,7 +16,6 @@ two ends are built from the same annotations and cannot drift.
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Optional, Tuple, Type, TypeVar, get_type_hints
 
 import msgspec
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
     from .router import Router
 
 F = TypeVar("F", bound=Callable[..., Any])
+_VARARGS, _VARKEYWORDS = 0x04, 0x08  # code object flags: *args, **kwargs
 S = TypeVar("S", bound="Service")
 
 
@@ -58,15 +58,15 @@ class MethodSpec:
         self.inline = inline
         self.oneway = oneway
         hints = get_type_hints(fn)
-        params = list(inspect.signature(fn).parameters.values())[1:]
-        for p in params:
-            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                raise TypeError(f"{self.name}: parameter {p.name} must be a plain positional parameter")
-            if p.name not in hints:
-                raise TypeError(f"{self.name}: parameter {p.name} needs a type annotation")
+        code = fn.__code__  # not inspect.signature: importing inspect costs the agent's start-up ~3 ms
+        if code.co_kwonlyargcount or code.co_flags & (_VARARGS | _VARKEYWORDS):
+            raise TypeError(f"{self.name}: parameters must be plain positional parameters")
+        self.params = list(code.co_varnames[1 : code.co_argcount])
+        for name in self.params:
+            if name not in hints:
+                raise TypeError(f"{self.name}: parameter {name} needs a type annotation")
         if "return" not in hints:
             raise TypeError(f"{self.name}: the return type must be annotated")
-        self.params = [p.name for p in params]
         arg_types = tuple(hints[name] for name in self.params)
         args_type: Any = Tuple[arg_types] if arg_types else Tuple[()]
         self._args: msgspec.msgpack.Decoder[Tuple[Any, ...]] = msgspec.msgpack.Decoder(args_type)

@@ -9,12 +9,14 @@ blocks the link it shares with other streams and calls.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Tuple, Union
 
 from . import wire
 from .errors import ConnectionLost, ProtocolError
+from .link import Spliced
 
 if TYPE_CHECKING:
     from .router import Router
@@ -23,6 +25,7 @@ DEFAULT_WINDOW = 4 * 1024 * 1024
 MAX_CHUNK = 256 * 1024
 StreamKey = Tuple[str, int]
 Buffer = Union[bytes, bytearray, memoryview]
+Chunk = Union[bytes, memoryview]
 
 
 def _deadline(timeout: Optional[float]) -> Optional[float]:
@@ -49,7 +52,7 @@ class Stream:
         self.window = window
         self._from_opener = opener == router.address
         self._cond = threading.Condition()
-        self._chunks: Deque[bytes] = collections.deque()
+        self._chunks: Deque[Chunk] = collections.deque()
         self._buffered = 0
         self._unacked = 0
         self._remote_eof = False
@@ -57,12 +60,16 @@ class Stream:
         self._sent_eof = False
         self._error: Optional[BaseException] = None
         self._closed = False
-        self._listener: Optional[Callable[[bytes], None]] = None
+        self._listener: Optional[Callable[[Chunk], None]] = None
         self._listener_ended = False
         self._on_writable: Optional[Callable[[], None]] = None
 
     def __repr__(self) -> str:
         return f"<Stream {self.key[0]}#{self.sid} with {self.peer}>"
+
+    @functools.cached_property
+    def _framer(self) -> wire.DataFramer:
+        return wire.DataFramer(self.router.address, self.peer, self.sid, self._from_opener)
 
     # --- reading -------------------------------------------------------
 
@@ -74,6 +81,11 @@ class Stream:
         """
         if size < 0:
             return self.readall(timeout)
+        chunk = self.read_chunk(size, timeout)
+        return chunk if isinstance(chunk, bytes) else bytes(chunk)
+
+    def read_chunk(self, size: int, timeout: Optional[float] = None) -> Chunk:
+        """What :meth:`read` returns for ``size`` >= 0, but as it arrived: maybe a memoryview of its frame."""
         if size == 0:
             return b""
         deadline = _deadline(timeout)
@@ -88,8 +100,9 @@ class Stream:
                 self._cond.wait(_remaining(deadline))
             chunk = self._chunks.popleft()
             if len(chunk) > size:
-                self._chunks.appendleft(chunk[size:])
-                chunk = chunk[:size]
+                rest = memoryview(chunk)
+                self._chunks.appendleft(rest[size:])
+                chunk = rest[:size]
             self._buffered -= len(chunk)
             credit = self._consumed(len(chunk))
         if credit:
@@ -102,16 +115,16 @@ class Stream:
     def readall(self, timeout: Optional[float] = None) -> bytes:
         """Everything until end of stream."""
         deadline = _deadline(timeout)
-        parts: List[bytes] = []
+        parts: List[Chunk] = []
         while True:
-            chunk = self.read(MAX_CHUNK * 4, None if deadline is None else _remaining(deadline))
+            chunk = self.read_chunk(MAX_CHUNK * 4, None if deadline is None else _remaining(deadline))
             if not chunk:
                 return b"".join(parts)
             parts.append(chunk)
 
     def readinto(self, buffer: memoryview, timeout: Optional[float] = None) -> int:
         """Fill a prefix of ``buffer``; return how many bytes (0 at end of stream)."""
-        chunk = self.read(len(buffer), timeout)
+        chunk = self.read_chunk(len(buffer), timeout)
         buffer[: len(chunk)] = chunk
         return len(chunk)
 
@@ -145,10 +158,33 @@ class Stream:
                     raise ValueError("write to a closed remowt stream")
                 n = min(self._credit, len(view), MAX_CHUNK)
                 self._credit -= n
-            chunk = data if n == total and isinstance(data, bytes) else bytes(view[:n])
-            self._send(wire.Data(self.router.address, self.peer, self.sid, self._from_opener, chunk))
+            # the link sends the payload later, uncopied: only bytes are sure not to change meanwhile
+            payload = view[:n] if isinstance(data, bytes) else bytes(view[:n])
+            self.router.send_routed(self.peer, self._framer.header(n), payload)
             view = view[n:]
         return total
+
+    @property
+    def splices(self) -> bool:
+        """Whether :meth:`splice_from` can send on this stream (the link towards the peer splices)."""
+        return self.router.splices_to(self.peer)
+
+    def splice_from(self, fd: int, count: int, on_sent: Callable[[bool], None]) -> None:
+        """Send ``count`` bytes waiting in pipe ``fd``, moved by the kernel without passing through Python.
+
+        Only where :attr:`splices`, and within :meth:`credit`.
+        ``on_sent(ok)`` runs once the bytes left the pipe (``ok``) or never will.
+        """
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            if self._closed or self._sent_eof:
+                raise ValueError("write to a closed remowt stream")
+            if count > self._credit:
+                raise ValueError(f"splicing {count} bytes into {self!r} exceeds its credit of {self._credit}")
+            self._credit -= count
+        if not self.router.send_routed(self.peer, self._framer.header(count), Spliced(fd, count, on_sent)):
+            on_sent(False)
 
     def close_write(self) -> None:
         """Send end of stream; the peer reads ``b""`` after the bytes already sent."""
@@ -208,7 +244,7 @@ class Stream:
 
     # --- push mode --------------------------------------------------------
 
-    def deliver_to(self, listener: Callable[[bytes], None]) -> None:
+    def deliver_to(self, listener: Callable[[Chunk], None]) -> None:
         """Hand every received chunk to ``listener`` instead of buffering it for :meth:`read`.
 
         ``listener`` runs on whichever thread reads the link, so it must not
@@ -246,7 +282,9 @@ class Stream:
 
     # --- events from the router (reader thread) -------------------------
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: Chunk) -> None:
+        if isinstance(data, memoryview) and memoryview(data.obj).nbytes > 2 * data.nbytes:
+            data = bytes(data)  # a view must not keep a much bigger buffer alive
         with self._cond:
             if self._closed:
                 return

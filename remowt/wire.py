@@ -110,13 +110,16 @@ class Open(msgspec.Struct, tag="open", array_like=True):
 
 
 class Data(msgspec.Struct, tag="data", array_like=True):
-    """Stream bytes. ``from_opener`` tells which side's ``sid`` space it is."""
+    """Stream bytes. ``from_opener`` tells which side's ``sid`` space it is.
+
+    Decoded, ``data`` is a view of the frame it came in, not a copy.
+    """
 
     src: str
     dst: str
     sid: Id
     from_opener: bool
-    data: bytes
+    data: memoryview
 
 
 class Credit(msgspec.Struct, tag="credit", array_like=True):
@@ -154,7 +157,22 @@ StreamMessage = Union[Open, Data, Credit, Eof, Reset]
 Message = Union[Hello, Routes, Call, Notify, Reply, Fail, Open, Data, Credit, Eof, Reset]
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+
+
+def _decoder_or_fail() -> msgspec.msgpack.Decoder[Message]:
+    """The message decoder, once msgspec is known to decode ``Data.data`` views correctly (0.20 and later)."""
+    try:
+        decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+        probe = decoder.decode(_encoder.encode(Data(USER, AGENT, 0, True, memoryview(b"ab"))))
+        works = isinstance(probe, Data) and len(probe.data) == 2 and bytes(probe.data[1:]) == b"b"
+    except TypeError:  # no memoryview support at all
+        works = False
+    if not works:
+        raise ImportError(f"remowt needs msgspec 0.20 or later, this is msgspec {msgspec.__version__}")
+    return decoder
+
+
+_decoder = _decoder_or_fail()
 
 
 def encode(message: Message) -> bytearray:
@@ -163,6 +181,27 @@ def encode(message: Message) -> bytearray:
     _encoder.encode_into(message, buf, HEADER.size)
     HEADER.pack_into(buf, 0, len(buf) - HEADER.size)
     return buf
+
+
+class DataFramer:
+    """Frames one stream's payloads as :class:`Data` messages without copying them.
+
+    ``header(n)`` is the frame header and msgpack envelope that go on the
+    wire right before ``n`` payload bytes (the payload's bin32 header last).
+    """
+
+    def __init__(self, src: str, dst: str, sid: int, from_opener: bool) -> None:
+        empty = _encoder.encode(Data(src, dst, sid, from_opener, memoryview(b"")))
+        self._envelope = empty[: -len(_EMPTY_BIN)]
+        assert empty.endswith(_EMPTY_BIN)
+
+    def header(self, size: int) -> bytes:
+        envelope = self._envelope
+        return HEADER.pack(len(envelope) + _BIN32.size + size) + envelope + _BIN32.pack(0xC6, size)
+
+
+_EMPTY_BIN = b"\xc4\x00"
+_BIN32 = struct.Struct(">BI")
 
 
 def encode_value(value: object) -> bytes:
@@ -189,53 +228,62 @@ class FrameReader:
     """Split a byte stream into frame bodies, enforcing the size limit.
 
     Bodies that lie whole inside one fed chunk come back as memoryviews of
-    it, without copying; only frames split across chunks are reassembled.
+    it, without copying. A frame split across chunks is gathered into a
+    buffer of its own, allocated once its size is known, so each of its
+    bytes is copied once.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         if max_frame < 16:
             raise ValueError(f"max_frame must be at least 16 bytes, got {max_frame}")
         self.max_frame = max_frame
-        self._partial = bytearray()
-        self._need: Optional[int] = None
+        self._head = bytearray()
+        self._body: Optional[bytearray] = None
+        self._have = 0
 
-    def feed(self, data: bytes) -> List[Body]:
+    def feed(self, data: Body) -> List[Body]:
         """Take more bytes; return the complete frame bodies they finish."""
         out: List[Body] = []
         view = memoryview(data)
         pos = 0
         end = len(view)
-        partial = self._partial
-        if partial or self._need is not None:
-            if self._need is None:
-                take = min(HEADER.size - len(partial), end)
-                partial += view[:take]
-                pos = take
-                if len(partial) < HEADER.size:
-                    return out
-                self._need = self._check(HEADER.unpack_from(partial)[0])
-                partial.clear()
-            take = min(self._need - len(partial), end - pos)
-            partial += view[pos : pos + take]
-            pos += take
-            if len(partial) < self._need:
+        if self._head:
+            pos = min(HEADER.size - len(self._head), end)
+            self._head += view[:pos]
+            if len(self._head) < HEADER.size:
                 return out
-            out.append(bytes(partial))
-            partial.clear()
-            self._need = None
+            self._start(HEADER.unpack(self._head)[0])
+            self._head.clear()
+        if self._body is not None:
+            pos = self._gather(view, pos, out)
         while end - pos >= HEADER.size:
             size = self._check(HEADER.unpack_from(view, pos)[0])
             if end - pos - HEADER.size < size:
-                break
+                self._start(size)
+                self._gather(view, pos + HEADER.size, out)
+                return out
             pos += HEADER.size
             out.append(view[pos : pos + size])
             pos += size
         if pos < end:
-            if end - pos >= HEADER.size:
-                self._need = self._check(HEADER.unpack_from(view, pos)[0])
-                pos += HEADER.size
-            partial += view[pos:]
+            self._head += view[pos:]
         return out
+
+    def _start(self, size: int) -> None:
+        self._body = bytearray(self._check(size))
+        self._have = 0
+
+    def _gather(self, view: memoryview, pos: int, out: List[Body]) -> int:
+        """Copy what ``view`` holds of the frame being gathered; return the position after it."""
+        body = self._body
+        assert body is not None
+        take = min(len(body) - self._have, len(view) - pos)
+        body[self._have : self._have + take] = view[pos : pos + take]
+        self._have += take
+        if self._have == len(body):
+            out.append(memoryview(body))
+            self._body = None
+        return pos + take
 
     def _check(self, size: int) -> int:
         if size > self.max_frame:
@@ -245,4 +293,4 @@ class FrameReader:
     @property
     def pending(self) -> int:
         """Bytes held that do not yet make a whole frame."""
-        return len(self._partial) + (HEADER.size if self._need is not None else 0)
+        return len(self._head) + (HEADER.size + self._have if self._body is not None else 0)

@@ -205,6 +205,12 @@ def test_declaration_checks() -> None:
             @rpc(1)
             def f(self, x: int): ...  # type: ignore[no-untyped-def]
 
+    for name, source in (("Star", "def f(self, *x: int) -> None: ..."), ("Kw", "def f(self, *, x: int) -> None: ...")):
+        namespace: dict = {}
+        exec(source, namespace)
+        with pytest.raises(TypeError, match="plain positional"):
+            type(name, (Service,), {"f": rpc(1)(namespace["f"])}, namespace=204)
+
     with pytest.raises(ValueError):
         rpc(70000)
 

@@ -337,3 +337,20 @@ def test_dead_network_is_noticed_within_the_keepalive_interval(
         assert time.monotonic() - started < 4.0
     finally:
         connection.close()
+
+
+def test_ssh_agent_keys(sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh keys to fall back on
+    socket_path = str(tmp_path / "agent.sock")
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", socket_path], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: os.path.exists(socket_path), 10)
+        monkeypatch.setenv("SSH_AUTH_SOCK", socket_path)
+        with pytest.raises(AuthenticationError, match="tried: nothing"):
+            _direct(sshd, key_filename=None)
+        subprocess.run(["ssh-add", "-q", sshd.client_key], check=True, env={**os.environ, "SSH_AUTH_SOCK": socket_path})
+        with _direct(sshd, key_filename=None) as connection:
+            assert connection.check_output(["id", "-un"], text=True) == f"{sshd.test_user}\n"
+    finally:
+        agent.terminate()
+        agent.wait(10)

@@ -8,7 +8,6 @@ the agent that started sudo (:mod:`remowt.agent.askpass`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -76,29 +75,36 @@ def _take_stdio() -> FdTransport:
     return FdTransport(read_fd, write_fd)
 
 
+USAGE = """usage: remowt-agent real-agent [--local] [--privileged]
+       remowt-agent askpass [PROMPT]
+real-agent serves the remowt protocol on stdin/stdout (--local: the user side is on this machine;
+--privileged: take the address agent-privileged); askpass is sudo's password helper (sudo -A)."""
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["askpass"]:  # the prompt is sudo's text: no option parsing
         from .askpass import main as askpass
 
         sys.exit(askpass(args_list[1] if len(args_list) > 1 else "Password: "))
-    parser = argparse.ArgumentParser(prog="remowt-agent")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("askpass", help="sudo's password helper (sudo -A): asks the agent that started sudo")
-    real = commands.add_parser("real-agent", help="serve the remowt protocol on stdin/stdout")
-    real.add_argument("--local", action="store_true", help="the user side is on this machine")
-    real.add_argument("--privileged", action="store_true", help="take the address agent-privileged")
-    args = parser.parse_args(args_list)
+    if args_list[:1] in (["--help"], ["-h"]):
+        print(USAGE)
+        return
+    options = args_list[1:]
+    if args_list[:1] != ["real-agent"] or not set(options) <= {"--local", "--privileged"}:
+        # argparse would cost the agent's start-up more than this whole function
+        sys.exit(f"{USAGE}\nremowt-agent: bad arguments {args_list!r}")
+    privileged = "--privileged" in options
     logging.basicConfig(
         level=os.environ.get("REMOWT_AGENT_LOG", "WARNING").upper(),
         format=f"remowt-agent[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
-    if args.privileged:
+    if privileged:
         # doas and run0 leave the unprivileged agent's pty as our controlling terminal: when that
         # agent dies, its hangup must not kill us before we kill our children at end of input.
         # (A handler, not SIG_IGN, so the children get the default back at exec.)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
-    agent = Agent(wire.AGENT_PRIVILEGED if args.privileged else wire.AGENT)
+    agent = Agent(wire.AGENT_PRIVILEGED if privileged else wire.AGENT)
     try:
         agent.serve(_take_stdio())
         agent.upstream_lost.wait()

@@ -4,21 +4,28 @@ Reading a child's stdout or stderr needs no thread of its own: the loop reads
 a pipe only while its stream has credit, parks it when the credit runs out,
 and takes it back when the reader returns credit. A child that writes
 faster than its reader reads waits in its own pipe, as it would locally.
+Where the link allows, the bytes go from the child's pipe into the link by
+splice(2) and never pass through Python.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import logging
 import os
 import select
+import struct
+import termios
 import threading
 from typing import Callable, Dict, List, Optional, Protocol
 
 from ..errors import ConnectionLost
+from ..link import held_sends
 from ..streams import MAX_CHUNK, Stream
 
 log = logging.getLogger("remowt.childio")
+_OUTPUT = select.EPOLLIN | select.EPOLLONESHOT
+_FIONREAD = struct.Struct("i")
 
 
 class Child(Protocol):
@@ -76,7 +83,7 @@ class ChildIO:
         os.set_blocking(fd, False)
         with self._lock:
             self._outputs[fd] = stream
-            self._epoll.register(fd, select.EPOLLIN)
+            self._epoll.register(fd, _OUTPUT)
             self._ensure_thread()
 
     def stop(self, timeout: float) -> None:
@@ -90,13 +97,13 @@ class ChildIO:
         for thread in self._fallback:
             thread.join(timeout)
         with self._lock:
-            for fd in self._exits:
-                os.close(fd)
-            for fd, stream in self._outputs.items():
-                os.close(fd)
-                stream.close()
-            self._exits.clear()
-            self._outputs.clear()
+            exits, self._exits = self._exits, {}
+            outputs, self._outputs = self._outputs, {}
+        for fd in exits:
+            os.close(fd)
+        for fd, stream in outputs.items():
+            stream.close()
+            os.close(fd)
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -110,25 +117,28 @@ class ChildIO:
         child.wait()
         self._on_exit(child)
 
-    def _resume(self, fd: int) -> None:
+    def _arm(self, fd: int) -> None:
+        """Wait for output on ``fd`` again: outputs are one-shot, re-armed once handled."""
         with self._lock:
             if fd in self._outputs and not self._stopped:
-                self._epoll.register(fd, select.EPOLLIN)
+                self._epoll.modify(fd, _OUTPUT)
 
     # --- the loop thread ----------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            for fd, _ in self._epoll.poll():
-                if fd == self._wake_r:
-                    return
-                with self._lock:
-                    child = self._exits.get(fd)
-                    stream = self._outputs.get(fd)
-                if child is not None:
-                    self._reap(fd, child)
-                elif stream is not None:
-                    self._pump_once(fd, stream)
+            events = self._epoll.poll()
+            with held_sends():  # what one round of events sends goes out in one write
+                for fd, mask in events:
+                    if fd == self._wake_r:
+                        return
+                    with self._lock:
+                        child = self._exits.get(fd)
+                        stream = self._outputs.get(fd)
+                    if child is not None:
+                        self._reap(fd, child)
+                    elif stream is not None:
+                        self._pump_once(fd, stream, bool(mask & select.EPOLLIN))
 
     def _reap(self, fd: int, child: Child) -> None:
         if child.poll() is None:
@@ -139,19 +149,27 @@ class ChildIO:
         os.close(fd)
         self._on_exit(child)
 
-    def _pump_once(self, fd: int, stream: Stream) -> None:
+    def _pump_once(self, fd: int, stream: Stream, readable: bool) -> None:
+        """Move what pipe ``fd`` holds into ``stream``; without ``readable`` it can only be its end."""
         credit = stream.credit()
         if credit <= 0:
             if stream.broken:
                 self._end_output(fd, stream)
             else:
-                with self._lock:
-                    self._epoll.unregister(fd)
-                stream.when_writable(lambda: self._resume(fd))
+                stream.when_writable(lambda: self._arm(fd))
             return
+        if readable and stream.splices:
+            count = min(_available(fd), credit, MAX_CHUNK)
+            if count:  # else end of output, or nothing after all: the read says which
+                try:
+                    stream.splice_from(fd, count, lambda sent: self._spliced(fd, stream, sent))
+                except (BrokenPipeError, ConnectionLost, ValueError):
+                    self._end_output(fd, stream)
+                return
         try:
             data = os.read(fd, min(credit, MAX_CHUNK))
         except BlockingIOError:
+            self._arm(fd)
             return
         except OSError as e:
             log.debug("reading child pipe %d failed: %s", fd, e)
@@ -159,16 +177,29 @@ class ChildIO:
         try:
             if data:
                 stream.write(data)
+                self._arm(fd)
                 return
             stream.close_write()
         except (BrokenPipeError, ConnectionLost, ValueError):
             pass
         self._end_output(fd, stream)
 
+    def _spliced(self, fd: int, stream: Stream, sent: bool) -> None:
+        if sent:
+            self._arm(fd)
+        else:  # the link is gone
+            self._end_output(fd, stream)
+
     def _end_output(self, fd: int, stream: Stream) -> None:
         with self._lock:
-            del self._outputs[fd]
-            with contextlib.suppress(FileNotFoundError):
-                self._epoll.unregister(fd)
+            if self._outputs.pop(fd, None) is None:  # stop() got there first
+                return
+            self._epoll.unregister(fd)
+        stream.close()  # before the fd number can be reused: a callback it runs must not arm another pipe
         os.close(fd)
-        stream.close()
+
+
+def _available(fd: int) -> int:
+    """How many bytes wait in pipe ``fd``."""
+    value: int = _FIONREAD.unpack(fcntl.ioctl(fd, termios.FIONREAD, bytes(_FIONREAD.size)))[0]
+    return value

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import msgspec
@@ -46,4 +45,4 @@ class Control(ControlApi):
 
     def info(self) -> NodeInfo:
         version = ".".join(str(part) for part in sys.version_info[:3])
-        return NodeInfo(self.address, os.getpid(), version, platform.machine(), os.getuid())
+        return NodeInfo(self.address, os.getpid(), version, os.uname().machine, os.getuid())

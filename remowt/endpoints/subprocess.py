@@ -152,32 +152,41 @@ class Subprocesses(SubprocessApi):
             if key in self._children:
                 raise BadArguments(f"handle {spec.handle} is already in use")
         streams = {
-            name: None if sid is None else self._router.accept_stream(owner, sid)
+            name: self._router.accept_stream(owner, sid)
             for name, sid in (("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr))
+            if sid is not None
         }
+        # A pipe per stream, made here rather than by Popen: the child gets one end, the pumps own the other.
+        ours: Dict[str, int] = {}
+        theirs: Dict[str, int] = {}
+        for name in streams:
+            read_fd, write_fd = os.pipe()
+            ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
         try:
             try:
-                process = LocalPopen(spec.argv, **self._popen_kwargs(spec, streams))
+                process = LocalPopen(spec.argv, **self._popen_kwargs(spec, theirs))
             except (ValueError, KeyError, TypeError) as e:  # bad env, unknown user or group: the caller's mistake
                 raise BadArguments(f"cannot start {spec.argv[0]!r}: {e}") from None
         except BaseException:
+            for fd in ours.values():
+                os.close(fd)
             for stream in streams.values():
-                if stream is not None:
-                    stream.close()
+                stream.close()
             raise
+        finally:
+            for fd in theirs.values():
+                os.close(fd)
         child = _Child(owner, spec.handle, process, spec.keep_on_disconnect)
         with self._lock:
             self._children[key] = child
             self._by_pid[process.pid] = child
-        self._start_pumps(child, streams)
+        self._start_pumps(process.pid, streams, ours)
         self._io.watch_exit(child.process)
         return process.pid
 
-    def _popen_kwargs(self, spec: SpawnSpec, streams: Dict[str, Optional[Stream]]) -> Dict[str, Any]:
-        if spec.stderr_to_stdout:
-            stderr: int = subprocess.STDOUT
-        else:
-            stderr = subprocess.PIPE if streams["stderr"] else subprocess.DEVNULL
+    def _popen_kwargs(self, spec: SpawnSpec, fds: Dict[str, int]) -> Dict[str, Any]:
+        """Popen's arguments; ``fds`` are the child's ends of its stdio pipes (the rest is /dev/null)."""
+        stderr = subprocess.STDOUT if spec.stderr_to_stdout else fds.get("stderr", subprocess.DEVNULL)
         env: Optional[Dict[str, str]] = None
         if spec.replace_env:
             env = dict(spec.env or {})
@@ -185,8 +194,8 @@ class Subprocesses(SubprocessApi):
             env = {**os.environ, **spec.env}
         kwargs: Dict[str, Any] = dict(
             executable=spec.executable,
-            stdin=subprocess.PIPE if streams["stdin"] else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if streams["stdout"] else subprocess.DEVNULL,
+            stdin=fds.get("stdin", subprocess.DEVNULL),
+            stdout=fds.get("stdout", subprocess.DEVNULL),
             stderr=stderr,
             cwd=spec.cwd,
             env=env,
@@ -208,18 +217,16 @@ class Subprocesses(SubprocessApi):
             kwargs["start_new_session"] = True
         return kwargs
 
-    def _start_pumps(self, child: _Child, streams: Dict[str, Optional[Stream]]) -> None:
-        process = child.process
-        for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
-            stream = streams[name]
-            if stream is not None and pipe is not None:
-                enlarge_pipe(pipe.fileno())
-                self._io.pump(_detach(pipe), stream)
-        stdin = streams["stdin"]
-        if stdin is not None and process.stdin is not None:
+    def _start_pumps(self, pid: int, streams: Dict[str, Stream], fds: Dict[str, int]) -> None:
+        for name in ("stdout", "stderr"):
+            if name in streams:
+                enlarge_pipe(fds[name])
+                self._io.pump(fds[name], streams[name])
+        stdin = streams.get("stdin")
+        if stdin is not None:
             stdin.close_write()
             thread = threading.Thread(
-                target=_pump_in, args=(stdin, _detach(process.stdin)), name=f"remowt-stdin-{process.pid}", daemon=True
+                target=_pump_in, args=(stdin, fds["stdin"]), name=f"remowt-stdin-{pid}", daemon=True
             )
             with self._lock:
                 self._pumps = [pump for pump in self._pumps if pump.is_alive()]
@@ -286,9 +293,3 @@ class Subprocesses(SubprocessApi):
         for pump in pumps:
             pump.join(timeout)
 
-
-def _detach(pipe: Any) -> int:
-    """Take the fd out of a Popen pipe object so the pump owns and closes it."""
-    fd = os.dup(pipe.fileno())
-    pipe.close()
-    return int(fd)

@@ -41,6 +41,16 @@ class Transport(abc.ABC):
         """Write a prefix of the concatenated ``buffers`` (not empty), as :meth:`write` does."""
         return self.write(buffers[0], block)
 
+    #: Whether :meth:`splice_from` works on this transport.
+    splices = False
+
+    def splice_from(self, fd: int, count: int, block: bool) -> int:
+        """Move up to ``count`` bytes, all waiting in pipe ``fd``, into the transport without copying them.
+
+        Returns how many moved; waits (or not) as :meth:`write` does.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot splice")
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the transport; the peer sees end of stream."""

@@ -13,14 +13,18 @@ import logging
 import math
 import os
 import select
+import stat
 import subprocess
 import threading
-from typing import List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 from .._real import Popen as LocalPopen
 from .base import Transport
 
 PIPE_SIZE = 1024 * 1024
+IOV_MAX = 1024
+_splice: Optional[Callable[..., int]] = getattr(os, "splice", None)  # Linux, Python 3.10+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 log = logging.getLogger("remowt.transport")
 
 
@@ -48,6 +52,8 @@ class FdTransport(Transport):
         self._closed = False
         self._lock = threading.Lock()
         self._users = 0
+        mode = os.fstat(write_fd).st_mode
+        self.splices = _splice is not None and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
 
     def _enter(self) -> bool:
         with self._lock:
@@ -73,7 +79,7 @@ class FdTransport(Transport):
         if not self._enter():
             return b""
         try:
-            return os.read(self._rfd, size)
+            return os.read(self._rfd, min(size, PIPE_SIZE))  # a pipe holds no more
         except BlockingIOError:
             return None
         except OSError as e:
@@ -108,15 +114,38 @@ class FdTransport(Transport):
             self._leave()
 
     def write(self, data: memoryview, block: bool) -> int:
+        return self.writev((data,), block)
+
+    def writev(self, buffers: Sequence[memoryview], block: bool) -> int:
         if not self._enter():
             raise BrokenPipeError("transport is closed")
         try:
             while True:
                 try:
-                    return os.write(self._wfd, data)
+                    return os.writev(self._wfd, buffers[:IOV_MAX])
                 except BlockingIOError:
                     if not block:
                         return 0
+                if not self._wait_writable():
+                    raise BrokenPipeError("transport is closed")
+        finally:
+            self._leave()
+
+    def splice_from(self, fd: int, count: int, block: bool) -> int:
+        assert _splice is not None
+        if not self._enter():
+            raise BrokenPipeError("transport is closed")
+        try:
+            while True:
+                try:
+                    moved = _splice(fd, self._wfd, count, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    if not block:
+                        return 0
+                else:
+                    if not moved:
+                        raise BrokenPipeError(f"pipe {fd} ended before the {count} bytes it held were moved")
+                    return moved
                 if not self._wait_writable():
                     raise BrokenPipeError("transport is closed")
         finally:
