@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import msgspec
 
 from . import popen as _popen
 from . import wire
@@ -14,8 +17,8 @@ from .command import Command
 from .endpoints.control import Control, ControlApi, NodeInfo
 from .endpoints.escalate import check_tool
 from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
-from .errors import ConnectionLost, RemowtError
-from .link import Link
+from .errors import ConnectionLost, RemoteError, RemowtError, Unreachable
+from .link import Link, held_sends, holding_sends
 from .pipes import FdWriter
 from .process import RemoteProcess
 from .prompt import Prompter, check_prompter, has_terminal, terminal_prompter
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     from .bundle import AgentBundle
     from .escalation import Privileged
 
+_SPAWN = SubprocessApi.methods["spawn"]
+_RELEASE = SubprocessApi.methods["release"]
 PIPE = _popen.PIPE
 DEVNULL = _popen.DEVNULL
 STDOUT = _popen.STDOUT
@@ -83,6 +88,7 @@ class Remowt:
         self._closed = False
         self._popen_class: Optional[Type[_popen.Popen]] = None
         self._fd_writers: Dict[int, FdWriter] = {}
+        self._releases: List[Tuple[str, int]] = []  # exited children (agent, handle) the agents may forget
         self._control = proxy(ControlApi, router, self.agent)
         self._subprocess = proxy(SubprocessApi, router, self.agent)
         router.on_link_closed(self._link_closed)
@@ -222,34 +228,44 @@ class Remowt:
             return stream
 
         handle = next(self._handles)
+        if holding_sends():  # the call must leave before its answer is awaited
+            raise RuntimeError("Remowt.spawn cannot be called inside held_sends()")
         try:
-            streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
-            process = RemoteProcess(self, self._subprocess, handle, args, *streams)
-            with self._lock:
-                if self._closed:
-                    raise ConnectionLost(f"{self!r} is closed")
-                self._processes[handle] = process
-            spec = SpawnSpec(
-                handle=handle,
-                argv=args,
-                executable=executable,
-                cwd=None if cwd is None else str(cwd),
-                env=dict(env if env is not None else extra_env or {}) or None,
-                replace_env=env is not None,
-                stdin=None if streams[0] is None else streams[0].sid,
-                stdout=None if streams[1] is None else streams[1].sid,
-                stderr=None if streams[2] is None else streams[2].sid,
-                stderr_to_stdout=stderr == STDOUT,
-                start_new_session=start_new_session,
-                process_group=process_group,
-                umask=umask,
-                restore_signals=restore_signals,
-                user=user,
-                group=group,
-                extra_groups=None if extra_groups is None else list(extra_groups),
-                keep_on_disconnect=keep_on_disconnect,
-            )
-            process.pid = self._subprocess.spawn(spec)
+            with held_sends():  # releases, stream opens and the call leave in one write
+                self._send_releases()
+                streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
+                process = RemoteProcess(self, self._subprocess, handle, args, *streams)
+                with self._lock:
+                    if self._closed:
+                        raise ConnectionLost(f"{self!r} is closed")
+                    self._processes[handle] = process
+                spec = SpawnSpec(
+                    handle=handle,
+                    argv=args,
+                    executable=executable,
+                    cwd=None if cwd is None else str(cwd),
+                    env=dict(env if env is not None else extra_env or {}) or None,
+                    replace_env=env is not None,
+                    stdin=None if streams[0] is None else streams[0].sid,
+                    stdout=None if streams[1] is None else streams[1].sid,
+                    stderr=None if streams[2] is None else streams[2].sid,
+                    stderr_to_stdout=stderr == STDOUT,
+                    start_new_session=start_new_session,
+                    process_group=process_group,
+                    umask=umask,
+                    restore_signals=restore_signals,
+                    user=user,
+                    group=group,
+                    extra_groups=None if extra_groups is None else list(extra_groups),
+                    keep_on_disconnect=keep_on_disconnect,
+                )
+                pending = self.router.call(
+                    self.agent, SubprocessApi.namespace, _SPAWN.number, _SPAWN.encode_args((spec,), {})
+                )
+            try:
+                process.pid = _SPAWN.decode_result(pending.result())
+            except msgspec.ValidationError as e:
+                raise RemoteError(f"{_SPAWN.name} returned a malformed result: {e}") from None
         except BaseException:
             with self._lock:
                 self._processes.pop(handle, None)
@@ -258,18 +274,24 @@ class Remowt:
             raise
         return process
 
+    def _send_releases(self) -> None:
+        """Let the agents forget the children whose exits arrived (sent with the next spawn, off the exit path)."""
+        with self._lock:  # in place: the privileged view shares the connection's list
+            releases = list(self._releases)
+            self._releases.clear()
+        for agent, handle in releases:
+            with contextlib.suppress(ConnectionLost, Unreachable):  # else that agent is gone, its children too
+                self.router.notify(agent, SubprocessApi.namespace, _RELEASE.number, _RELEASE.encode_args((handle,), {}))
+
     def _process_exited(self, handle: int, returncode: int) -> None:
         with self._lock:
             process = self._processes.pop(handle, None)
             closed = self._closed
         if process is not None:
             process._set_exited(returncode)
-            if closed:  # the agent forgets its children by itself when the connection goes
-                return
-            try:
-                process._api.release(handle)  # the agent (or privileged agent) that ran it
-            except ConnectionLost:
-                return  # closed meanwhile: nothing left to release
+            if not closed:  # else the agent forgets its children by itself when the connection goes
+                with self._lock:
+                    self._releases.append((process.connection.agent, handle))  # the agent that ran it
 
     def _link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         if link is not self.link:

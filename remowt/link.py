@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Union
@@ -23,6 +24,7 @@ log = logging.getLogger("remowt.link")
 # Read what is there, up to a window: a paramiko channel moves what a read leaves to its buffer's front.
 READ_SIZE = 8 * 1024 * 1024
 SERVE_GRACE = 0.005
+SPIN = 0.00015  # how long a caller expecting a quick answer polls before sleeping
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -53,6 +55,11 @@ class _Held(threading.local):
 
 
 _held = _Held()
+
+
+def holding_sends() -> bool:
+    """Whether this thread is inside :func:`held_sends` (what it sends now leaves only at the block's end)."""
+    return _held.links is not None
 
 
 @contextlib.contextmanager
@@ -284,8 +291,10 @@ class Link:
             if self.close_reason is None:
                 self.close_reason = error
 
-    def serve_until(self, done: Callable[[], bool], timeout: Optional[float]) -> bool:
+    def serve_until(self, done: Callable[[], bool], timeout: Optional[float], spin: bool = False) -> bool:
         """Read on the calling thread until ``done()``, if no one else is reading.
+
+        ``spin``: the answer is expected within ``SPIN``, so poll for it before sleeping.
 
         A caller waiting for its reply reads it itself instead of waiting for
         the reader thread to hand it over: one thread switch less per call.
@@ -304,7 +313,7 @@ class Link:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError("timed out")
-                if not self.transport.wait_readable(left):
+                if not self._wait_readable(left, spin):
                     continue
                 if not self._read_available():
                     return False
@@ -316,6 +325,22 @@ class Link:
                 if not self._servers:
                     self._no_servers.notify()
             self._read_turn.release()
+
+    def _wait_readable(self, timeout: Optional[float], spin: bool) -> bool:
+        """The transport's ``wait_readable``; with ``spin``, polling it first for up to ``SPIN`` seconds.
+
+        Waking a sleeping thread costs more than a quick answer takes.
+        """
+        wait = self.transport.wait_readable
+        if spin and self.transport.polls:
+            end = time.perf_counter() + SPIN
+            while not wait(0):
+                os.sched_yield()  # the peer may have been woken on this CPU
+                if time.perf_counter() > end:
+                    break
+            else:
+                return True
+        return wait(timeout)
 
     def wake_servers(self) -> None:
         """Make a thread serving the link re-check what it waits for (it changed off the link).

@@ -29,7 +29,7 @@ from .errors import (
     Unreachable,
     remote_os_error,
 )
-from .link import Link, Part
+from .link import SPIN, Link, Part
 from .routing import RouteTable
 from .streams import DEFAULT_WINDOW, Stream, StreamKey
 from .transports.base import Transport
@@ -43,17 +43,25 @@ HANDSHAKE_TIMEOUT = 30.0
 
 
 class Pending:
-    """The future of one outgoing call: a lock released when the answer arrives."""
+    """The future of one outgoing call: a lock released when the answer arrives.
 
-    __slots__ = ("_error", "_lock", "_result", "dst", "link")
+    ``quick``: the answer is expected within :data:`~remowt.link.SPIN`, so the
+    caller polls for it before sleeping; ``kind`` is what the call was (destination,
+    namespace and method), ``sent`` when.
+    """
 
-    def __init__(self, dst: str, link: Link) -> None:
+    __slots__ = ("_error", "_lock", "_result", "dst", "kind", "link", "quick", "sent")
+
+    def __init__(self, dst: str, link: Link, kind: Tuple[str, int, int], quick: bool) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self._result: Optional[bytes] = None
         self._error: Optional[BaseException] = None
         self.dst = dst
         self.link = link
+        self.kind = kind
+        self.quick = quick
+        self.sent = time.perf_counter()
 
     def resolve(self, result: Optional[bytes], error: Optional[BaseException]) -> None:
         self._result, self._error = result, error
@@ -67,7 +75,7 @@ class Pending:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             if not self.done():
-                self.link.serve_until(self.done, timeout)
+                self.link.serve_until(self.done, timeout, self.quick)
         except TimeoutError:
             raise TimeoutError(f"no answer from {self.dst} within {timeout} s") from None
         left = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -101,6 +109,8 @@ class Router:
         self._handshakes: Dict[Link, threading.Event] = {}
         self._pending: Dict[int, Pending] = {}
         self._call_ids = itertools.count(1)
+        # whether the last answer to each kind of call came within a spin (see Pending)
+        self._quick_kinds: Dict[Tuple[str, int, int], bool] = {}
         self._stream_ids = itertools.count(1)
         self._streams: Dict[StreamKey, Stream] = {}
         self._services: Dict[int, _Service] = {}
@@ -193,7 +203,8 @@ class Router:
         with self._lock:
             link = self._route_locked(dst)
             call_id = next(self._call_ids)
-            pending = Pending(dst, link)
+            kind = (dst, ns, method)
+            pending = Pending(dst, link, kind, self._quick_kinds.get(kind, True))
             self._pending[call_id] = pending
         link.send(wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args))))
         if link.closed:
@@ -446,6 +457,7 @@ class Router:
             if pending is None or not genuine:
                 return
             del self._pending[message.id]
+            self._quick_kinds[pending.kind] = time.perf_counter() - pending.sent < 2 * SPIN
         if isinstance(message, wire.Reply):
             pending.resolve(bytes(message.result), None)
         else:

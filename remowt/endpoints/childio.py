@@ -17,7 +17,7 @@ import select
 import struct
 import termios
 import threading
-from typing import Callable, Dict, List, Optional, Protocol
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from ..errors import ConnectionLost
 from ..link import held_sends
@@ -26,6 +26,7 @@ from ..streams import MAX_CHUNK, Stream
 log = logging.getLogger("remowt.childio")
 _OUTPUT = select.EPOLLIN | select.EPOLLONESHOT
 _FIONREAD = struct.Struct("i")
+ROUNDS = 4  # rounds of events gathered into one write at most (more would delay what is held)
 
 
 class Child(Protocol):
@@ -58,6 +59,7 @@ class ChildIO:
         self._fallback: List[threading.Thread] = []
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
+        self._ends = 0  # outputs ended and children reaped so far (the loop's hint to gather a round)
 
     # --- from any thread ---------------------------------------------------
 
@@ -129,16 +131,32 @@ class ChildIO:
         while True:
             events = self._epoll.poll()
             with held_sends():  # what one round of events sends goes out in one write
-                for fd, mask in events:
-                    if fd == self._wake_r:
+                # A child's exit ends its pipes and then its pidfd: when a round saw
+                # an end, what became ready meanwhile joins it, so the peer wakes once.
+                for more in range(ROUNDS - 1, -1, -1):
+                    ends = self._ends
+                    if not self._handle(events):
                         return
-                    with self._lock:
-                        child = self._exits.get(fd)
-                        stream = self._outputs.get(fd)
-                    if child is not None:
-                        self._reap(fd, child)
-                    elif stream is not None:
-                        self._pump_once(fd, stream, bool(mask & select.EPOLLIN))
+                    if not more or self._ends == ends:
+                        break
+                    os.sched_yield()  # an exiting child woken out of this CPU goes on ending its fds
+                    events = self._epoll.poll(0)  # every event taken is handled: outputs are one-shot
+                    if not events:
+                        break
+
+    def _handle(self, events: List[Tuple[int, int]]) -> bool:
+        """Handle one round of epoll events; False when told to stop."""
+        for fd, mask in events:
+            if fd == self._wake_r:
+                return False
+            with self._lock:
+                child = self._exits.get(fd)
+                stream = self._outputs.get(fd)
+            if child is not None:
+                self._reap(fd, child)
+            elif stream is not None:
+                self._pump_once(fd, stream, bool(mask & select.EPOLLIN))
+        return True
 
     def _reap(self, fd: int, child: Child) -> None:
         if child.poll() is None:
@@ -147,6 +165,7 @@ class ChildIO:
             del self._exits[fd]
             self._epoll.unregister(fd)
         os.close(fd)
+        self._ends += 1
         self._on_exit(child)
 
     def _pump_once(self, fd: int, stream: Stream, readable: bool) -> None:
@@ -197,6 +216,7 @@ class ChildIO:
             self._epoll.unregister(fd)
         stream.close()  # before the fd number can be reused: a callback it runs must not arm another pipe
         os.close(fd)
+        self._ends += 1
 
 
 def _available(fd: int) -> int:

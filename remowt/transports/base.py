@@ -41,6 +41,9 @@ class Transport(abc.ABC):
         """Write a prefix of the concatenated ``buffers`` (not empty), as :meth:`write` does."""
         return self.write(buffers[0], block)
 
+    #: Whether ``wait_readable(0)`` is a quick system call (letting other threads run), so polling is cheap.
+    polls = False
+
     #: Whether :meth:`splice_from` works on this transport.
     splices = False
 

@@ -39,6 +39,7 @@ class FdTransport(Transport):
     """Reads from one fd and writes to another; both are closed by :meth:`close`."""
 
     name = "fd"
+    polls = True
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self._rfd = read_fd
