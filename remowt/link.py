@@ -253,6 +253,7 @@ class Link:
             while True:
                 data = self.transport.read(READ_SIZE)
                 if data is None:
+                    self.transport.expect(self._frames.missing)
                     return True
                 if not data:
                     break

@@ -291,6 +291,13 @@ class FrameReader:
         return size
 
     @property
+    def missing(self) -> int:
+        """Bytes still needed to finish the frame begun (1 between frames: any byte starts the next)."""
+        if self._body is not None:
+            return len(self._body) - self._have
+        return HEADER.size - len(self._head) if self._head else 1
+
+    @property
     def pending(self) -> int:
         """Bytes held that do not yet make a whole frame."""
         return len(self._head) + (HEADER.size + self._have if self._body is not None else 0)

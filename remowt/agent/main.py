@@ -21,7 +21,7 @@ from ..endpoints.escalate import Escalator
 from ..endpoints.subprocess import Subprocesses
 from ..router import Router
 from ..transports.base import Transport
-from ..transports.stdio import FdTransport
+from ..transports.stdio import FdTransport, enlarge_pipe
 
 log = logging.getLogger("remowt.agent")
 
@@ -66,8 +66,14 @@ class Agent:
 
 
 def _take_stdio() -> FdTransport:
-    """Keep stdin/stdout for the protocol; point fds 0 and 1 elsewhere so nothing else corrupts it."""
+    """Keep stdin/stdout for the protocol; point fds 0 and 1 elsewhere so nothing else corrupts it.
+
+    Pipes are enlarged: sshd gives 64 KiB ones, so output spliced into the link would wake this
+    process every 64 KiB.
+    """
     read_fd, write_fd = os.dup(0), os.dup(1)
+    enlarge_pipe(read_fd)
+    enlarge_pipe(write_fd)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)

@@ -25,6 +25,15 @@ class Transport(abc.ABC):
     def wait_readable(self, timeout: Optional[float]) -> bool:
         """Wait until :meth:`read` would not return None; False if ``timeout`` passed first."""
 
+    def expect(self, count: int) -> None:
+        """A hint: reading is worth waking for only once ``count`` bytes are there (or the stream ended).
+
+        The link gives how much the frame it is gathering still lacks, so a
+        transport that can count what it holds may let :meth:`wait_readable`
+        sleep until then. Ignoring it is always correct.
+        """
+        return None
+
     @abc.abstractmethod
     def interrupt(self) -> None:
         """Make the current (or next) :meth:`wait_readable` return at once."""

@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable, Deque, List, Optional, Tuple, cast
 
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_REQUEST
 
 from .. import hostkeys
@@ -29,6 +30,7 @@ log = logging.getLogger("remowt.ssh")
 Prompter = Callable[[str], str]
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 WINDOW_SIZE = 8 * 1024 * 1024
+MAX_EXPECT = WINDOW_SIZE // 4  # a reader waits for at most this much: the window must let the peer send it
 MAX_PACKET_SIZE = 32768
 STDERR_TAIL = 8192
 CLOSE_TIMEOUT = 5.0
@@ -107,36 +109,86 @@ class ParamikoTransport(paramiko.Transport):
                 log.exception("deferred ssh channel message failed")
 
 
-class _Readiness:
-    """The event a paramiko buffer sets and clears, plus a kick for :meth:`Transport.interrupt`."""
+class _Inbox:
+    """A channel's input buffer (in place of paramiko's): packets kept as they came, a reader woken when enough are.
+
+    paramiko's buffer copies every byte three times (into an array, a slice of
+    it, bytes of the slice) and wakes its reader for every packet (32 KiB from
+    OpenSSH). Here a packet is kept as the bytes paramiko made; a read takes
+    them (joined when there are several), and :meth:`wait` sleeps until
+    ``want`` bytes are there, so a reader gathering a large frame wakes once
+    for it, not once per packet. It offers what ``paramiko.Channel`` uses of
+    its ``in_buffer``.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._ready = False
+        self._parts: Deque[bytes] = collections.deque()
+        self._size = 0
+        self._closed = False
         self._kicked = False
+        self.want = 1
 
-    def set(self) -> None:
+    def feed(self, data: bytes) -> None:
         with self._cond:
-            self._ready = True
+            self._parts.append(data)
+            self._size += len(data)
+            if self._size >= self.want:
+                self._cond.notify_all()
+
+    def read_ready(self) -> bool:
+        return self._size > 0
+
+    def read(self, nbytes: int, timeout: Optional[float] = None) -> bytes:
+        """Up to ``nbytes``, waiting for some as paramiko's buffer does (``PipeTimeout`` after ``timeout``)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._size or self._closed, timeout):
+                raise PipeTimeout()
+            parts = self._parts
+            if self._size <= nbytes:
+                taken = list(parts)
+                parts.clear()
+            else:
+                taken = []
+                left = nbytes
+                while left:
+                    part = parts.popleft()
+                    if len(part) > left:
+                        parts.appendleft(part[left:])
+                        part = part[:left]
+                    taken.append(part)
+                    left -= len(part)
+            data = taken[0] if len(taken) == 1 else b"".join(taken)
+            self._size -= len(data)
+            return data
+
+    def empty(self) -> bytes:
+        with self._cond:
+            data = b"".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            return data
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
             self._cond.notify_all()
 
-    def clear(self) -> None:
-        with self._cond:
-            self._ready = False
-
-    def is_set(self) -> bool:
-        return self._ready
-
     def kick(self) -> None:
+        """Make the current (or next) :meth:`wait` return at once."""
         with self._cond:
             self._kicked = True
             self._cond.notify_all()
 
     def wait(self, timeout: Optional[float]) -> bool:
+        """Wait until ``want`` bytes are there, the channel ended, or a kick; False after ``timeout``."""
         with self._cond:
-            ready = self._cond.wait_for(lambda: self._ready or self._kicked, timeout)
+            ready = self._cond.wait_for(lambda: self._size >= self.want or self._closed or self._kicked, timeout)
             self._kicked = False
             return ready
+
+    def __len__(self) -> int:
+        return self._size
 
 
 class ChannelTransport(Transport):
@@ -149,10 +201,11 @@ class ChannelTransport(Transport):
     name = "ssh"
 
     def __init__(self, channel: paramiko.Channel, description: str) -> None:
+        """Take over ``channel``'s input: call before its command runs, while nothing was received."""
         self.channel = channel
         self.description = description
-        self._readiness = _Readiness()
-        channel.in_buffer.set_event(cast("threading.Event", self._readiness))
+        self._inbox = _Inbox()
+        channel.in_buffer = cast("BufferedPipe[bytes]", self._inbox)
         self._stderr = bytearray()
         self._stderr_lock = threading.Lock()
         self._closed = False
@@ -188,10 +241,13 @@ class ChannelTransport(Transport):
     def wait_readable(self, timeout: Optional[float]) -> bool:
         if self._closed:
             return True
-        return self._readiness.wait(timeout)
+        return self._inbox.wait(timeout)
+
+    def expect(self, count: int) -> None:
+        self._inbox.want = max(1, min(count, MAX_EXPECT))
 
     def interrupt(self) -> None:
-        self._readiness.kick()
+        self._inbox.kick()
 
     def write(self, data: memoryview, block: bool) -> int:
         channel = self.channel
@@ -216,7 +272,7 @@ class ChannelTransport(Transport):
             return
         self._closed = True
         self.channel.close()
-        self._readiness.kick()
+        self._inbox.kick()
         if threading.current_thread() is not self._stderr_thread:
             self._stderr_thread.join(CLOSE_TIMEOUT)
 
@@ -251,10 +307,15 @@ class SshSession:
         """Run ``command`` (a shell line) on the host; its stdin and stdout are the returned transport."""
         try:
             channel = self.transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
-            channel.exec_command(command)
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise SshError(f"{self.target}: cannot run a command: {e}") from e
-        return ChannelTransport(channel, description or f"{self.target.alias}")
+        transport = ChannelTransport(channel, description or f"{self.target.alias}")
+        try:
+            channel.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            transport.close()
+            raise SshError(f"{self.target}: cannot run a command: {e}") from e
+        return transport
 
     def close(self) -> None:
         self._stop.set()

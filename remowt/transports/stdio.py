@@ -133,21 +133,32 @@ class FdTransport(Transport):
             self._leave()
 
     def splice_from(self, fd: int, count: int, block: bool) -> int:
+        """Move what it can; with ``block``, all ``count`` bytes unless the transport closes meanwhile.
+
+        A blocking move waits for room before each further splice: a full pipe
+        drains a packet at a time (32 KiB through sshd), and trying first would
+        raise, and catch, an ``EAGAIN`` for each.
+        """
         assert _splice is not None
         if not self._enter():
             raise BrokenPipeError("transport is closed")
+        total = 0
         try:
             while True:
                 try:
-                    moved = _splice(fd, self._wfd, count, flags=_SPLICE_FLAGS)
+                    moved = _splice(fd, self._wfd, count - total, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     if not block:
                         return 0
                 else:
                     if not moved:
                         raise BrokenPipeError(f"pipe {fd} ended before the {count} bytes it held were moved")
-                    return moved
+                    total += moved
+                    if total == count or not block:
+                        return total
                 if not self._wait_writable():
+                    if total:
+                        return total
                     raise BrokenPipeError("transport is closed")
         finally:
             self._leave()
