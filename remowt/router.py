@@ -364,7 +364,7 @@ class Router:
             out = self._routes.next_hop(message.dst)
         if out is not None and out is not link:
             if isinstance(body, wire.Data):  # a piece of a payload the link read apart from its frame
-                out.send(wire.encode(body))
+                out.send(*wire.data_frame(body))
             else:
                 out.send(wire.HEADER.pack(len(body)), body)
         elif isinstance(message, wire.Call):

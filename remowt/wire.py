@@ -202,6 +202,12 @@ class DataFramer:
         return HEADER.pack(len(envelope) + _BIN32.size + size) + envelope + _BIN32.pack(0xC6, size)
 
 
+def data_frame(message: Data) -> Tuple[bytes, memoryview]:
+    """``message`` as a frame head and its payload, the payload not copied."""
+    framer = DataFramer(message.src, message.dst, message.sid, message.from_opener)
+    return framer.header(len(message.data)), message.data
+
+
 _EMPTY_BIN = b"\xc4\x00"
 _BIN32 = struct.Struct(">BI")
 

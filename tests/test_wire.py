@@ -160,6 +160,15 @@ def test_split_payload_read_exactly_is_handed_out_whole() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_data_frame_matches_encode() -> None:
+    message = wire.Data(wire.USER, wire.plugin(3), 2**33, True, memoryview(b"abc" * 100))
+    head, payload = wire.data_frame(message)
+    assert payload is message.data
+    (body,) = wire.FrameReader().feed(head + bytes(payload))
+    assert msgspec.msgpack.encode(wire.decode(body)) == msgspec.msgpack.encode(message)
+
+
+@pytest.mark.timeout(30)
 def test_frame_reader_does_not_split_a_data_frame_of_the_wrong_length() -> None:
     body = bytes(wire.encode(wire.Data(wire.AGENT, wire.USER, 1, False, memoryview(b"q" * 1000))))[4:]
     bad = body + b"extra"  # the payload no longer runs to the end of the body
