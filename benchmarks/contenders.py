@@ -228,3 +228,20 @@ def remowt_communicate_stdout(size: int) -> Factory:
             yield communicate
 
     return factory
+
+
+def subprocess_communicate_stdout(size: int) -> Factory:
+    """A factory collecting ``size`` bytes of the same child's stdout with CPython's own ``communicate()``."""
+
+    @contextlib.contextmanager
+    def factory() -> Iterator[Operation]:
+        def communicate() -> int:
+            with subprocess.Popen(head_argv(size), stdout=subprocess.PIPE) as proc:
+                out, _ = proc.communicate()
+            if len(out) != size:
+                raise RuntimeError(f"communicate gave {len(out)} bytes, expected {size}")
+            return len(out)
+
+        yield communicate
+
+    return factory

@@ -140,10 +140,11 @@ def communicate_group(quick: bool) -> Group:
         contenders=[
             Contender("remowt communicate", c.remowt_communicate_stdout(size), requires=("remowt",)),
             Contender("raw pipe os.read", c.raw_pipe_stdout(size)),
+            Contender("subprocess communicate", c.subprocess_communicate_stdout(size), note="info only"),
         ],
         targets=[Target("remowt communicate", "raw pipe os.read", 0.4)],
         detail=f"`head -c {size // MiB}MiB /dev/zero`: remowt Popen(stdout=PIPE).communicate() "
-        "vs reading the same child's pipe with os.read",
+        "vs reading the same child's pipe with os.read; subprocess's own communicate() for context",
     )
 
 

@@ -23,6 +23,10 @@ from .transports.base import Transport
 log = logging.getLogger("remowt.link")
 # Read what is there, up to a window: a paramiko channel moves what a read leaves to its buffer's front.
 READ_SIZE = 8 * 1024 * 1024
+# Where small reads are cheap, a Data frame this big that a read does not hold whole has its payload read apart,
+# straight into the bytes the stream hands out; the read after such a payload takes little more than a frame head.
+SPLIT_SIZE = 64 * 1024
+HEAD_READ = 512
 SERVE_GRACE = 0.005
 SPIN = 0.00015  # how long a caller expecting a quick answer polls before sleeping
 
@@ -87,7 +91,7 @@ class Link:
     def __init__(
         self,
         transport: Transport,
-        on_frame: Callable[[Link, wire.Body], None],
+        on_frame: Callable[[Link, wire.Item], None],
         on_close: Callable[[Link, Optional[BaseException]], None],
         *,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
@@ -99,7 +103,8 @@ class Link:
         self.peer_max_frame = wire.DEFAULT_MAX_FRAME
         self._on_frame = on_frame
         self._on_close = on_close
-        self._frames = wire.FrameReader(max_frame)
+        self._frames = wire.FrameReader(max_frame, SPLIT_SIZE if transport.small_reads else 0)
+        self._read_size = READ_SIZE
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._backlog: List[_Item] = []
@@ -250,15 +255,19 @@ class Link:
         if self._eof:
             return False
         try:
+            frames = self._frames
             while True:
-                data = self.transport.read(READ_SIZE)
+                payload = frames.payload_left
+                data = self.transport.read(payload or self._read_size)
                 if data is None:
-                    self.transport.expect(self._frames.missing)
+                    self.transport.expect(frames.missing)
                     return True
                 if not data:
                     break
-                for body in self._frames.feed(data):
-                    self._on_frame(self, body)
+                items = frames.feed(data)
+                self._read_size = HEAD_READ if payload or frames.payload_left else READ_SIZE
+                for item in items:
+                    self._on_frame(self, item)
         except ProtocolError as e:
             log.warning("closing %s: %s", self.name, e)
             self._set_reason(e)

@@ -21,7 +21,7 @@ import threading
 from typing import Any, Callable, Deque, Optional, Set, Tuple, Union
 
 from .errors import ConnectionLost
-from .streams import MAX_CHUNK, Chunk, Stream
+from .streams import MAX_CHUNK, Chunk, Stream, as_bytes
 from .transports.stdio import enlarge_pipe
 
 
@@ -159,7 +159,7 @@ class StreamReader(_PipeFile):
     def read1(self, size: int = -1) -> Optional[bytes]:
         """At most ``size`` bytes as soon as any are there."""
         chunk = self.read_chunk(size)
-        return chunk if chunk is None or isinstance(chunk, bytes) else bytes(chunk)
+        return None if chunk is None else as_bytes(chunk)
 
     def read_chunk(self, size: int = -1) -> Optional[Chunk]:
         """:meth:`read1`, but a chunk the stream received comes as it is: maybe a view of its frame, uncopied."""

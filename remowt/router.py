@@ -291,8 +291,8 @@ class Router:
 
     # --- incoming (reader threads) ---------------------------------------
 
-    def _on_frame(self, link: Link, body: wire.Body) -> None:
-        message = wire.decode(body)
+    def _on_frame(self, link: Link, body: wire.Item) -> None:
+        message = body if isinstance(body, wire.Data) else wire.decode(body)
         if link.peer is None:
             self._on_hello(link, message)
         elif isinstance(message, wire.Hello):
@@ -359,11 +359,14 @@ class Router:
                 link.send(wire.encode(wire.Routes(advert)))
         self._routes_changed.notify_all()
 
-    def _forward(self, link: Link, message: wire.Routed, body: wire.Body) -> None:
+    def _forward(self, link: Link, message: wire.Routed, body: wire.Item) -> None:
         with self._lock:
             out = self._routes.next_hop(message.dst)
         if out is not None and out is not link:
-            out.send(wire.HEADER.pack(len(body)), body)
+            if isinstance(body, wire.Data):  # a piece of a payload the link read apart from its frame
+                out.send(*wire.data_frame(body))
+            else:
+                out.send(wire.HEADER.pack(len(body)), body)
         elif isinstance(message, wire.Call):
             self._fail_call(message, Unreachable(f"{self.address} has no route to {message.dst!r}"))
         elif isinstance(message, (wire.Open, wire.Data, wire.Eof)):

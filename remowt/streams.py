@@ -28,6 +28,16 @@ Buffer = Union[bytes, bytearray, memoryview]
 Chunk = Union[bytes, memoryview]
 
 
+def as_bytes(chunk: Chunk) -> bytes:
+    """``chunk`` as bytes: not copied when it is bytes, or a view of all of a bytes object."""
+    if isinstance(chunk, bytes):
+        return chunk
+    whole = chunk.obj
+    if type(whole) is bytes and chunk.contiguous and chunk.nbytes == len(whole):
+        return whole
+    return bytes(chunk)
+
+
 def _deadline(timeout: Optional[float]) -> Optional[float]:
     return None if timeout is None else time.monotonic() + timeout
 
@@ -81,8 +91,7 @@ class Stream:
         """
         if size < 0:
             return self.readall(timeout)
-        chunk = self.read_chunk(size, timeout)
-        return chunk if isinstance(chunk, bytes) else bytes(chunk)
+        return as_bytes(self.read_chunk(size, timeout))
 
     def read_chunk(self, size: int, timeout: Optional[float] = None) -> Chunk:
         """What :meth:`read` returns for ``size`` >= 0, but as it arrived: maybe a memoryview of its frame."""

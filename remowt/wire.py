@@ -152,6 +152,8 @@ class Reset(msgspec.Struct, tag="reset", array_like=True):
 
 
 Body = Union[bytes, memoryview]
+#: What :meth:`FrameReader.feed` gives: frame bodies, and (when it splits payloads) already decoded ``Data``.
+Item = Union[bytes, memoryview, Data]
 Routed = Union[Call, Notify, Reply, Fail, Open, Data, Credit, Eof, Reset]
 StreamMessage = Union[Open, Data, Credit, Eof, Reset]
 Message = Union[Hello, Routes, Call, Notify, Reply, Fail, Open, Data, Credit, Eof, Reset]
@@ -200,6 +202,12 @@ class DataFramer:
         return HEADER.pack(len(envelope) + _BIN32.size + size) + envelope + _BIN32.pack(0xC6, size)
 
 
+def data_frame(message: Data) -> Tuple[bytes, memoryview]:
+    """``message`` as a frame head and its payload, the payload not copied."""
+    framer = DataFramer(message.src, message.dst, message.sid, message.from_opener)
+    return framer.header(len(message.data)), message.data
+
+
 _EMPTY_BIN = b"\xc4\x00"
 _BIN32 = struct.Struct(">BI")
 
@@ -231,22 +239,33 @@ class FrameReader:
     it, without copying. A frame split across chunks is gathered into a
     buffer of its own, allocated once its size is known, so each of its
     bytes is copied once.
+
+    With ``split``, a :class:`Data` frame of at least that many bytes that a
+    chunk does not hold whole is not gathered: its message is decoded at
+    once and its payload comes out as it is fed, as ``Data`` messages each
+    holding a piece of it (:attr:`payload_left` says how much is to come,
+    so the reader can read exactly that, each piece then being a whole chunk).
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, split: int = 0) -> None:
         if max_frame < 16:
             raise ValueError(f"max_frame must be at least 16 bytes, got {max_frame}")
         self.max_frame = max_frame
+        self._split = split
         self._head = bytearray()
         self._body: Optional[bytearray] = None
         self._have = 0
+        self._data: Optional[Data] = None
+        self.payload_left = 0
 
-    def feed(self, data: Body) -> List[Body]:
-        """Take more bytes; return the complete frame bodies they finish."""
-        out: List[Body] = []
+    def feed(self, data: Body) -> List[Item]:
+        """Take more bytes; return the complete frame bodies (and payload pieces) they finish."""
+        out: List[Item] = []
         view = memoryview(data)
         pos = 0
         end = len(view)
+        if self.payload_left:
+            pos = self._piece(view, 0, end, out)
         if self._head:
             pos = min(HEADER.size - len(self._head), end)
             self._head += view[:pos]
@@ -258,22 +277,49 @@ class FrameReader:
             pos = self._gather(view, pos, out)
         while end - pos >= HEADER.size:
             size = self._check(HEADER.unpack_from(view, pos)[0])
-            if end - pos - HEADER.size < size:
-                self._start(size)
-                self._gather(view, pos + HEADER.size, out)
-                return out
             pos += HEADER.size
+            if end - pos < size:
+                if not (self._split and size >= self._split and self._split_data(view, pos, end, size, out)):
+                    self._start(size)
+                    self._gather(view, pos, out)
+                return out
             out.append(view[pos : pos + size])
             pos += size
         if pos < end:
             self._head += view[pos:]
         return out
 
+    def _split_data(self, view: memoryview, pos: int, end: int, size: int, out: List[Item]) -> bool:
+        """Start splitting the ``size``-byte frame at ``pos``; False when it is no Data frame (or not known yet)."""
+        bounds = _payload_bounds(view[pos:end], size)
+        if bounds is None:
+            return False
+        bin_at, payload_at = bounds
+        message = decode(bytes(view[pos : pos + bin_at]) + _EMPTY_BIN)
+        if not isinstance(message, Data):
+            return False
+        self._data = message
+        self.payload_left = size - payload_at
+        self._piece(view, pos + payload_at, end, out)
+        return True
+
+    def _piece(self, view: memoryview, pos: int, end: int, out: List[Item]) -> int:
+        """Give what ``view`` holds of the split payload as a ``Data``; return the position after it."""
+        data = self._data
+        assert data is not None
+        take = min(self.payload_left, end - pos)
+        if take:
+            out.append(Data(data.src, data.dst, data.sid, data.from_opener, view[pos : pos + take]))
+            self.payload_left -= take
+            if not self.payload_left:
+                self._data = None
+        return pos + take
+
     def _start(self, size: int) -> None:
         self._body = bytearray(self._check(size))
         self._have = 0
 
-    def _gather(self, view: memoryview, pos: int, out: List[Body]) -> int:
+    def _gather(self, view: memoryview, pos: int, out: List[Item]) -> int:
         """Copy what ``view`` holds of the frame being gathered; return the position after it."""
         body = self._body
         assert body is not None
@@ -293,6 +339,8 @@ class FrameReader:
     @property
     def missing(self) -> int:
         """Bytes still needed to finish the frame begun (1 between frames: any byte starts the next)."""
+        if self.payload_left:
+            return self.payload_left
         if self._body is not None:
             return len(self._body) - self._have
         return HEADER.size - len(self._head) if self._head else 1
@@ -301,3 +349,45 @@ class FrameReader:
     def pending(self) -> int:
         """Bytes held that do not yet make a whole frame."""
         return len(self._head) + (HEADER.size + self._have if self._body is not None else 0)
+
+
+_DATA_START = b"\x96\xa4data"  # a six-element array, then the tag: what DataFramer's envelopes begin with
+_INT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN_SIZES = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _payload_bounds(head: memoryview, size: int) -> Optional[Tuple[int, int]]:
+    """Where the payload's bin header and the payload start, if ``head`` begins a ``size``-byte Data body.
+
+    None when it is not one, or the payload does not run to the body's end,
+    or ``head`` is too short to tell.
+    """
+    if head[: len(_DATA_START)] != _DATA_START:
+        return None
+    pos = len(_DATA_START)
+    try:
+        for _ in range(2):  # src and dst
+            kind = head[pos]
+            if 0xA0 <= kind <= 0xBF:
+                pos += 1 + (kind & 0x1F)
+            elif kind == 0xD9:
+                pos += 2 + head[pos + 1]
+            else:
+                return None
+        kind = head[pos]  # sid
+        if kind >= 0x80 and kind not in _INT_SIZES:
+            return None
+        pos += 1 + _INT_SIZES.get(kind, 0)
+        if head[pos] not in (0xC2, 0xC3):  # from_opener
+            return None
+        bin_at = pos + 1
+        width = _BIN_SIZES.get(head[bin_at])
+        if width is None:
+            return None
+        length = int.from_bytes(head[bin_at + 1 : bin_at + 1 + width], "big")
+    except IndexError:
+        return None
+    payload_at = bin_at + 1 + width
+    if payload_at > len(head) or payload_at + length != size:
+        return None
+    return bin_at, payload_at

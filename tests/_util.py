@@ -97,11 +97,20 @@ def reap_quietly(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def connect_routers(a: Router, b: Router, timeout: float = 10.0) -> Tuple[object, object]:
-    """Link two routers over a fresh loopback pair; returns (link at a, link at b)."""
+def fd_pair() -> Tuple[object, object]:
+    """Two FdTransports joined by a pair of OS pipes (the agent's kind of link)."""
+    from remowt.transports.stdio import FdTransport
+
+    a_read, b_write = os.pipe()
+    b_read, a_write = os.pipe()
+    return FdTransport(a_read, a_write), FdTransport(b_read, b_write)
+
+
+def connect_routers(a: Router, b: Router, timeout: float = 10.0, fds: bool = False) -> Tuple[object, object]:
+    """Link two routers over a fresh loopback pair (or ``fds``: OS pipes); returns (link at a, link at b)."""
     from remowt.transports import loopback
 
-    ta, tb = loopback.pair()
+    ta, tb = fd_pair() if fds else loopback.pair()
     result: Dict[str, object] = {}
 
     def other_end() -> None:

@@ -212,3 +212,28 @@ def test_answer_from_wrong_node_is_ignored() -> None:
             peer.close()
         user.close()
         agent.close()
+
+
+@pytest.mark.timeout(60)
+def test_stream_through_a_router_over_pipes_splits_and_forwards_payloads() -> None:
+    """Over fd links big Data payloads are read apart from their frames; the middle router forwards the pieces."""
+    routers = [Router(a) for a in (wire.USER, wire.AGENT, P1)]
+    for router in routers:
+        router.register(Control(router.address))
+    try:
+        for a, b in zip(routers, routers[1:]):
+            connect_routers(a, b, fds=True)
+        user, plugin = routers[0], routers[2]
+        assert user.wait_reachable(P1, 10)
+        sent = bytes(range(251)) * (3 * 4096 + 7)  # several windows, in frames big enough to split
+        out = user.open_stream(P1)
+        proxy(ControlApi, user, P1, timeout=10).ping()  # arrives after the Open: the stream is there now
+        into = plugin.accept_stream(wire.USER, out.sid)
+        writer = threading.Thread(target=lambda: (out.write(sent, timeout=30), out.close_write()), daemon=True)
+        writer.start()
+        got = into.readall(timeout=30)
+        writer.join(30)
+        assert got == sent
+    finally:
+        for router in routers:
+            router.close()

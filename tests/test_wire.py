@@ -12,7 +12,7 @@ from _util import RawPeer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from remowt import wire
+from remowt import streams, wire
 from remowt.errors import ProtocolError
 from remowt.router import Router
 from remowt.transports import loopback
@@ -91,6 +91,107 @@ def test_frame_reader_any_split(cuts: List[int]) -> None:
         bodies.extend(bytes(b) for b in reader.feed(piece))
     assert b"".join(wire.frame(b) for b in bodies) == data
     assert reader.pending == 0
+
+
+BIG = 300
+
+
+def split_stream() -> List[wire.Message]:
+    """Messages with Data frames big enough to split (as DataFramer and as encode write them), and others."""
+    framer = wire.DataFramer(wire.AGENT, wire.plugin(7), 2**40, False)
+    payload = bytes(range(256)) * 2
+    return [
+        *SAMPLES,
+        wire.Data(wire.AGENT, wire.USER, 5, False, memoryview(b"x" * BIG)),
+        wire.decode(bytes(framer.header(len(payload)))[4:] + payload),
+        wire.Call(3, wire.USER, wire.AGENT, 1, 2, msgspec.Raw(wire.encode_value(b"y" * BIG))),
+        wire.Data(wire.USER, wire.AGENT_PRIVILEGED, 200, True, memoryview(b"z" * (BIG + 70000))),
+        wire.Eof(wire.USER, wire.AGENT, 4, True),
+    ]
+
+
+def merged(messages: List[wire.Message]) -> List[object]:
+    """The messages with consecutive Data of one stream joined, as comparable values."""
+    out: List[object] = []
+    for message in messages:
+        if isinstance(message, wire.Data):
+            key = (message.src, message.dst, message.sid, message.from_opener)
+            if out and isinstance(out[-1], tuple) and out[-1][0] == key:
+                out[-1] = (key, out[-1][1] + bytes(message.data))
+                continue
+            out.append((key, bytes(message.data)))
+        else:
+            out.append(msgspec.msgpack.encode(message))
+    return out
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=75000), max_size=20))
+def test_frame_reader_splits_big_data_payloads(cuts: List[int]) -> None:
+    messages = split_stream()
+    data = b"".join(bytes(wire.encode(m)) for m in messages)
+    points = sorted({min(c, len(data)) for c in cuts})
+    reader = wire.FrameReader(split=BIG)
+    got: List[wire.Message] = []
+    for a, b in zip([0, *points], [*points, len(data)]):
+        for item in reader.feed(data[a:b]):
+            if isinstance(item, wire.Data):
+                got.append(wire.Data(item.src, item.dst, item.sid, item.from_opener, memoryview(bytes(item.data))))
+            else:
+                got.append(wire.decode(bytes(item)))
+    assert merged(got) == merged(messages)
+    assert reader.pending == 0 and reader.payload_left == 0
+
+
+@pytest.mark.timeout(30)
+def test_split_payload_read_exactly_is_handed_out_whole() -> None:
+    framer = wire.DataFramer(wire.AGENT, wire.USER, 9, False)
+    payload = b"p" * 1000
+    frame = bytes(framer.header(len(payload))) + payload
+    reader = wire.FrameReader(split=BIG)
+    (first,) = reader.feed(frame[:100])
+    assert isinstance(first, wire.Data) and bytes(first.data) == payload[: 100 - len(frame) + len(payload)]
+    rest = frame[100:]
+    assert reader.payload_left == len(rest)
+    (second,) = reader.feed(rest)
+    assert isinstance(second, wire.Data) and second.data.obj is rest and second.data.nbytes == len(rest)
+    assert streams.as_bytes(second.data) is rest
+
+
+@pytest.mark.timeout(30)
+def test_data_frame_matches_encode() -> None:
+    message = wire.Data(wire.USER, wire.plugin(3), 2**33, True, memoryview(b"abc" * 100))
+    head, payload = wire.data_frame(message)
+    assert payload is message.data
+    (body,) = wire.FrameReader().feed(head + bytes(payload))
+    assert msgspec.msgpack.encode(wire.decode(body)) == msgspec.msgpack.encode(message)
+
+
+@pytest.mark.timeout(30)
+def test_frame_reader_does_not_split_a_data_frame_of_the_wrong_length() -> None:
+    body = bytes(wire.encode(wire.Data(wire.AGENT, wire.USER, 1, False, memoryview(b"q" * 1000))))[4:]
+    bad = body + b"extra"  # the payload no longer runs to the end of the body
+    reader = wire.FrameReader(split=BIG)
+    assert reader.feed(wire.frame(bad)[:200]) == []
+    (item,) = reader.feed(wire.frame(bad)[200:])
+    assert not isinstance(item, wire.Data)
+    with pytest.raises(ProtocolError):
+        wire.decode(item)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("split", [0, BIG])
+def test_frame_reader_missing_is_what_the_frame_begun_lacks(split: int) -> None:
+    frame = bytes(wire.encode(wire.Data(wire.AGENT, wire.USER, 1, False, memoryview(b"m" * 1000))))
+    reader = wire.FrameReader(split=split)
+    assert reader.missing == 1
+    reader.feed(frame[:2])
+    assert reader.missing == 2
+    reader.feed(frame[2:100])
+    assert reader.missing == len(frame) - 100
+    reader.feed(frame[100:])
+    assert reader.missing == 1
 
 
 @pytest.mark.timeout(30)

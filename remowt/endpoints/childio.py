@@ -26,6 +26,7 @@ from ..streams import MAX_CHUNK, Stream
 log = logging.getLogger("remowt.childio")
 _OUTPUT = select.EPOLLIN | select.EPOLLONESHOT
 _FIONREAD = struct.Struct("i")
+SPLICE_CHUNK = 1024 * 1024  # at most this much in one spliced frame: what a pipe holds
 ROUNDS = 4  # rounds of events gathered into one write at most (more would delay what is held)
 
 
@@ -178,7 +179,7 @@ class ChildIO:
                 stream.when_writable(lambda: self._arm(fd))
             return
         if readable and stream.splices:
-            count = min(_available(fd), credit, MAX_CHUNK)
+            count = min(_available(fd), credit, SPLICE_CHUNK)
             if count:  # else end of output, or nothing after all: the read says which
                 try:
                     stream.splice_from(fd, count, lambda sent: self._spliced(fd, stream, sent))

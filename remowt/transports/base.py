@@ -53,6 +53,9 @@ class Transport(abc.ABC):
     #: Whether ``wait_readable(0)`` is a quick system call (letting other threads run), so polling is cheap.
     polls = False
 
+    #: Whether reading less than is there costs no more than reading it all (so payloads can be read apart).
+    small_reads = False
+
     #: Whether :meth:`splice_from` works on this transport.
     splices = False
 

@@ -40,6 +40,7 @@ class FdTransport(Transport):
 
     name = "fd"
     polls = True
+    small_reads = True
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self._rfd = read_fd
