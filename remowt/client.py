@@ -20,7 +20,7 @@ from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
 from .errors import ConnectionLost, RemoteError, RemowtError, Unreachable
 from .link import Link, held_sends, holding_sends
 from .pipes import FdWriter
-from .process import RemoteProcess
+from .process import OutputHandler, RemoteProcess
 from .prompt import Prompter, check_prompter, has_terminal, terminal_prompter
 from .router import Router
 from .service import proxy
@@ -46,6 +46,9 @@ class _ProcessEvents(ProcessEventsApi):
 
     def exited(self, handle: int, returncode: int) -> None:
         self._connection._process_exited(handle, returncode)
+
+    def output(self, handle: int, name: str, sid: int) -> None:
+        self._connection._process_output(handle, name, sid)
 
 
 class Remowt:
@@ -196,6 +199,7 @@ class Remowt:
         group: Union[int, str, None] = None,
         extra_groups: Optional[Sequence[Union[int, str]]] = None,
         keep_on_disconnect: bool = False,
+        outputs: Optional[Mapping[str, OutputHandler]] = None,
     ) -> RemoteProcess:
         """Start ``argv`` on the target.
 
@@ -207,6 +211,12 @@ class Remowt:
         otherwise; ``user``, ``group``, ``extra_groups``, ``umask`` and
         ``restore_signals`` are applied on the target as :mod:`subprocess`
         does. Children die with the connection unless ``keep_on_disconnect``.
+
+        ``outputs`` maps ``"stdout"`` or ``"stderr"`` (whose mode is then
+        ignored) to a handler of an output opened only when needed: it gets the
+        stream once the child writes there, or exits with the pipe still open,
+        else None when the child exits. It runs on the thread reading the link,
+        before anything arrives on the stream, and must not block.
         """
         args = [str(a) for a in argv]
         if not args:
@@ -216,6 +226,13 @@ class Remowt:
         _check_mode("stdin", stdin, (PIPE, DEVNULL))
         _check_mode("stdout", stdout, (PIPE, DEVNULL))
         _check_mode("stderr", stderr, (PIPE, DEVNULL, STDOUT))
+        lazy = dict(outputs or {})
+        if not set(lazy) <= {"stdout", "stderr"}:
+            raise ValueError(f"outputs may name stdout and stderr, got {sorted(lazy)}")
+        if "stdout" in lazy:
+            stdout = DEVNULL
+        if "stderr" in lazy:
+            stderr = DEVNULL
         opened: List[Stream] = []
 
         def open_pipe(mode: int, reader: bool) -> Optional[Stream]:
@@ -234,7 +251,7 @@ class Remowt:
             with held_sends():  # releases, stream opens and the call leave in one write
                 self._send_releases()
                 streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
-                process = RemoteProcess(self, self._subprocess, handle, args, *streams)
+                process = RemoteProcess(self, self._subprocess, handle, args, *streams, lazy)
                 with self._lock:
                     if self._closed:
                         raise ConnectionLost(f"{self!r} is closed")
@@ -258,6 +275,8 @@ class Remowt:
                     group=group,
                     extra_groups=None if extra_groups is None else list(extra_groups),
                     keep_on_disconnect=keep_on_disconnect,
+                    lazy_stdout="stdout" in lazy,
+                    lazy_stderr="stderr" in lazy,
                 )
                 pending = self.router.call(
                     self.agent, SubprocessApi.namespace, _SPAWN.number, _SPAWN.encode_args((spec,), {})
@@ -292,6 +311,14 @@ class Remowt:
             if not closed:  # else the agent forgets its children by itself when the connection goes
                 with self._lock:
                     self._releases.append((process.connection.agent, handle))  # the agent that ran it
+
+    def _process_output(self, handle: int, name: str, sid: int) -> None:
+        stream = self.router.accept_stream(self.router.caller(), sid)
+        stream.receive_only()
+        with self._lock:
+            process = self._processes.get(handle)
+        if process is None or not process._output_opened(name, stream):
+            stream.close()
 
     def _link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         if link is not self.link:

@@ -339,19 +339,28 @@ class FdToStream:
 
 
 class FdSink:
-    """One stream's bytes on their way to a local fd; ``done`` is set when all were written.
+    """One child output's bytes on their way to a local fd; ``done`` is set when all were written.
 
     It writes to its own copy of the fd, taken when it was made, so the
-    caller may close theirs (or reuse the number) as a local child's parent may.
+    caller may close theirs (or reuse the number) as a local child's parent
+    may. Its stream comes later (:meth:`FdWriter.attach`), or never when the
+    child writes nothing: then :meth:`finish` alone ends it.
     """
 
-    def __init__(self, stream: Stream, fd: int) -> None:
-        self.stream = stream
+    def __init__(self, fd: int) -> None:
+        self.stream: Optional[Stream] = None
         self.fd = os.dup(fd)
         self.done = threading.Event()
 
+    @property
+    def ended(self) -> bool:
+        """True once the end of the output arrived (its writer may still be busy)."""
+        return self.done.is_set() or (self.stream is not None and self.stream.ended)
+
     def finish(self) -> None:
-        self.stream.close()
+        """Close the stream, if any, and the fd copy."""
+        if self.stream is not None:
+            self.stream.close()
         os.close(self.fd)
         self.done.set()
 
@@ -377,11 +386,14 @@ class FdWriter:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
 
-    def attach(self, stream: Stream) -> FdSink:
-        """Send everything ``stream`` receives to this fd."""
-        sink = FdSink(stream, self.fd)
+    def sink(self) -> FdSink:
+        """A sink for one output, holding a copy of this fd taken now."""
+        return FdSink(self.fd)
+
+    def attach(self, sink: FdSink, stream: Stream) -> None:
+        """Send everything ``stream`` receives to ``sink`` (one of this writer's)."""
+        sink.stream = stream
         stream.deliver_to(lambda data: self._push(sink, data))
-        return sink
 
     def _push(self, sink: FdSink, data: Chunk) -> None:
         with self._cond:
@@ -415,9 +427,11 @@ class FdWriter:
                         view = view[os.write(sink.fd, view) :]
                 except OSError:
                     broken.add(sink)
-                    sink.stream.close()
+                    if sink.stream is not None:
+                        sink.stream.close()
                     continue
-                sink.stream.ack(len(data))
+                if sink.stream is not None:
+                    sink.stream.ack(len(data))
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread."""

@@ -26,6 +26,7 @@ from .pipes import FdSink, FdToStream, PipeEnd, Relay, StreamReader, StreamWrite
 if TYPE_CHECKING:
     from .client import Remowt
     from .process import RemoteProcess
+    from .streams import Stream
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -275,6 +276,12 @@ class Popen:
             if sudo:
                 conn = conn.privileged
             self.connection = conn
+            outputs = {
+                name: self._copy_output(choice)
+                for name in ("stdout", "stderr")
+                for choice in (choices[name],)
+                if isinstance(choice, int) and choice not in (PIPE, DEVNULL, STDOUT)
+            }
             process = conn.spawn(
                 argv,
                 executable=exe,
@@ -291,15 +298,32 @@ class Popen:
                 user=user,
                 group=group,
                 extra_groups=extra_groups,
+                outputs=outputs,
             )
         except BaseException:
             for choice in choices.values():
                 if isinstance(choice, PipeEnd):
                     choice.release()
+            for sink in self._sinks:
+                sink.finish()
             raise
         self._process = process
         self.pid = process.pid
         self._wire_stdio(process, choices, bufsize, line_buffering)
+
+    def _copy_output(self, fd: int) -> Callable[[Optional[Stream]], None]:
+        """The handler of an output copied to local ``fd``: the stream is opened only when there is output."""
+        writer = self.connection.fd_writer(fd)
+        sink = writer.sink()
+        self._sinks.append(sink)
+
+        def opened(stream: Optional[Stream]) -> None:
+            if stream is None:
+                sink.finish()
+            else:
+                writer.attach(sink, stream)
+
+        return opened
 
     def _wire_stdio(
         self, process: RemoteProcess, choices: Dict[str, Choice], bufsize: int, line_buffering: bool
@@ -336,8 +360,6 @@ class Popen:
                 if self.text_mode:
                     handle = io.TextIOWrapper(handle, encoding=self.encoding, errors=self.errors)
                 setattr(self, name, handle)
-            else:
-                self._sinks.append(self.connection.fd_writer(choice).attach(stream))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: returncode: {self.returncode} args: {self.args!r}>"
@@ -407,7 +429,7 @@ class Popen:
 
     def _sinks_ended(self) -> bool:
         """The link delivered the end of every copied output (their writers may still be busy)."""
-        return all(sink.stream.ended for sink in self._sinks)
+        return all(sink.ended for sink in self._sinks)
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child; nothing happens once it has exited."""

@@ -6,7 +6,7 @@ import contextlib
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
 from .endpoints.subprocess import SubprocessApi
 from .errors import ConnectionLost
@@ -14,6 +14,9 @@ from .streams import Stream
 
 if TYPE_CHECKING:
     from .client import Remowt
+
+
+OutputHandler = Callable[[Optional[Stream]], None]
 
 
 class RemoteProcess:
@@ -34,6 +37,7 @@ class RemoteProcess:
         stdin: Optional[Stream],
         stdout: Optional[Stream],
         stderr: Optional[Stream],
+        outputs: Optional[Mapping[str, OutputHandler]] = None,
     ) -> None:
         self.connection = connection
         self.args = args
@@ -46,16 +50,33 @@ class RemoteProcess:
         self._api = api
         self._exited = threading.Event()
         self._lost: Optional[ConnectionLost] = None
+        self._outputs: Dict[str, OutputHandler] = dict(outputs or {})
 
     def __repr__(self) -> str:
         return f"<RemoteProcess pid={self.pid} returncode={self.returncode} args={self.args!r}>"
 
+    def _output_opened(self, name: str, stream: Stream) -> bool:
+        """Give a lazy output's stream to its handler; False if none waits for it."""
+        handler = self._outputs.pop(name, None)
+        if handler is None:
+            return False
+        handler(stream)
+        return True
+
+    def _end_outputs(self) -> None:
+        """Lazy outputs that never opened will not: their handlers get None."""
+        outputs, self._outputs = self._outputs, {}
+        for handler in outputs.values():
+            handler(None)
+
     def _set_exited(self, returncode: int) -> None:
+        self._end_outputs()
         self.returncode = returncode
         self._exited.set()
 
     def _set_lost(self, error: ConnectionLost) -> None:
         if not self._exited.is_set():
+            self._end_outputs()
             self._lost = error
             self._exited.set()
 

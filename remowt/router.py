@@ -263,11 +263,14 @@ class Router:
 
     # --- streams --------------------------------------------------------
 
-    def open_stream(self, dst: str, window: int = DEFAULT_WINDOW) -> Stream:
-        """Open a stream to ``dst``; pass ``stream.sid`` to the peer to accept it."""
+    def open_stream(self, dst: str, window: int = DEFAULT_WINDOW, *, one_way: bool = False) -> Stream:
+        """Open a stream to ``dst``; pass ``stream.sid`` to the peer to accept it.
+
+        ``one_way``: only this side writes; the peer accepts it with :meth:`Stream.receive_only`.
+        """
         with self._lock:
             link = self._route_locked(dst)
-            stream = Stream(self, dst, self.address, next(self._stream_ids), window)
+            stream = Stream(self, dst, self.address, next(self._stream_ids), window, one_way)
             self._streams[stream.key] = stream
         link.send(wire.encode(wire.Open(self.address, dst, stream.sid, window)))
         return stream

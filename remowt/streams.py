@@ -54,7 +54,7 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
 class Stream:
     """One end of a bidirectional byte stream between two router addresses."""
 
-    def __init__(self, router: Router, peer: str, opener: str, sid: int, window: int) -> None:
+    def __init__(self, router: Router, peer: str, opener: str, sid: int, window: int, one_way: bool = False) -> None:
         self.router = router
         self.peer = peer
         self.key: StreamKey = (opener, sid)
@@ -65,7 +65,7 @@ class Stream:
         self._chunks: Deque[Chunk] = collections.deque()
         self._buffered = 0
         self._unacked = 0
-        self._remote_eof = False
+        self._remote_eof = one_way  # a one-way stream's opener only writes: the peer never will
         self._credit = window
         self._sent_eof = False
         self._error: Optional[BaseException] = None
@@ -202,6 +202,11 @@ class Stream:
                 return
             self._sent_eof = True
         self._send(wire.Eof(self.router.address, self.peer, self.sid, self._from_opener))
+
+    def receive_only(self) -> None:
+        """End this side's direction without telling the peer, who opened the stream one-way."""
+        with self._cond:
+            self._sent_eof = True
 
     def close(self) -> None:
         """Abandon the stream: the peer's writes fail with ``BrokenPipeError``."""

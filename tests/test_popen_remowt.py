@@ -212,6 +212,33 @@ def test_given_fds_may_be_closed_once_the_child_started(connection: remowt.Remow
     assert (tmp_path / "decoy").read_bytes() == b""
 
 
+def test_output_copied_to_a_fd_opens_no_stream_until_written(connection: remowt.Remowt, tmp_path: pathlib.Path) -> None:
+    # a child that has not written to its copied stdout/stderr costs no stream: only its stdin pipe is open
+    with open(tmp_path / "out", "wb") as out:
+        proc = connection.Popen(["sh", "-c", "read x; echo got $x"], stdin=PIPE, stdout=out, stderr=out)
+        assert connection.router.stream_count() == 1
+        assert proc.stdin is not None
+        proc.stdin.write(b"line\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    assert (tmp_path / "out").read_bytes() == b"got line\n"
+    assert connection.router.stream_count() == 0
+
+
+def test_output_of_a_grandchild_after_the_child_exited(connection: remowt.Remowt, tmp_path: pathlib.Path) -> None:
+    # the grandchild keeps the copied stdout open past the child's exit: what it writes then is copied too
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with open(tmp_path / "out", "wb") as out:
+        proc = connection.Popen(["sh", "-c", f"(read x < {fifo}; echo late $x) & exit 0"], stdout=out)
+        assert proc._process is not None
+        assert proc._process.wait(timeout=10) == 0  # the exit arrived; the grandchild still waits
+        with open(fifo, "wb") as feed:
+            feed.write(b"now\n")
+        assert proc.wait(timeout=10) == 0
+    assert (tmp_path / "out").read_bytes() == b"late now\n"
+
+
 def test_pipeline_across_two_connections(connection: remowt.Remowt, local: remowt.Remowt) -> None:
     first = connection.Popen(["sh", "-c", "echo one; echo two"], stdout=PIPE)
     second = local.Popen(["cat"], stdin=first.stdout, stdout=PIPE)

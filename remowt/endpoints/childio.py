@@ -5,11 +5,14 @@ a pipe only while its stream has credit, parks it when the credit runs out,
 and takes it back when the reader returns credit. A child that writes
 faster than its reader reads waits in its own pipe, as it would locally.
 Where the link allows, the bytes go from the child's pipe into the link by
-splice(2) and never pass through Python.
+splice(2) and never pass through Python. A :class:`LazyOutput` pipe gets its
+stream only once there is output (or its child exits with the pipe still
+open): a child that writes nothing costs no stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -17,9 +20,9 @@ import select
 import struct
 import termios
 import threading
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
-from ..errors import ConnectionLost
+from ..errors import ConnectionLost, Unreachable
 from ..link import held_sends
 from ..streams import MAX_CHUNK, Stream
 
@@ -41,6 +44,25 @@ class Child(Protocol):
     def wait(self) -> int: ...
 
 
+class LazyOutput:
+    """An output whose stream is opened on first need; every :meth:`open` gives the same stream."""
+
+    def __init__(self, opener: Callable[[], Stream]) -> None:
+        self._opener = opener
+        self._lock = threading.Lock()
+        self._stream: Optional[Stream] = None
+
+    def open(self) -> Stream:
+        """The stream, opened now unless it was already (``Unreachable`` or ``ConnectionLost`` if it cannot be)."""
+        with self._lock:
+            if self._stream is None:
+                self._stream = self._opener()
+            return self._stream
+
+
+Output = Union[Stream, LazyOutput]
+
+
 class ChildIO:
     """The loop; other threads hand it work with :meth:`watch_exit` and :meth:`pump`.
 
@@ -56,7 +78,8 @@ class ChildIO:
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._lock = threading.Lock()
         self._exits: Dict[int, Child] = {}
-        self._outputs: Dict[int, Stream] = {}
+        self._outputs: Dict[int, Output] = {}
+        self._lazy: Dict[int, List[Tuple[int, LazyOutput]]] = {}  # a child's lazy outputs, by its pid
         self._fallback: List[threading.Thread] = []
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
@@ -72,6 +95,12 @@ class ChildIO:
         except OSError:
             fd = -1
         if fd < 0:
+            # Its exit is reported from another thread: its outputs must be open before it is.
+            with self._lock:
+                lazy = self._lazy.pop(child.pid, [])
+            for _, output in lazy:
+                with contextlib.suppress(ConnectionLost, Unreachable):  # the loop ends that output
+                    output.open()
             thread = threading.Thread(target=self._wait_one, args=(child,), name="remowt-wait", daemon=True)
             self._fallback.append(thread)
             thread.start()
@@ -81,11 +110,17 @@ class ChildIO:
             self._epoll.register(fd, select.EPOLLIN)
             self._ensure_thread()
 
-    def pump(self, fd: int, stream: Stream) -> None:
-        """Copy pipe ``fd`` into ``stream`` until EOF; the loop owns and closes ``fd``."""
+    def pump(self, fd: int, stream: Output, pid: int = 0) -> None:
+        """Copy pipe ``fd`` into ``stream`` until EOF; the loop owns and closes ``fd``.
+
+        A :class:`LazyOutput` is opened at the first output, or before the exit
+        of child ``pid`` (watched after this call) is reported if the pipe is still open then.
+        """
         os.set_blocking(fd, False)
         with self._lock:
             self._outputs[fd] = stream
+            if isinstance(stream, LazyOutput):
+                self._lazy.setdefault(pid, []).append((fd, stream))
             self._epoll.register(fd, _OUTPUT)
             self._ensure_thread()
 
@@ -104,8 +139,9 @@ class ChildIO:
             outputs, self._outputs = self._outputs, {}
         for fd in exits:
             os.close(fd)
-        for fd, stream in outputs.items():
-            stream.close()
+        for fd, output in outputs.items():
+            if isinstance(output, Stream):
+                output.close()
             os.close(fd)
         self._epoll.close()
         os.close(self._wake_r)
@@ -167,10 +203,48 @@ class ChildIO:
             self._epoll.unregister(fd)
         os.close(fd)
         self._ends += 1
+        self._settle(child.pid)
         self._on_exit(child)
 
-    def _pump_once(self, fd: int, stream: Stream, readable: bool) -> None:
-        """Move what pipe ``fd`` holds into ``stream``; without ``readable`` it can only be its end."""
+    def _settle(self, pid: int) -> None:
+        """Before child ``pid``'s exit is reported: open its lazy outputs that may still bring output."""
+        with self._lock:
+            lazy = self._lazy.pop(pid, [])
+        for fd, output in lazy:
+            with self._lock:
+                if self._outputs.get(fd) is not output:  # opened or ended already
+                    continue
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            events = poller.poll(0)
+            if events and not events[0][1] & select.POLLIN:  # its end, with nothing written
+                self._end_output(fd, output)
+            else:  # output waits, or someone else (a grandchild) still holds the pipe
+                self._open(fd, output)
+
+    def _open(self, fd: int, output: LazyOutput) -> Optional[Stream]:
+        """The stream of a lazy output, now in its place; None (the output ended) if it cannot be opened."""
+        try:
+            stream = output.open()
+        except (ConnectionLost, Unreachable):
+            self._end_output(fd, output)
+            return None
+        with self._lock:
+            if self._outputs.get(fd) is output:
+                self._outputs[fd] = stream
+        return stream
+
+    def _pump_once(self, fd: int, output: Output, readable: bool) -> None:
+        """Move what pipe ``fd`` holds into its stream; without ``readable`` it can only be its end."""
+        if isinstance(output, LazyOutput):
+            if not readable:  # the end, with nothing written: no stream needed
+                self._end_output(fd, output)
+                return
+            opened = self._open(fd, output)
+            if opened is None:
+                return
+            output = opened
+        stream = output
         credit = stream.credit()
         if credit <= 0:
             if stream.broken:
@@ -210,12 +284,13 @@ class ChildIO:
         else:  # the link is gone
             self._end_output(fd, stream)
 
-    def _end_output(self, fd: int, stream: Stream) -> None:
+    def _end_output(self, fd: int, output: Output) -> None:
         with self._lock:
             if self._outputs.pop(fd, None) is None:  # stop() got there first
                 return
             self._epoll.unregister(fd)
-        stream.close()  # before the fd number can be reused: a callback it runs must not arm another pipe
+        if isinstance(output, Stream):
+            output.close()  # before the fd number can be reused: a callback it runs must not arm another pipe
         os.close(fd)
         self._ends += 1
 

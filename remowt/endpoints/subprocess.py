@@ -8,6 +8,7 @@ it. Exits are pushed to the caller's :class:`ProcessEventsApi` as they happen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -24,13 +25,19 @@ from ..router import Router
 from ..service import Service, proxy, rpc
 from ..streams import MAX_CHUNK, Stream
 from ..transports.stdio import enlarge_pipe
-from .childio import Child, ChildIO
+from .childio import Child, ChildIO, LazyOutput
 
 log = logging.getLogger("remowt.subprocess")
 
 
 class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How to start a child. Stdio fields name streams the caller opened; None is /dev/null."""
+    """How to start a child. Stdio fields name streams the caller opened; None is /dev/null.
+
+    ``lazy_stdout`` / ``lazy_stderr`` (with no stream named): the child gets a
+    pipe all the same, and the agent opens a one-way stream for it only once
+    there is output, or the child exits with the pipe still open; it announces
+    the stream with :meth:`ProcessEventsApi.output` before any of its data.
+    """
 
     handle: int
     argv: List[str]
@@ -50,6 +57,8 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group: Union[int, str, None] = None
     extra_groups: Optional[List[Union[int, str]]] = None
     keep_on_disconnect: bool = False
+    lazy_stdout: bool = False
+    lazy_stderr: bool = False
 
 
 class SubprocessApi(Service, namespace=10):
@@ -87,6 +96,11 @@ class ProcessEventsApi(Service, namespace=11):
     @rpc(1, inline=True, oneway=True)
     def exited(self, handle: int, returncode: int) -> None:
         """Child ``handle`` exited (negative: killed by that signal)."""
+        raise NotImplementedError
+
+    @rpc(2, inline=True, oneway=True)
+    def output(self, handle: int, name: str, sid: int) -> None:
+        """Child ``handle``'s lazy ``name`` ("stdout" or "stderr") comes on stream ``sid``, opened by the sender."""
         raise NotImplementedError
 
 
@@ -156,10 +170,12 @@ class Subprocesses(SubprocessApi):
             for name, sid in (("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr))
             if sid is not None
         }
+        wanted = (("stdout", spec.lazy_stdout, spec.stdout), ("stderr", spec.lazy_stderr, spec.stderr))
+        lazy = [name for name, flag, sid in wanted if flag and sid is None]
         # A pipe per stream, made here rather than by Popen: the child gets one end, the pumps own the other.
         ours: Dict[str, int] = {}
         theirs: Dict[str, int] = {}
-        for name in streams:
+        for name in [*streams, *lazy]:
             read_fd, write_fd = os.pipe()
             ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
         try:
@@ -181,6 +197,10 @@ class Subprocesses(SubprocessApi):
             self._children[key] = child
             self._by_pid[process.pid] = child
         self._start_pumps(process.pid, streams, ours)
+        for name in lazy:
+            enlarge_pipe(ours[name])
+            output = LazyOutput(functools.partial(self._open_output, owner, spec.handle, name))
+            self._io.pump(ours[name], output, process.pid)
         self._io.watch_exit(child.process)
         return process.pid
 
@@ -232,6 +252,12 @@ class Subprocesses(SubprocessApi):
                 self._pumps = [pump for pump in self._pumps if pump.is_alive()]
                 self._pumps.append(thread)
             thread.start()
+
+    def _open_output(self, owner: str, handle: int, name: str) -> Stream:
+        """Open the stream of a lazy output and announce it to ``owner`` (before anything is sent on it)."""
+        stream = self._router.open_stream(owner, one_way=True)
+        proxy(ProcessEventsApi, self._router, owner).output(handle, name, stream.sid)
+        return stream
 
     def _child_exited(self, process: Child) -> None:
         with self._lock:
