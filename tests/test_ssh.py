@@ -19,7 +19,7 @@ from sshd import ClientKeys, SshServer
 
 import remowt
 from remowt.errors import AuthenticationError, ConnectionLost, HostKeyError, SshError
-from remowt.transports.ssh import ParamikoTransport
+from remowt.transports.ssh import ChannelTransport, ParamikoTransport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -190,6 +190,21 @@ def test_killed_session_fails_streams_and_calls(private_sshd: SshServer) -> None
         with pytest.raises(ConnectionLost):
             connection.ping()
         assert wait_until(lambda: proc_gone(agent_pid), 10)
+    finally:
+        connection.close()
+
+
+def test_a_send_on_a_broken_connection_is_connection_lost(sshd: SshServer) -> None:
+    connection = remowt.connect("remowt-test-host", ssh_config=sshd.ssh_config)
+    try:
+        transport = connection.link.transport
+        assert isinstance(transport, ChannelTransport)
+        # Our side can no longer send, and paramiko has not noticed: its send raises EOFError.
+        transport.channel.get_transport().sock.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionLost):
+            connection.ping()
+        with pytest.raises(ConnectionLost):
+            connection.ping()
     finally:
         connection.close()
 

@@ -34,6 +34,8 @@ MAX_EXPECT = WINDOW_SIZE // 4  # a reader waits for at most this much: the windo
 MAX_PACKET_SIZE = 32768
 STDERR_TAIL = 8192
 CLOSE_TIMEOUT = 5.0
+# What paramiko raises when the connection under a channel has gone.
+_SESSION_ENDED = (OSError, EOFError, paramiko.SSHException)
 TCP_QUICKACK: Optional[int] = getattr(socket, "TCP_QUICKACK", None)
 
 
@@ -216,7 +218,7 @@ class ChannelTransport(Transport):
         while True:
             try:
                 chunk = self.channel.recv_stderr(65536)
-            except (OSError, EOFError, paramiko.SSHException):
+            except _SESSION_ENDED:
                 return
             if not chunk:
                 return
@@ -253,9 +255,12 @@ class ChannelTransport(Transport):
         channel = self.channel
         if self._closed or channel.closed or channel.eof_sent:
             raise BrokenPipeError(f"{self.description}: channel is closed")
-        if not block and not channel.send_ready():
-            return 0
-        sent: int = channel.send(bytes(data[: channel.out_max_packet_size]))
+        try:
+            if not block and not channel.send_ready():
+                return 0
+            sent: int = channel.send(bytes(data[: channel.out_max_packet_size]))
+        except _SESSION_ENDED as e:  # paramiko raises EOFError when the connection went mid-send
+            raise BrokenPipeError(f"{self.description}: connection lost: {e or type(e).__name__}") from e
         if sent == 0:
             raise BrokenPipeError(f"{self.description}: channel closed")
         return sent
@@ -271,7 +276,8 @@ class ChannelTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        self.channel.close()
+        with contextlib.suppress(*_SESSION_ENDED):  # closing a channel of a lost connection
+            self.channel.close()
         self._inbox.kick()
         if threading.current_thread() is not self._stderr_thread:
             self._stderr_thread.join(CLOSE_TIMEOUT)
@@ -300,19 +306,19 @@ class SshSession:
                 return
             try:
                 self.transport.send_ignore()
-            except (OSError, EOFError, paramiko.SSHException):
+            except _SESSION_ENDED:
                 return
 
     def exec(self, command: str, *, description: str = "") -> ChannelTransport:
         """Run ``command`` (a shell line) on the host; its stdin and stdout are the returned transport."""
         try:
             channel = self.transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except _SESSION_ENDED as e:
             raise SshError(f"{self.target}: cannot run a command: {e}") from e
         transport = ChannelTransport(channel, description or f"{self.target.alias}")
         try:
             channel.exec_command(command)
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except _SESSION_ENDED as e:
             transport.close()
             raise SshError(f"{self.target}: cannot run a command: {e}") from e
         return transport
@@ -361,7 +367,7 @@ def _open_socket(
             return hop.transport.open_channel(
                 "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0), timeout=target.connect_timeout
             )
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except _SESSION_ENDED as e:
             raise SshError(f"jump host {hop.target} cannot reach {target.hostname}:{target.port}: {e}") from e
     if target.proxy_command:
         try:
@@ -399,7 +405,7 @@ def _negotiate(transport: ParamikoTransport, target: SshTarget) -> None:
     transport.banner_timeout = transport.handshake_timeout = target.connect_timeout
     try:
         transport.start_client(timeout=target.connect_timeout)
-    except (OSError, EOFError, paramiko.SSHException) as e:
+    except _SESSION_ENDED as e:
         raise SshError(f"ssh handshake with {target.hostname}:{target.port} failed: {e}") from e
     if not transport.initial_kex_done:
         raise SshError(
@@ -428,7 +434,7 @@ def _authenticate(
             allowed[:] = list(e.allowed_types)
         except paramiko.AuthenticationException:
             pass
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except _SESSION_ENDED as e:
             raise SshError(f"{target}: connection lost during authentication: {e}") from e
         return bool(transport.is_authenticated())
 
