@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from harness import Factory, Operation
 
@@ -209,6 +209,15 @@ def raw_pipe_stdout(size: int) -> Factory:
     return factory
 
 
+def _communicate(popen: Callable[..., Any], size: int) -> int:
+    """Collect the stdout of a child writing ``size`` bytes with ``popen(...).communicate()``; the count, checked."""
+    with popen(head_argv(size), stdout=subprocess.PIPE) as proc:
+        out, _ = proc.communicate()
+    if len(out) != size:
+        raise RuntimeError(f"communicate gave {len(out)} bytes, expected {size}")
+    return len(out)
+
+
 def remowt_communicate_stdout(size: int) -> Factory:
     """A factory collecting ``size`` bytes of a child's stdout with ``remowt.Popen(...).communicate()``."""
 
@@ -217,15 +226,7 @@ def remowt_communicate_stdout(size: int) -> Factory:
         import remowt
 
         with remowt.connect_local() as conn:
-
-            def communicate() -> int:
-                with conn.Popen(head_argv(size), stdout=remowt.PIPE) as proc:
-                    out, _ = proc.communicate()
-                if len(out) != size:
-                    raise RuntimeError(f"communicate gave {len(out)} bytes, expected {size}")
-                return len(out)
-
-            yield communicate
+            yield lambda: _communicate(conn.Popen, size)
 
     return factory
 
@@ -235,13 +236,6 @@ def subprocess_communicate_stdout(size: int) -> Factory:
 
     @contextlib.contextmanager
     def factory() -> Iterator[Operation]:
-        def communicate() -> int:
-            with subprocess.Popen(head_argv(size), stdout=subprocess.PIPE) as proc:
-                out, _ = proc.communicate()
-            if len(out) != size:
-                raise RuntimeError(f"communicate gave {len(out)} bytes, expected {size}")
-            return len(out)
-
-        yield communicate
+        yield lambda: _communicate(subprocess.Popen, size)
 
     return factory

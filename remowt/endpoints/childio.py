@@ -243,8 +243,9 @@ class ChildIO:
             opened = self._open(fd, output)
             if opened is None:
                 return
-            output = opened
-        stream = output
+            stream = opened
+        else:
+            stream = output
         credit = stream.credit()
         if credit <= 0:
             if stream.broken:
