@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
-import time
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
 from . import wire
@@ -27,8 +25,6 @@ READ_SIZE = 8 * 1024 * 1024
 # straight into the bytes the stream hands out; the read after such a payload takes little more than a frame head.
 SPLIT_SIZE = 64 * 1024
 HEAD_READ = 512
-SERVE_GRACE = 0.005
-SPIN = 0.00015  # how long a caller expecting a quick answer polls before sleeping
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -111,14 +107,8 @@ class Link:
         self._writer_busy = False
         self._closed = False
         self._eof = False
-        self._read_turn = threading.Lock()
-        self._servers_lock = threading.Lock()
-        self._no_servers = threading.Condition(self._servers_lock)
-        self._grace = threading.Condition(self._servers_lock)
-        self._servers = 0
-        self._server: Optional[int] = None
-        self._served_since_aside = False
         self.close_reason: Optional[BaseException] = None
+        self._deferred: List[Callable[[], None]] = []
         self._reader = threading.Thread(target=self._read_loop, name=f"remowt-read-{name}", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"remowt-write-{name}", daemon=True)
 
@@ -240,27 +230,43 @@ class Link:
         _report([], dropped)
 
     def _read_loop(self) -> None:
-        while True:
-            self._stand_aside()
-            self.transport.wait_readable(None)
-            with self._read_turn:
+        try:
+            while True:
+                self.transport.wait_readable(None)
                 if not self._read_available():
                     break
-        self._shut()
-        self.transport.close()
-        self._on_close(self, self.close_reason)
+        finally:
+            self._run_deferred()
+            self._shut()
+            self.transport.close()
+            self._on_close(self, self.close_reason)
+
+    def defer(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (on the reader thread) once the frames read so far are dispatched, before it waits again.
+
+        For waking callers: a woken caller then finds this thread asleep, not holding the GIL.
+        """
+        self._deferred.append(action)
+
+    def _run_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for action in deferred:
+            action()
 
     def _read_available(self) -> bool:
-        """Read and dispatch what is there now (read turn held); False once the link is done."""
+        """Read and dispatch what is there now; False once the link is done."""
         if self._eof:
             return False
         try:
             frames = self._frames
+            transport = self.transport
             while True:
                 payload = frames.payload_left
-                data = self.transport.read(payload or self._read_size)
+                size = payload or self._read_size
+                data = transport.read(size)
                 if data is None:
-                    self.transport.expect(frames.missing)
+                    transport.expect(frames.missing)
+                    self._run_deferred()
                     return True
                 if not data:
                     break
@@ -268,6 +274,9 @@ class Link:
                 self._read_size = HEAD_READ if payload or frames.payload_left else READ_SIZE
                 for item in items:
                     self._on_frame(self, item)
+                if self._deferred and len(data) < size and transport.small_reads:
+                    self._run_deferred()  # a short pipe read took all there was
+                    return True
         except ProtocolError as e:
             log.warning("closing %s: %s", self.name, e)
             self._set_reason(e)
@@ -278,96 +287,14 @@ class Link:
         self.transport.close()
         return False
 
-    def _stand_aside(self) -> None:
-        """Let callers that read for themselves do so without this thread waking too.
-
-        While a caller serves the link, this thread does not wait on the
-        transport (two threads waking for one answer cost a GIL hand-off). It
-        resumes once no caller has served for a short grace period, so
-        callers in a loop keep the link to themselves; what arrives with no
-        caller waiting is read at most ``SERVE_GRACE`` seconds late.
-        """
-        with self._servers_lock:
-            while not self._closed:
-                while self._servers and not self._closed:
-                    self._no_servers.wait()
-                if not self._served_since_aside:
-                    return
-                self._served_since_aside = False
-                self._grace.wait(SERVE_GRACE)
-
     def _set_reason(self, error: BaseException) -> None:
         with self._lock:
             if self.close_reason is None:
                 self.close_reason = error
 
-    def serve_until(self, done: Callable[[], bool], timeout: Optional[float], spin: bool = False) -> bool:
-        """Read on the calling thread until ``done()``, if no one else is reading.
-
-        ``spin``: the answer is expected within ``SPIN``, so poll for it before sleeping.
-
-        A caller waiting for its reply reads it itself instead of waiting for
-        the reader thread to hand it over: one thread switch less per call.
-        Returns False when it could not take the read turn or the link ended,
-        so the caller falls back to waiting; raises TimeoutError on timeout.
-        """
-        if not self._read_turn.acquire(blocking=False):
-            return False
-        with self._servers_lock:
-            self._servers += 1
-            self._server = threading.get_ident()
-            self._served_since_aside = True
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not done():
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError("timed out")
-                if not self._wait_readable(left, spin):
-                    continue
-                if not self._read_available():
-                    return False
-            return True
-        finally:
-            with self._servers_lock:
-                self._servers -= 1
-                self._server = None
-                if not self._servers:
-                    self._no_servers.notify()
-            self._read_turn.release()
-
-    def _wait_readable(self, timeout: Optional[float], spin: bool) -> bool:
-        """The transport's ``wait_readable``; with ``spin``, polling it first for up to ``SPIN`` seconds.
-
-        Waking a sleeping thread costs more than a quick answer takes.
-        """
-        wait = self.transport.wait_readable
-        if spin and self.transport.polls:
-            end = time.perf_counter() + SPIN
-            while not wait(0):
-                os.sched_yield()  # the peer may have been woken on this CPU
-                if time.perf_counter() > end:
-                    break
-            else:
-                return True
-        return wait(timeout)
-
-    def wake_servers(self) -> None:
-        """Make a thread serving the link re-check what it waits for (it changed off the link).
-
-        The serving thread itself re-checks after each frame anyway.
-        """
-        with self._servers_lock:
-            serving = self._servers > 0 and self._server != threading.get_ident()
-        if serving:
-            self.transport.interrupt()
-
     def close(self) -> None:
         """Close the transport; the reader thread then reports the close."""
         self._shut()
-        with self._servers_lock:
-            self._no_servers.notify_all()
-            self._grace.notify_all()
         self.transport.close()
 
     def join(self, timeout: Optional[float] = None) -> None:

@@ -418,8 +418,6 @@ class Popen:
             # Output copied to local fds must be out before wait() returns, as it
             # would be locally; a grandchild holding the pipe open only delays us.
             deadline = time.monotonic() + INHERIT_GRACE
-            with contextlib.suppress(TimeoutError):
-                self.connection.router.serve(self.connection.agent, self._sinks_ended, INHERIT_GRACE)
             for sink in self._sinks:
                 sink.done.wait(_remaining(deadline))
         self.returncode = returncode

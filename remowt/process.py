@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
-import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
 from .endpoints.subprocess import SubprocessApi
@@ -88,12 +86,7 @@ class RemoteProcess:
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """Wait for the child to exit; ``TimeoutError`` after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._exited.is_set():
-            with contextlib.suppress(TimeoutError):
-                self.connection.router.serve(self.connection.agent, self._exited.is_set, timeout)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._exited.wait(left):
+        if not self._exited.wait(timeout):
             raise TimeoutError(f"{self.args!r} still running after {timeout} s")
         if self.returncode is None:
             assert self._lost is not None

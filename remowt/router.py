@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 import msgspec
@@ -29,7 +28,7 @@ from .errors import (
     Unreachable,
     remote_os_error,
 )
-from .link import SPIN, Link, Part
+from .link import Link, Part
 from .routing import RouteTable
 from .streams import DEFAULT_WINDOW, Stream, StreamKey
 from .transports.base import Transport
@@ -43,25 +42,21 @@ HANDSHAKE_TIMEOUT = 30.0
 
 
 class Pending:
-    """The future of one outgoing call: a lock released when the answer arrives.
+    """The future of one outgoing call: a lock released by the link's reader thread when the answer arrives.
 
-    ``quick``: the answer is expected within :data:`~remowt.link.SPIN`, so the
-    caller polls for it before sleeping; ``kind`` is what the call was (destination,
-    namespace and method), ``sent`` when.
+    Waiting is only waiting: the caller never reads the link, so a signal
+    handler or a KeyboardInterrupt in a waiting caller cannot disturb it.
     """
 
-    __slots__ = ("_error", "_lock", "_result", "dst", "kind", "link", "quick", "sent")
+    __slots__ = ("_error", "_lock", "_result", "dst", "link")
 
-    def __init__(self, dst: str, link: Link, kind: Tuple[str, int, int], quick: bool) -> None:
+    def __init__(self, dst: str, link: Link) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self._result: Optional[bytes] = None
         self._error: Optional[BaseException] = None
         self.dst = dst
         self.link = link
-        self.kind = kind
-        self.quick = quick
-        self.sent = time.perf_counter()
 
     def resolve(self, result: Optional[bytes], error: Optional[BaseException]) -> None:
         self._result, self._error = result, error
@@ -72,14 +67,7 @@ class Pending:
 
     def result(self, timeout: Optional[float] = None) -> bytes:
         """The raw msgpack result; raises the remote error, ``ConnectionLost`` or ``TimeoutError``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            if not self.done():
-                self.link.serve_until(self.done, timeout, self.quick)
-        except TimeoutError:
-            raise TimeoutError(f"no answer from {self.dst} within {timeout} s") from None
-        left = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
-        if not self._lock.acquire(timeout=left):
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             raise TimeoutError(f"no answer from {self.dst} within {timeout} s")
         self._lock.release()
         if self._error is not None:
@@ -109,8 +97,6 @@ class Router:
         self._handshakes: Dict[Link, threading.Event] = {}
         self._pending: Dict[int, Pending] = {}
         self._call_ids = itertools.count(1)
-        # whether the last answer to each kind of call came within a spin (see Pending)
-        self._quick_kinds: Dict[Tuple[str, int, int], bool] = {}
         self._stream_ids = itertools.count(1)
         self._streams: Dict[StreamKey, Stream] = {}
         self._services: Dict[int, _Service] = {}
@@ -203,8 +189,7 @@ class Router:
         with self._lock:
             link = self._route_locked(dst)
             call_id = next(self._call_ids)
-            kind = (dst, ns, method)
-            pending = Pending(dst, link, kind, self._quick_kinds.get(kind, True))
+            pending = Pending(dst, link)
             self._pending[call_id] = pending
         link.send(wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args))))
         if link.closed:
@@ -231,24 +216,6 @@ class Router:
         with self._lock:
             link = self._routes.next_hop(dst)
         return link is not None and link.transport.splices
-
-    def serve(self, peer: str, done: Callable[[], bool], timeout: Optional[float]) -> None:
-        """Let the calling thread read the link towards ``peer`` until ``done()``.
-
-        Only an optimisation: it returns early when another thread is reading,
-        and callers then wait as usual. Raises TimeoutError on timeout.
-        """
-        with self._lock:
-            link = self._routes.next_hop(peer)
-        if link is not None:
-            link.serve_until(done, timeout)
-
-    def wake_servers(self, peer: str) -> None:
-        """Wake threads serving the link towards ``peer`` (see :meth:`serve`)."""
-        with self._lock:
-            link = self._routes.next_hop(peer)
-        if link is not None:
-            link.wake_servers()
 
     def _route_locked(self, dst: str) -> Link:
         if self._closed:
@@ -311,7 +278,7 @@ class Router:
         elif isinstance(message, wire.Notify):
             self._on_notify(message)
         elif isinstance(message, (wire.Reply, wire.Fail)):
-            self._on_answer(message)
+            self._on_answer(link, message)
         else:
             self._on_stream_message(message)
 
@@ -453,7 +420,7 @@ class Router:
             )
         self.send_routed(message.src, wire.encode(fail))
 
-    def _on_answer(self, message: Any) -> None:
+    def _on_answer(self, link: Link, message: Any) -> None:
         with self._lock:
             pending = self._pending.get(message.id)
             # Only the callee answers, but any router on the way may say it is unreachable.
@@ -463,11 +430,12 @@ class Router:
             if pending is None or not genuine:
                 return
             del self._pending[message.id]
-            self._quick_kinds[pending.kind] = time.perf_counter() - pending.sent < 2 * SPIN
         if isinstance(message, wire.Reply):
-            pending.resolve(bytes(message.result), None)
+            result = bytes(message.result)
+            link.defer(lambda: pending.resolve(result, None))
         else:
-            pending.resolve(None, _error_from_fail(message))
+            error = _error_from_fail(message)
+            link.defer(lambda: pending.resolve(None, error))
 
     def _on_stream_message(self, message: wire.Message) -> None:
         assert isinstance(message, (wire.Open, wire.Data, wire.Credit, wire.Eof, wire.Reset))

@@ -98,8 +98,6 @@ class Stream:
         if size == 0:
             return b""
         deadline = _deadline(timeout)
-        if not self._readable():
-            self.router.serve(self.peer, self._readable, timeout)
         with self._cond:
             while not self._chunks:
                 if self._remote_eof or self._closed:
@@ -221,7 +219,6 @@ class Stream:
             callback = self._take_writable_callback()
         if callback is not None:
             callback()
-        self.router.wake_servers(self.peer)
         self.router.forget_stream(self)
         if not finished and not quiet:
             self._send(wire.Reset(self.router.address, self.peer, self.sid, self._from_opener, "closed"))

@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 class Transport(abc.ABC):
     """Moves bytes to and from the peer. Framing and meaning live above it.
 
-    Reads never block: :meth:`wait_readable` is the one place to wait, so
-    that whichever thread holds the link's read turn can read. ``write`` is
+    Reads never block: :meth:`wait_readable` is the one place to wait, and
+    only the link's reader thread reads and waits. ``write`` is
     called by one writer at a time (the link serialises them). ``close`` may
     be called from any thread, any number of times, and wakes every waiter.
     """
@@ -35,10 +35,6 @@ class Transport(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def interrupt(self) -> None:
-        """Make the current (or next) :meth:`wait_readable` return at once."""
-
-    @abc.abstractmethod
     def write(self, data: memoryview, block: bool) -> int:
         """Write a prefix of ``data``; return its length.
 
@@ -49,9 +45,6 @@ class Transport(abc.ABC):
     def writev(self, buffers: Sequence[memoryview], block: bool) -> int:
         """Write a prefix of the concatenated ``buffers`` (not empty), as :meth:`write` does."""
         return self.write(buffers[0], block)
-
-    #: Whether ``wait_readable(0)`` is a quick system call (letting other threads run), so polling is cheap.
-    polls = False
 
     #: Whether reading less than is there costs no more than reading it all (so payloads can be read apart).
     small_reads = False

@@ -16,7 +16,6 @@ class _Pipe:
         self.chunks: Deque[bytes] = collections.deque()
         self.cond = threading.Condition()
         self.closed = False
-        self.kicked = False
 
 
 class LoopbackTransport(Transport):
@@ -42,15 +41,7 @@ class LoopbackTransport(Transport):
     def wait_readable(self, timeout: Optional[float]) -> bool:
         pipe = self._in
         with pipe.cond:
-            ready = pipe.cond.wait_for(lambda: bool(pipe.chunks) or pipe.closed or pipe.kicked, timeout)
-            pipe.kicked = False
-            return ready
-
-    def interrupt(self) -> None:
-        pipe = self._in
-        with pipe.cond:
-            pipe.kicked = True
-            pipe.cond.notify_all()
+            return pipe.cond.wait_for(lambda: bool(pipe.chunks) or pipe.closed, timeout)
 
     def write(self, data: memoryview, block: bool) -> int:
         pipe = self._out

@@ -248,9 +248,6 @@ class ChannelTransport(Transport):
     def expect(self, count: int) -> None:
         self._inbox.want = max(1, min(count, MAX_EXPECT))
 
-    def interrupt(self) -> None:
-        self._inbox.kick()
-
     def write(self, data: memoryview, block: bool) -> int:
         channel = self.channel
         if self._closed or channel.closed or channel.eof_sent:

@@ -39,7 +39,6 @@ class FdTransport(Transport):
     """Reads from one fd and writes to another; both are closed by :meth:`close`."""
 
     name = "fd"
-    polls = True
     small_reads = True
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
@@ -48,9 +47,9 @@ class FdTransport(Transport):
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         self._wake_r, self._wake_w = os.pipe()
-        self._kick_r, self._kick_w = os.pipe()
-        os.set_blocking(self._kick_r, False)
-        os.set_blocking(self._kick_w, False)
+        self._read_poller = select.poll()  # the link's reader is the only thread that waits to read
+        self._read_poller.register(read_fd, select.POLLIN)
+        self._read_poller.register(self._wake_r, select.POLLIN)
         self._closed = False
         self._lock = threading.Lock()
         self._users = 0
@@ -94,24 +93,7 @@ class FdTransport(Transport):
         if not self._enter():
             return True
         try:
-            poller = select.poll()
-            poller.register(self._rfd, select.POLLIN)
-            poller.register(self._wake_r, select.POLLIN)
-            poller.register(self._kick_r, select.POLLIN)
-            events = poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000)))
-            if any(fd == self._kick_r for fd, _ in events):
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._kick_r, 4096)
-            return bool(events)
-        finally:
-            self._leave()
-
-    def interrupt(self) -> None:
-        if not self._enter():
-            return
-        try:
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._kick_w, b"k")
+            return bool(self._read_poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
         finally:
             self._leave()
 
@@ -174,10 +156,10 @@ class FdTransport(Transport):
                 self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self._rfd, self._wfd, self._wake_r, self._wake_w, self._kick_r, self._kick_w):
+        for fd in (self._rfd, self._wfd, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._rfd = self._wfd = self._wake_r = self._wake_w = self._kick_r = self._kick_w = -1
+        self._rfd = self._wfd = self._wake_r = self._wake_w = -1
 
 
 class ChildTransport(FdTransport):
