@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Union
 from . import wire
 from .errors import ProtocolError
 from .transports.base import Transport
+from .waiting import Gate, wait_on
 
 log = logging.getLogger("remowt.link")
 # Read what is there, up to a window: a paramiko channel moves what a read leaves to its buffer's front.
@@ -26,6 +27,7 @@ READ_SIZE = 8 * 1024 * 1024
 SPLIT_SIZE = 64 * 1024
 HEAD_READ = 512
 
+_MAIN_THREAD = threading.main_thread().ident
 Buffer = Union[bytes, bytearray, memoryview]
 
 
@@ -72,8 +74,8 @@ def held_sends() -> Iterator[None]:
         yield
         return
     links: Dict[Link, List[Part]] = {}
-    _held.links = links
     try:
+        _held.links = links  # set inside the try: a KeyboardInterrupt must never leave this thread holding
         yield
     finally:
         _held.links = None
@@ -102,7 +104,7 @@ class Link:
         self._frames = wire.FrameReader(max_frame, SPLIT_SIZE if transport.small_reads else 0)
         self._read_size = READ_SIZE
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
+        self._writer_gate = Gate()
         self._backlog: List[_Item] = []
         self._writer_busy = False
         self._closed = False
@@ -140,7 +142,8 @@ class Link:
         with self._lock:
             if self._closed:
                 dropped = items
-            elif self._backlog or self._writer_busy:
+            elif self._backlog or self._writer_busy or not self._may_write_here(items):
+                self._writer_gate.open()  # first: an interrupt may lose these frames, never strand them
                 self._backlog += items
             else:
                 try:
@@ -150,11 +153,25 @@ class Link:
                     failed = True
                 else:
                     if items:
+                        self._writer_gate.open()
                         self._backlog = items
-                        self._wakeup.notify()
         if failed:
             self.transport.close()
         _report(sent, dropped)
+
+    def _may_write_here(self, items: List[_Item]) -> bool:
+        """Whether the sending thread may write ``items`` to the transport itself.
+
+        Signal handlers (and so KeyboardInterrupt) run in the main thread, where
+        they may strike between a write and its bookkeeping: there, only a write
+        that is all or nothing is safe; bigger ones go to the writer thread.
+        """
+        if threading.get_ident() != _MAIN_THREAD:
+            return True
+        atomic = self.transport.atomic_write
+        return bool(atomic) and sum(len(item) for item in items) <= atomic and not any(
+            isinstance(item, Spliced) for item in items
+        )
 
     def _put(self, items: List[_Item], block: bool, sent: List[Spliced]) -> None:
         """Write ``items`` from the front, removing what left (and adding finished splices to ``sent``).
@@ -192,12 +209,15 @@ class Link:
     def _write_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._backlog and not self._closed:
-                    self._wakeup.wait()
                 if self._closed:
                     return
                 items, self._backlog = self._backlog, []
-                self._writer_busy = True
+                self._writer_busy = bool(items)
+                if not items:
+                    waiter = self._writer_gate.enlist()
+            if not items:
+                wait_on(waiter)
+                continue
             sent: List[Spliced] = []
             try:
                 self._put(items, True, sent)
@@ -217,7 +237,7 @@ class Link:
         if self.close_reason is None:
             self.close_reason = error
         self._closed = True
-        self._wakeup.notify_all()
+        self._writer_gate.open()
         dropped, self._backlog = self._backlog, []
         return dropped
 
@@ -225,7 +245,7 @@ class Link:
         """Mark the link closed and give up what is still queued."""
         with self._lock:
             self._closed = True
-            self._wakeup.notify_all()
+            self._writer_gate.open()
             dropped, self._backlog = self._backlog, []
         _report([], dropped)
 

@@ -9,9 +9,11 @@ in :mod:`remowt.routing`; threads live in :mod:`remowt.link` and
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 import msgspec
@@ -32,6 +34,7 @@ from .link import Link, Part
 from .routing import RouteTable
 from .streams import DEFAULT_WINDOW, Stream, StreamKey
 from .transports.base import Transport
+from .waiting import Flag, Gate, wait_on
 from .workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -94,14 +97,14 @@ class Router:
         self._routes: RouteTable[Link] = RouteTable(self.address)
         self._announced: Dict[Link, List[Tuple[str, int]]] = {}
         self._links: List[Link] = []
-        self._handshakes: Dict[Link, threading.Event] = {}
+        self._handshakes: Dict[Link, Flag] = {}
         self._pending: Dict[int, Pending] = {}
         self._call_ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._streams: Dict[StreamKey, Stream] = {}
         self._services: Dict[int, _Service] = {}
         self._link_closed_hooks: List[Callable[[Link, Optional[BaseException]], None]] = []
-        self._routes_changed = threading.Condition(self._lock)
+        self._routes_changed = Gate()
         self._local = threading.local()
         self._pool = WorkerPool(max_workers, f"remowt-{self.address}-worker")
         self._lost: Set[str] = set()
@@ -121,7 +124,7 @@ class Router:
             max_frame=self.max_frame,
             name=name or f"{self.address}-{transport.name}",
         )
-        ready = threading.Event()
+        ready = Flag()
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self!r} is closed")
@@ -155,13 +158,22 @@ class Router:
 
     def wait_reachable(self, address: str, timeout: float) -> bool:
         """Wait until ``address`` has a route; False on timeout."""
-        with self._lock:
-            return self._routes_changed.wait_for(lambda: self._routes.next_hop(address) is not None, timeout)
+        return self._wait_routes(lambda: self._routes.next_hop(address) is not None, timeout)
 
     def wait_unreachable(self, address: str, timeout: float) -> bool:
         """Wait until ``address`` has no route; False on timeout."""
-        with self._lock:
-            return self._routes_changed.wait_for(lambda: self._routes.next_hop(address) is None, timeout)
+        return self._wait_routes(lambda: self._routes.next_hop(address) is None, timeout)
+
+    def _wait_routes(self, holds: Callable[[], bool], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if holds():
+                    return True
+                waiter = self._routes_changed.enlist()
+            if not wait_on(waiter, end - time.monotonic()):
+                with self._lock:
+                    return holds()
 
     # --- services -------------------------------------------------------
 
@@ -246,8 +258,8 @@ class Router:
         """The local end of stream ``sid`` that ``src`` opened."""
         with self._lock:
             stream = self._streams.get((src, sid))
-        if stream is None:
-            raise ValueError(f"{src} opened no stream {sid} here")
+        if stream is None:  # never opened, or already reset: its opener gave up on it (an interrupt, say)
+            raise BrokenPipeError(errno.EPIPE, f"stream {sid} from {src} is not open here")
         return stream
 
     def forget_stream(self, stream: Stream) -> None:
@@ -327,7 +339,7 @@ class Router:
             if self._announced.get(link) != advert:
                 self._announced[link] = advert
                 link.send(wire.encode(wire.Routes(advert)))
-        self._routes_changed.notify_all()
+        self._routes_changed.open()
 
     def _forward(self, link: Link, message: wire.Routed, body: wire.Item) -> None:
         with self._lock:

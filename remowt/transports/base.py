@@ -46,6 +46,9 @@ class Transport(abc.ABC):
         """Write a prefix of the concatenated ``buffers`` (not empty), as :meth:`write` does."""
         return self.write(buffers[0], block)
 
+    #: Writes of at most this many bytes are all or nothing (0: none is), so an interrupt cannot cut one.
+    atomic_write = 0
+
     #: Whether reading less than is there costs no more than reading it all (so payloads can be read apart).
     small_reads = False
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from typing import Deque, Optional, Tuple
 
+from ..waiting import Gate, wait_on
 from .base import Transport
 
 
@@ -14,7 +16,8 @@ class _Pipe:
 
     def __init__(self) -> None:
         self.chunks: Deque[bytes] = collections.deque()
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.gate = Gate()
         self.closed = False
 
 
@@ -22,6 +25,7 @@ class LoopbackTransport(Transport):
     """One end of an in-memory byte pipe pair."""
 
     name = "loopback"
+    atomic_write = sys.maxsize  # one append
 
     def __init__(self, inbound: _Pipe, outbound: _Pipe) -> None:
         self._in = inbound
@@ -29,7 +33,7 @@ class LoopbackTransport(Transport):
 
     def read(self, size: int) -> Optional[bytes]:
         pipe = self._in
-        with pipe.cond:
+        with pipe.lock:
             if not pipe.chunks:
                 return b"" if pipe.closed else None
             chunk = pipe.chunks.popleft()
@@ -40,23 +44,27 @@ class LoopbackTransport(Transport):
 
     def wait_readable(self, timeout: Optional[float]) -> bool:
         pipe = self._in
-        with pipe.cond:
-            return pipe.cond.wait_for(lambda: bool(pipe.chunks) or pipe.closed, timeout)
+        with pipe.lock:
+            if pipe.chunks or pipe.closed:
+                return True
+            waiter = pipe.gate.enlist()
+        wait_on(waiter, timeout)
+        return bool(pipe.chunks) or pipe.closed
 
     def write(self, data: memoryview, block: bool) -> int:
         pipe = self._out
-        with pipe.cond:
+        with pipe.lock:
             if pipe.closed:
                 raise BrokenPipeError("loopback peer is closed")
+            pipe.gate.open()  # first: an interrupt may lose the bytes, never strand them unseen
             pipe.chunks.append(bytes(data))
-            pipe.cond.notify_all()
         return len(data)
 
     def close(self) -> None:
         for pipe in (self._in, self._out):
-            with pipe.cond:
+            with pipe.lock:
                 pipe.closed = True
-                pipe.cond.notify_all()
+                pipe.gate.open()
 
 
 def pair() -> Tuple[LoopbackTransport, LoopbackTransport]:

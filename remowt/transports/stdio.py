@@ -55,6 +55,7 @@ class FdTransport(Transport):
         self._users = 0
         mode = os.fstat(write_fd).st_mode
         self.splices = _splice is not None and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
+        self.atomic_write = select.PIPE_BUF if stat.S_ISFIFO(mode) else 0
 
     def _enter(self) -> bool:
         with self._lock:
@@ -101,6 +102,16 @@ class FdTransport(Transport):
         return self.writev((data,), block)
 
     def writev(self, buffers: Sequence[memoryview], block: bool) -> int:
+        if not block:
+            # Under the lock instead of counted in and out: a sender in the main thread may be
+            # interrupted anywhere, and a count it never took back would keep the fds open for good.
+            with self._lock:
+                if self._closed:
+                    raise BrokenPipeError("transport is closed")
+                try:
+                    return os.writev(self._wfd, buffers[:IOV_MAX])
+                except BlockingIOError:
+                    return 0
         if not self._enter():
             raise BrokenPipeError("transport is closed")
         try:
