@@ -183,6 +183,9 @@ class Popen:
       one more hop from then on.
     - Pipes given as another remowt child's stdio are copied by a thread in
       this process, not joined on the target.
+    - When output copied to a local fd cannot be written there (its reader
+      went away, the disk is full), the child's further writes to that pipe
+      fail with EPIPE; if it exits 0 regardless, ``wait()`` raises the error.
     """
 
     _bound_connection: Optional[Remowt] = None
@@ -465,7 +468,11 @@ class Popen:
     # --- communicate -------------------------------------------------------
 
     def communicate(self, input: Any = None, timeout: Optional[float] = None) -> Tuple[Any, Any]:
-        """Send ``input``, read stdout and stderr to the end, and wait (as subprocess does)."""
+        """Send ``input``, read stdout and stderr to the end, and wait (as subprocess does).
+
+        ``ConnectionLost`` if the link went before an output's end (even when
+        the exit came first); what stops a reading thread (``MemoryError``) is raised as it is.
+        """
         if self._communication_started and input:
             raise ValueError("Cannot send input after starting communication")
         endtime = None if timeout is None else time.monotonic() + timeout
@@ -473,7 +480,7 @@ class Popen:
             self._start_communication(input)
         self._communication_started = True
         with self._io_ended:
-            ended = self._io_ended.wait_for(lambda: not self._io_running or self._io_error, _remaining(endtime))
+            ended = self._io_ended.wait_for(self._io_over, _remaining(endtime))
         if self._io_error is not None:  # the first failure of a thread: the others may never end
             raise self._io_error
         if not ended:
@@ -516,6 +523,10 @@ class Popen:
         with self._io_ended:
             self._io_running += 1
         threading.Thread(target=self._run_io, args=(target, *args), daemon=True).start()
+
+    def _io_over(self) -> bool:
+        """Every communicate thread ended, or one failed."""
+        return not self._io_running or self._io_error is not None
 
     def _run_io(self, target: Callable[..., None], *args: Any) -> None:
         error: Optional[BaseException] = None
