@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import signal
 import sys
@@ -10,7 +12,7 @@ from types import FrameType
 from typing import List, Optional
 
 from . import client
-from .errors import RemowtError
+from .errors import ConnectionLost, RemowtError
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -131,9 +133,26 @@ def run_attached(connection: client.Remowt, argv: List[str]) -> int:
         previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
         try:
             return exit_status(process.wait())
+        except ConnectionLost:
+            raise
+        except OSError as e:  # its output could not be written here, and it exited 0 regardless
+            return output_failed(e)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def output_failed(error: OSError) -> int:
+    """The exit status when the child's output could not be written here.
+
+    EPIPE is quiet and 128+SIGPIPE, as for a program writing to a pipe nobody
+    reads; anything else is said on stderr and is 255, as ssh exits.
+    """
+    if error.errno == errno.EPIPE:
+        return 128 + signal.SIGPIPE
+    with contextlib.suppress(OSError):  # stderr may be the file that failed
+        print(f"remowt: {error.strerror}", file=sys.stderr)
+    return 255
 
 
 def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser, after: Optional[List[str]]) -> List[str]:

@@ -18,7 +18,7 @@ import os
 import select
 import stat
 import threading
-from typing import Any, Callable, Deque, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from .errors import ConnectionLost
 from .streams import MAX_CHUNK, Chunk, Stream, as_bytes
@@ -339,29 +339,84 @@ class FdToStream:
 
 
 class FdSink:
-    """One child output's bytes on their way to a local fd; ``done`` is set when all were written.
+    """One child output's bytes on their way to a local fd, through its :class:`FdWriter`.
 
     It writes to its own copy of the fd, taken when it was made, so the
     caller may close theirs (or reuse the number) as a local child's parent
     may. Its stream comes later (:meth:`FdWriter.attach`), or never when the
-    child writes nothing: then :meth:`finish` alone ends it.
+    child writes nothing: then :meth:`close` alone ends it. ``done`` is set
+    once every byte was written, or the output failed; ``error`` then says
+    how: ``ConnectionLost`` before its end, or the ``OSError`` of a local
+    write (the stream is reset then, so the child's next write to that pipe
+    fails with EPIPE, as it would with a local reader that went away).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, writer: FdWriter, name: str) -> None:
+        self.name = name
         self.stream: Optional[Stream] = None
-        self.fd = os.dup(fd)
+        self.fd = os.dup(writer.fd)
         self.done = threading.Event()
+        self.error: Optional[OSError] = None
+        self._writer = writer
+        self._lock = threading.Lock()
+        self._released = False
 
-    @property
-    def ended(self) -> bool:
-        """True once the end of the output arrived (its writer may still be busy)."""
-        return self.done.is_set() or (self.stream is not None and self.stream.ended)
+    def take(self, stream: Stream) -> bool:
+        """Adopt ``stream``; False if the sink was closed already."""
+        with self._lock:
+            if self._released:
+                return False
+            self.stream = stream
+            return True
 
-    def finish(self) -> None:
-        """Close the stream, if any, and the fd copy."""
-        if self.stream is not None:
-            self.stream.close()
+    def close(self) -> None:
+        """Give up: release the fd copy now, or once the writer is past what it queued (the stream is reset)."""
+        with self._lock:
+            stream = self.stream
+        if stream is None:
+            self.release()
+        else:
+            stream.close()
+            self._writer.end(self)
+
+    def release(self) -> None:
+        """Close the stream, if any, and the fd copy (once): nothing more is written."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            stream = self.stream
+        if stream is not None:
+            stream.close()
         os.close(self.fd)
+        self.done.set()
+
+    def ending(self) -> None:
+        """The stream's end arrived: if the link was lost before its EOF, the output is incomplete."""
+        stream = self.stream
+        if stream is not None and isinstance(stream.error, ConnectionLost):
+            where = f"the child's {self.name}, copied to fd {self._writer.fd}"
+            self._fail(ConnectionLost(f"{where}, was cut off before its end: {stream.error}"))
+
+    def write(self, data: Chunk) -> None:
+        """Write ``data`` to the fd (on the writer's thread); a failure resets the stream and releases the fd."""
+        if self._released:
+            return
+        assert self.stream is not None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as e:
+            self._fail(OSError(e.errno, f"copying the child's {self.name} to fd {self._writer.fd}: {e.strerror}"))
+            self.release()  # resets the stream: the child's next write to its pipe fails
+            return
+        self.stream.ack(len(data))
+
+    def _fail(self, error: OSError) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
         self.done.set()
 
 
@@ -386,16 +441,24 @@ class FdWriter:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
 
-    def sink(self) -> FdSink:
-        """A sink for one output, holding a copy of this fd taken now."""
-        return FdSink(self.fd)
+    def sink(self, name: str) -> FdSink:
+        """A sink for one output (``name``: "stdout" or "stderr"), holding a copy of this fd taken now."""
+        return FdSink(self, name)
 
     def attach(self, sink: FdSink, stream: Stream) -> None:
-        """Send everything ``stream`` receives to ``sink`` (one of this writer's)."""
-        sink.stream = stream
+        """Send everything ``stream`` receives to ``sink`` (one of this writer's); reset it if the sink was closed."""
+        if not sink.take(stream):
+            stream.close()
+            return
         stream.deliver_to(lambda data: self._push(sink, data))
 
+    def end(self, sink: FdSink) -> None:
+        """Release ``sink`` after what is queued for it."""
+        self._push(sink, b"")
+
     def _push(self, sink: FdSink, data: Chunk) -> None:
+        if not data:
+            sink.ending()
         with self._cond:
             if data or self._queue or self._thread is not None:
                 self._queue.append((sink, data))
@@ -404,10 +467,9 @@ class FdWriter:
                     self._thread.start()
                 self._cond.notify()
                 return
-        sink.finish()
+        sink.release()
 
     def _run(self) -> None:
-        broken: Set[FdSink] = set()
         while True:
             with self._cond:
                 if not self._queue:
@@ -416,22 +478,10 @@ class FdWriter:
                     self._thread = None
                     return
                 sink, data = self._queue.popleft()
-            if not data:
-                broken.discard(sink)
-                sink.finish()
-                continue
-            if sink not in broken:
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(sink.fd, view) :]
-                except OSError:
-                    broken.add(sink)
-                    if sink.stream is not None:
-                        sink.stream.close()
-                    continue
-                if sink.stream is not None:
-                    sink.stream.ack(len(data))
+            if data:
+                sink.write(data)
+            else:
+                sink.release()
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread."""

@@ -183,6 +183,9 @@ class Popen:
       one more hop from then on.
     - Pipes given as another remowt child's stdio are copied by a thread in
       this process, not joined on the target.
+    - When output copied to a local fd cannot be written there (its reader
+      went away, the disk is full), the child's further writes to that pipe
+      fail with EPIPE; if it exits 0 regardless, ``wait()`` raises the error.
     """
 
     _bound_connection: Optional[Remowt] = None
@@ -230,9 +233,12 @@ class Popen:
         self._in_pump: Optional[FdToStream] = None
         self._sinks: List[FdSink] = []
         self._raw_readers: Dict[str, StreamReader] = {}
+        self._output_error: Optional[OSError] = None
         self._communication_started = False
-        self._readers: Dict[str, Tuple[threading.Thread, io.BytesIO]] = {}
-        self._writer: Optional[threading.Thread] = None
+        self._collected_output: Dict[str, io.BytesIO] = {}
+        self._io_ended = threading.Condition()  # a communicate thread ended
+        self._io_running = 0
+        self._io_error: Optional[BaseException] = None
         _check_local_only(preexec_fn, close_fds, pass_fds, startupinfo, creationflags)
         if bufsize is None:
             bufsize = -1
@@ -277,7 +283,7 @@ class Popen:
                 conn = conn.privileged
             self.connection = conn
             outputs = {
-                name: self._copy_output(choice)
+                name: self._copy_output(name, choice)
                 for name in ("stdout", "stderr")
                 for choice in (choices[name],)
                 if isinstance(choice, int) and choice not in (PIPE, DEVNULL, STDOUT)
@@ -305,21 +311,21 @@ class Popen:
                 if isinstance(choice, PipeEnd):
                     choice.release()
             for sink in self._sinks:
-                sink.finish()
+                sink.close()
             raise
         self._process = process
         self.pid = process.pid
         self._wire_stdio(process, choices, bufsize, line_buffering)
 
-    def _copy_output(self, fd: int) -> Callable[[Optional[Stream]], None]:
-        """The handler of an output copied to local ``fd``: the stream is opened only when there is output."""
+    def _copy_output(self, name: str, fd: int) -> Callable[[Optional[Stream]], None]:
+        """The handler of output ``name`` copied to local ``fd``: the stream is opened only when there is output."""
         writer = self.connection.fd_writer(fd)
-        sink = writer.sink()
+        sink = writer.sink(name)
         self._sinks.append(sink)
 
         def opened(stream: Optional[Stream]) -> None:
             if stream is None:
-                sink.finish()
+                sink.close()
             else:
                 writer.attach(sink, stream)
 
@@ -398,9 +404,15 @@ class Popen:
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        """Wait for the child to exit; :class:`TimeoutExpired` after ``timeout`` seconds."""
+        """Wait for the child to exit; :class:`TimeoutExpired` after ``timeout`` seconds.
+
+        Raises (once) instead of returning when output copied to a local fd
+        is incomplete: ``ConnectionLost`` when the link went before its end,
+        the local write's ``OSError`` when that failed and the child exited 0
+        regardless (a child that still wrote got EPIPE, and its status says so).
+        """
         if self.returncode is not None:
-            return self.returncode
+            return self._checked(self.returncode)
         assert self._process is not None
         try:
             returncode = self._process.wait(timeout)
@@ -408,6 +420,13 @@ class Popen:
             assert timeout is not None
             raise TimeoutExpired(self.args, timeout) from None
         self._finish(returncode)
+        return self._checked(returncode)
+
+    def _checked(self, returncode: int) -> int:
+        """``returncode``, unless the copied output's failure is yet to be raised."""
+        error, self._output_error = self._output_error, None
+        if error is not None:
+            raise error
         return returncode
 
     def _finish(self, returncode: int) -> None:
@@ -420,14 +439,19 @@ class Popen:
             deadline = time.monotonic() + INHERIT_GRACE
             for sink in self._sinks:
                 sink.done.wait(_remaining(deadline))
+        self._output_error = self._output_failure(returncode)
         self.returncode = returncode
 
     def _sinks_done(self) -> bool:
         return all(sink.done.is_set() for sink in self._sinks)
 
-    def _sinks_ended(self) -> bool:
-        """The link delivered the end of every copied output (their writers may still be busy)."""
-        return all(sink.ended for sink in self._sinks)
+    def _output_failure(self, returncode: int) -> Optional[OSError]:
+        """What makes the copied output incomplete: its loss, or a local write error the child's status hides."""
+        errors = [sink.error for sink in self._sinks if sink.error is not None]
+        lost = [error for error in errors if isinstance(error, ConnectionLost)]
+        if lost:
+            return lost[0]
+        return errors[0] if errors and returncode == 0 else None
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child; nothing happens once it has exited."""
@@ -444,21 +468,24 @@ class Popen:
     # --- communicate -------------------------------------------------------
 
     def communicate(self, input: Any = None, timeout: Optional[float] = None) -> Tuple[Any, Any]:
-        """Send ``input``, read stdout and stderr to the end, and wait (as subprocess does)."""
+        """Send ``input``, read stdout and stderr to the end, and wait (as subprocess does).
+
+        ``ConnectionLost`` if the link went before an output's end (even when
+        the exit came first); what stops a reading thread (``MemoryError``) is raised as it is.
+        """
         if self._communication_started and input:
             raise ValueError("Cannot send input after starting communication")
         endtime = None if timeout is None else time.monotonic() + timeout
         if not self._communication_started:
             self._start_communication(input)
         self._communication_started = True
-        for thread in [self._writer] + [reader for reader, _ in self._readers.values()]:
-            if thread is not None:
-                thread.join(_remaining(endtime))
-                if thread.is_alive():
-                    assert timeout is not None
-                    raise TimeoutExpired(
-                        self.args, timeout, output=self._partial("stdout"), stderr=self._partial("stderr")
-                    )
+        with self._io_ended:
+            ended = self._io_ended.wait_for(self._io_over, _remaining(endtime))
+        if self._io_error is not None:  # the first failure of a thread: the others may never end
+            raise self._io_error
+        if not ended:
+            assert timeout is not None
+            raise TimeoutExpired(self.args, timeout, output=self._partial("stdout"), stderr=self._partial("stderr"))
         stdout: Any = self._collected("stdout")
         stderr: Any = self._collected("stderr")
         for handle in (self.stdout, self.stderr):
@@ -479,8 +506,7 @@ class Popen:
             if self.text_mode and data:
                 stdin: Any = self.stdin
                 data = data.encode(stdin.encoding, stdin.errors)
-            self._writer = threading.Thread(target=self._write_input, args=(data,), daemon=True)
-            self._writer.start()
+            self._start_io(self._write_input, data)
         for name in ("stdout", "stderr"):
             handle = getattr(self, name)
             if handle is not None:
@@ -489,10 +515,30 @@ class Popen:
                 # stream's chunks as they are instead of copying them through it.
                 binary = raw if not raw.touched else getattr(handle, "buffer", handle)
                 read = raw.read_chunk if binary is raw else binary.read1
-                collected = io.BytesIO()
-                reader = threading.Thread(target=_read_all, args=(binary, read, collected), daemon=True)
-                self._readers[name] = (reader, collected)
-                reader.start()
+                collected = self._collected_output[name] = io.BytesIO()
+                self._start_io(_read_all, binary, read, collected)
+
+    def _start_io(self, target: Callable[..., None], *args: Any) -> None:
+        """Run ``target(*args)`` on a communicate thread; communicate() raises what it raises."""
+        with self._io_ended:
+            self._io_running += 1
+        threading.Thread(target=self._run_io, args=(target, *args), daemon=True).start()
+
+    def _io_over(self) -> bool:
+        """Every communicate thread ended, or one failed."""
+        return not self._io_running or self._io_error is not None
+
+    def _run_io(self, target: Callable[..., None], *args: Any) -> None:
+        error: Optional[BaseException] = None
+        try:
+            target(*args)
+        except BaseException as e:
+            error = e
+        with self._io_ended:
+            self._io_running -= 1
+            if self._io_error is None:
+                self._io_error = error
+            self._io_ended.notify_all()
 
     def _write_input(self, data: Optional[bytes]) -> None:
         assert self.stdin is not None
@@ -505,8 +551,8 @@ class Popen:
             binary.close()
 
     def _collected(self, name: str) -> Optional[bytes]:
-        entry = self._readers.get(name)
-        return None if entry is None else entry[1].getvalue()
+        collected = self._collected_output.get(name)
+        return None if collected is None else collected.getvalue()
 
     def _partial(self, name: str) -> Optional[bytes]:
         """What a timed-out communicate() has so far; None when nothing, as subprocess gives."""
@@ -514,18 +560,18 @@ class Popen:
 
 
 def _read_all(handle: Any, read: Callable[[int], Any], collected: io.BytesIO) -> None:
-    """Read ``handle`` (with ``read``) to the end into ``collected``, whose buffer then becomes the result."""
-    try:
-        while True:
-            data = read(1 << 20)
-            if data is None:  # the caller made the pipe non-blocking: wait until it is readable
-                select.select([handle], [], [])
-                continue
-            if not data:
-                return
-            collected.write(data)
-    except (ValueError, OSError):
-        return
+    """Read ``handle`` (with ``read``) to the end into ``collected``, whose buffer then becomes the result.
+
+    Whatever stops it early (``ConnectionLost`` before the end, ``MemoryError``) is raised.
+    """
+    while True:
+        data = read(1 << 20)
+        if data is None:  # the caller made the pipe non-blocking: wait until it is readable
+            select.select([handle], [], [])
+            continue
+        if not data:
+            return
+        collected.write(data)
 
 
 def _buffer_size(bufsize: int) -> int:

@@ -233,6 +233,11 @@ class Stream:
         """True once the stream failed or was closed on this side."""
         return self._error is not None or self._closed
 
+    @property
+    def error(self) -> Optional[BaseException]:
+        """Why the stream failed: ``ConnectionLost``, or ``BrokenPipeError`` when the peer reset it; else None."""
+        return self._error
+
     def credit(self) -> int:
         """How many bytes :meth:`write` can send now without waiting (0 once failed or closed)."""
         with self._cond:
