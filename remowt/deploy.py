@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from .bundle import AgentBundle
+from .deadline import Deadline
 from .errors import RemowtError
 from .transports.base import Transport
 
@@ -299,7 +300,7 @@ class _Session:
     def __init__(self, transport: Transport, timeout: float) -> None:
         self.transport = transport
         self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
+        self.deadline = Deadline(timeout)
         self.phase = "starting"
         self.expired = False
         self._lock = threading.Lock()
@@ -331,10 +332,9 @@ class _Session:
         while needed:
             data = self.transport.read(needed)
             if data is None:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
+                if self.deadline.expired():
                     raise self.timed_out()
-                self.transport.wait_readable(remaining)
+                self.transport.wait_readable(self.deadline.left())
                 continue
             if not data:
                 if self.expired:

@@ -16,10 +16,10 @@ import os
 import select
 import subprocess
 import threading
-import time
 import warnings
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .deadline import KILL_GRACE, Deadline
 from .errors import ConnectionLost
 from .pipes import FdSink, FdToStream, PipeEnd, Relay, StreamReader, StreamWriter, is_devnull, remowt_pipe
 
@@ -166,8 +166,10 @@ class Popen:
 
     Beyond subprocess's arguments: ``connection`` (else the default one),
     ``extra_env`` (variables added to the target's environment instead of
-    replacing it as ``env`` does) and ``sudo`` (run it as root through the
-    connection's privileged agent, :attr:`remowt.Remowt.privileged`).
+    replacing it as ``env`` does), ``sudo`` (run it as root through the
+    connection's privileged agent, :attr:`remowt.Remowt.privileged`) and
+    ``spawn_timeout`` (how long starting it may take, None: the connection's
+    ``call_timeout``; past it ``TimeoutError``).
 
     Where it differs from a local child, because the child is elsewhere:
 
@@ -219,6 +221,7 @@ class Popen:
         connection: Optional[Remowt] = None,
         extra_env: Optional[Mapping[str, str]] = None,
         sudo: bool = False,
+        spawn_timeout: Optional[float] = None,
     ) -> None:
         self.args = args
         self.returncode: Optional[int] = None
@@ -233,6 +236,7 @@ class Popen:
         self._communication_started = False
         self._readers: Dict[str, Tuple[threading.Thread, io.BytesIO]] = {}
         self._writer: Optional[threading.Thread] = None
+        self._abandoned = False  # given up on after a timeout: the agent did not confirm the kill
         _check_local_only(preexec_fn, close_fds, pass_fds, startupinfo, creationflags)
         if bufsize is None:
             bufsize = -1
@@ -299,6 +303,7 @@ class Popen:
                 group=group,
                 extra_groups=extra_groups,
                 outputs=outputs,
+                timeout=spawn_timeout,
             )
         except BaseException:
             for choice in choices.values():
@@ -376,7 +381,7 @@ class Popen:
             if self.stdin:
                 self.stdin.close()
         finally:
-            if exc_type is not KeyboardInterrupt:
+            if exc_type is not KeyboardInterrupt and not self._abandoned:
                 self.wait()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
@@ -417,9 +422,9 @@ class Popen:
         if not self._sinks_done():
             # Output copied to local fds must be out before wait() returns, as it
             # would be locally; a grandchild holding the pipe open only delays us.
-            deadline = time.monotonic() + INHERIT_GRACE
+            deadline = Deadline(INHERIT_GRACE)
             for sink in self._sinks:
-                sink.done.wait(_remaining(deadline))
+                sink.done.wait(deadline.left())
         self.returncode = returncode
 
     def _sinks_done(self) -> bool:
@@ -441,19 +446,33 @@ class Popen:
     def kill(self) -> None:
         self.send_signal(9)
 
+    def _kill_after_timeout(self) -> None:
+        """Kill the child and wait for its exit, :data:`KILL_GRACE` seconds at most.
+
+        An agent that does not answer in that time (stopped, or the network
+        is down) gets the kill when it comes back; the caller is not held.
+        """
+        deadline = Deadline(KILL_GRACE)
+        try:
+            if self.returncode is None and self._process is not None and self._process.returncode is None:
+                self._process.send_signal(9, deadline.remaining())
+            self.wait(deadline.remaining())
+        except (TimeoutError, TimeoutExpired, ConnectionLost):
+            self._abandoned = True
+
     # --- communicate -------------------------------------------------------
 
     def communicate(self, input: Any = None, timeout: Optional[float] = None) -> Tuple[Any, Any]:
         """Send ``input``, read stdout and stderr to the end, and wait (as subprocess does)."""
         if self._communication_started and input:
             raise ValueError("Cannot send input after starting communication")
-        endtime = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         if not self._communication_started:
             self._start_communication(input)
         self._communication_started = True
         for thread in [self._writer] + [reader for reader, _ in self._readers.values()]:
             if thread is not None:
-                thread.join(_remaining(endtime))
+                thread.join(deadline.left())
                 if thread.is_alive():
                     assert timeout is not None
                     raise TimeoutExpired(
@@ -467,7 +486,7 @@ class Popen:
         if self.text_mode:
             stdout = None if stdout is None else _translate_newlines(stdout, self.encoding, self.errors)
             stderr = None if stderr is None else _translate_newlines(stderr, self.encoding, self.errors)
-        self.wait(_remaining(endtime) if endtime is not None else None)
+        self.wait(deadline.left())
         return stdout, stderr
 
     def _start_communication(self, input: Any) -> None:
@@ -532,10 +551,6 @@ def _buffer_size(bufsize: int) -> int:
     return bufsize if bufsize > 1 else io.DEFAULT_BUFFER_SIZE
 
 
-def _remaining(endtime: Optional[float]) -> Optional[float]:
-    return None if endtime is None else max(0.0, endtime - time.monotonic())
-
-
 def _translate_newlines(data: bytes, encoding: Optional[str], errors: Optional[str]) -> str:
     text = data.decode(encoding or locale.getpreferredencoding(False), errors or "strict")
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -562,12 +577,14 @@ def run(
             raise ValueError("stdout and stderr arguments may not be used with capture_output.")
         kwargs["stdout"] = PIPE
         kwargs["stderr"] = PIPE
-    with Popen(*popenargs, **kwargs) as process:
+    deadline = Deadline(timeout)
+    with _spawn(deadline, popenargs, kwargs) as process:
         try:
-            stdout, stderr = process.communicate(input, timeout=timeout)
-        except TimeoutExpired:
-            process.kill()
-            process.wait()
+            stdout, stderr = process.communicate(input, timeout=deadline.left())
+        except TimeoutExpired as e:
+            assert timeout is not None
+            e.timeout = timeout
+            process._kill_after_timeout()
             raise
         except BaseException:
             process.kill()
@@ -579,11 +596,28 @@ def run(
     return CompletedProcess(process.args, retcode, stdout, stderr)
 
 
+def _spawn(deadline: Deadline, popenargs: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Popen:
+    """``Popen(*popenargs, **kwargs)`` started within ``deadline`` (``TimeoutExpired`` when it is not)."""
+    try:
+        return Popen(*popenargs, **{**kwargs, "spawn_timeout": deadline.shorter(kwargs.get("spawn_timeout"))})
+    except TimeoutError:
+        if deadline.timeout is None:
+            raise
+        args: Args = kwargs["args"] if "args" in kwargs else popenargs[0]
+        raise TimeoutExpired(args, deadline.timeout) from None
+
+
 def call(*popenargs: Any, timeout: Optional[float] = None, **kwargs: Any) -> int:
     """Run a command and return its return code; see :func:`subprocess.call`."""
-    with Popen(*popenargs, **kwargs) as process:
+    deadline = Deadline(timeout)
+    with _spawn(deadline, popenargs, kwargs) as process:
         try:
-            return process.wait(timeout=timeout)
+            return process.wait(timeout=deadline.left())
+        except TimeoutExpired as e:
+            assert timeout is not None
+            e.timeout = timeout
+            process._kill_after_timeout()
+            raise
         except BaseException:
             process.kill()
             raise
