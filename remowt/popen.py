@@ -458,7 +458,15 @@ class Popen:
                 self._process.send_signal(9, deadline.remaining())
             self.wait(deadline.remaining())
         except (TimeoutError, TimeoutExpired, ConnectionLost):
-            self._abandoned = True
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Give the child up: close its streams here (waking a writer blocked on the agent) and wait for nothing."""
+        self._abandoned = True
+        if self._process is not None:
+            self._process.close()
+        if self._writer is not None:
+            self._writer.join(KILL_GRACE)  # it ends at once: its stream is closed
 
     # --- communicate -------------------------------------------------------
 

@@ -137,18 +137,18 @@ def test_calls_to_a_stopped_local_agent_time_out(local_agent: Tuple[remowt.Remow
 @pytest.mark.timeout(40)
 def test_run_whose_agent_stops_during_the_run_times_out(local_agent: Tuple[remowt.Remowt, Stopped]) -> None:
     conn, agent = local_agent
-    # the child stops its parent, the agent: the kill after the timeout gets no answer either
+    # once its input arrives (so the spawn was answered), the child stops its parent, the agent: the kill
+    # after the timeout gets no answer either, and the input (more than a window) cannot all be sent
     agent.stopped = True
+    stops_its_agent = ["sh", "-c", "head -c1 >/dev/null; kill -STOP $PPID; exec sleep 30"]
     started = time.monotonic()
     raises_within(
         1 + KILL_GRACE + MARGIN,
         remowt.TimeoutExpired,
-        lambda: conn.run(["sh", "-c", "kill -STOP $PPID; sleep 30"], timeout=1),
+        lambda: conn.run(stops_its_agent, input=b"x" * (8 << 20), capture_output=True, timeout=1),
     )
     assert time.monotonic() - started >= 1.0
-    raises_within(
-        1 + KILL_GRACE + MARGIN, remowt.TimeoutExpired, lambda: conn.call(["sleep", "30"], timeout=1)
-    )  # the spawn itself times out: the agent is still stopped
+    raises_within(1 + MARGIN, remowt.TimeoutExpired, lambda: conn.call(["sleep", "30"], timeout=1))  # the spawn
     agent.cont()
     assert wait_until(lambda: not children_of(agent.pid), 10), "the child of a timed-out run was not killed"
     assert conn.run(["echo", "ok"], capture_output=True, timeout=10).stdout == b"ok\n"
