@@ -33,11 +33,6 @@ class Deadline:
         self._paused = 0
         self._paused_at = 0.0
 
-    @classmethod
-    def after(cls, seconds: float, what: str = "the call") -> Deadline:
-        """A deadline ``seconds`` from now (a number, not None)."""
-        return cls(float(seconds), what)
-
     def __repr__(self) -> str:
         return f"<Deadline {self.what}: {self.left()} s left>"
 

@@ -323,7 +323,7 @@ class _Session:
         self._timer.cancel()
 
     def timed_out(self) -> DeployError:
-        return DeployError("timeout", f"the target did not answer within {self.timeout:g} s while {self.phase}")
+        return DeployError("timeout", f"the target did not answer within {self.timeout:.3g} s while {self.phase}")
 
     def read_exact(self, size: int) -> Optional[bytes]:
         """Exactly ``size`` bytes, or None at end of stream (never more: what follows is the agent's)."""

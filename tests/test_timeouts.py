@@ -292,4 +292,4 @@ def test_connect_to_a_stalling_server_times_out(
     started = time.monotonic()
     error = raises_within(1.0 + MARGIN, DeployError if step == "deploy" else SshError, connect)
     assert time.monotonic() - started >= 0.9
-    assert "timed out" in str(error) or "did not answer" in str(error), error
+    assert any(words in str(error) for words in ("timed out", "no answer", "did not answer")), error

@@ -326,7 +326,9 @@ class SshSession:
             raise SshError(f"{self.target}: cannot open a channel to run a command: {e}") from e
         transport = ChannelTransport(channel, description or f"{self.target.alias}")
         try:
-            _exec_command(channel, command, _left(deadline, self.target, "starting a command"))
+            timeout = _left(deadline, self.target, "starting a command")
+            if not _exec_command(channel, command, timeout):
+                raise SshError(f"{self.target}: no answer to the request to run a command in {timeout:.3g} s")
         except BaseException as e:
             transport.close()
             if isinstance(e, _SESSION_ENDED):
@@ -343,8 +345,8 @@ class SshSession:
             hop.close()
 
 
-def _exec_command(channel: paramiko.Channel, command: str, timeout: float) -> None:
-    """``channel.exec_command(command)``, waiting ``timeout`` seconds at most for the server's answer.
+def _exec_command(channel: paramiko.Channel, command: str, timeout: float) -> bool:
+    """``channel.exec_command(command)``, waiting ``timeout`` seconds at most; False if the server did not answer.
 
     paramiko's own waits for ever, so a server that never answers would hang
     the caller; this sends the same request and waits on the same event.
@@ -362,9 +364,10 @@ def _exec_command(channel: paramiko.Channel, command: str, timeout: float) -> No
     assert transport is not None
     cast(Any, transport)._send_user_message(message)
     if not channel.event.wait(timeout):
-        raise SshError(f"the ssh server did not answer the request to start a command within {timeout:g} s")
+        return False
     if not channel.event_ready:
         raise transport.get_exception() or paramiko.SSHException("Channel closed.")
+    return True
 
 
 def _left(deadline: Deadline, target: SshTarget, step: str) -> float:
