@@ -77,7 +77,10 @@ class Privileged(Remowt):
         ``TimeoutError`` when it is not done within ``timeout`` seconds (None:
         :data:`START_TIMEOUT`), not counting the time the prompter takes.
         """
-        deadline = Deadline(START_TIMEOUT if timeout is None else timeout, "starting the privileged agent")
+        return self._start(Deadline(START_TIMEOUT if timeout is None else timeout, "starting the privileged agent"))
+
+    def _start(self, deadline: Deadline) -> str:
+        """:meth:`start` by ``deadline``, which is paused while the user is asked for a password."""
         starts = self._starts
         if not self._start_lock.acquire(timeout=deadline.left() or 0.0):
             raise deadline.error()
@@ -103,9 +106,9 @@ class Privileged(Remowt):
     def _elevate(self, deadline: Deadline) -> str:
         """Ask the agent to start the privileged agent; wait by ``deadline`` (paused while the user is asked)."""
         args = _ELEVATE.encode_args((self._connection.escalation,), {})
-        pending = self.router.call(self._connection.agent, EscalateApi.namespace, _ELEVATE.number, args)
-        self._starting = deadline
+        self._starting = deadline  # before the call: its prompt may come at once
         try:
+            pending = self.router.call(self._connection.agent, EscalateApi.namespace, _ELEVATE.number, args)
             while not pending.wait(deadline.left()):
                 if deadline.expired() and pending.abandon():
                     raise deadline.error()
@@ -125,12 +128,15 @@ class Privileged(Remowt):
                 yield
 
     def _started(self, timeout: Optional[float]) -> Optional[float]:
-        """Start the agent within ``timeout`` (None: the defaults); what is left of it for the call after."""
+        """Start the agent within ``timeout`` (None: the defaults); what is left of it for the call after.
+
+        As for :meth:`start`, the user's time at a password prompt is not counted.
+        """
         if timeout is None:
             self.start()
             return None
         deadline = Deadline(timeout, "a call to the privileged agent")
-        self.start(deadline.left() or 0.0)
+        self._start(deadline)
         return deadline.remaining()
 
     def ping(self, timeout: Optional[float] = None) -> float:
