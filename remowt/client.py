@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
@@ -14,6 +16,7 @@ from . import popen as _popen
 from . import wire
 from .agent.main import Agent
 from .command import Command
+from .deadline import CALL_TIMEOUT, Deadline
 from .endpoints.control import Control, ControlApi, NodeInfo
 from .endpoints.escalate import check_tool
 from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
@@ -22,8 +25,8 @@ from .link import Link, held_sends, holding_sends
 from .pipes import FdWriter
 from .process import OutputHandler, RemoteProcess
 from .prompt import Prompter, check_prompter, has_terminal, terminal_prompter
-from .router import Router
-from .service import proxy
+from .router import HANDSHAKE_TIMEOUT, Pending, Router
+from .service import proxy, timed
 from .streams import Stream
 from .transports import local as local_transport
 from .transports import loopback as loopback_transport
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 _SPAWN = SubprocessApi.methods["spawn"]
 _RELEASE = SubprocessApi.methods["release"]
+_SIGNAL = SubprocessApi.methods["send_signal"]
 PIPE = _popen.PIPE
 DEVNULL = _popen.DEVNULL
 STDOUT = _popen.STDOUT
@@ -45,7 +49,7 @@ class _ProcessEvents(ProcessEventsApi):
         self._connection = connection
 
     def exited(self, handle: int, returncode: int) -> None:
-        self._connection._process_exited(handle, returncode)
+        self._connection._process_exited(self._connection.router.caller(), handle, returncode)
 
     def output(self, handle: int, name: str, sid: int) -> None:
         self._connection._process_output(handle, name, sid)
@@ -57,6 +61,10 @@ class Remowt:
     It also has the face of the :mod:`subprocess` module, bound to itself:
     ``conn.Popen``, ``conn.run``, ``conn.check_output`` …, ``conn.PIPE`` and
     the exception classes, so ``subprocess = conn`` works in a script.
+
+    ``call_timeout`` bounds each call that should answer at once (``ping``,
+    ``info``, ``spawn``, signals) when the caller gives no timeout: a stopped
+    agent or a dead network is then a ``TimeoutError``, not a hang.
     """
 
     PIPE = _popen.PIPE
@@ -76,6 +84,7 @@ class Remowt:
         on_close: Sequence[Callable[[], None]] = (),
         prompter: Optional[Prompter] = None,
         escalation: Optional[str] = None,
+        call_timeout: Optional[float] = CALL_TIMEOUT,
     ) -> None:
         self.router = router
         self.link = link
@@ -83,6 +92,7 @@ class Remowt:
         self.agent = wire.AGENT
         self.prompter = prompter
         self.escalation = escalation
+        self.call_timeout = call_timeout
         self._privileged: Optional[Privileged] = None
         self._on_close = list(on_close)
         self._handles = itertools.count(1)
@@ -92,8 +102,8 @@ class Remowt:
         self._popen_class: Optional[Type[_popen.Popen]] = None
         self._fd_writers: Dict[int, FdWriter] = {}
         self._releases: List[Tuple[str, int]] = []  # exited children (agent, handle) the agents may forget
-        self._control = proxy(ControlApi, router, self.agent)
-        self._subprocess = proxy(SubprocessApi, router, self.agent)
+        self._control = proxy(ControlApi, router, self.agent, call_timeout)
+        self._subprocess = proxy(SubprocessApi, router, self.agent, call_timeout)
         router.on_link_closed(self._link_closed)
 
     def __repr__(self) -> str:
@@ -107,15 +117,19 @@ class Remowt:
 
     # --- health ---------------------------------------------------------
 
-    def ping(self) -> float:
-        """One no-op round trip to the agent; returns how long it took, in seconds."""
+    def ping(self, timeout: Optional[float] = None) -> float:
+        """One no-op round trip to the agent; returns how long it took, in seconds.
+
+        ``TimeoutError`` after ``timeout`` seconds (None: :attr:`call_timeout`).
+        """
+        control = self._control if timeout is None else timed(self._control, timeout)
         start = time.perf_counter()
-        self._control.ping()
+        control.ping()
         return time.perf_counter() - start
 
-    def info(self) -> NodeInfo:
-        """Who the agent is: pid, uid, Python version and machine."""
-        return self._control.info()
+    def info(self, timeout: Optional[float] = None) -> NodeInfo:
+        """Who the agent is: pid, uid, Python version and machine (``timeout`` as for :meth:`ping`)."""
+        return (self._control if timeout is None else timed(self._control, timeout)).info()
 
     @property
     def privileged(self) -> Privileged:
@@ -200,6 +214,7 @@ class Remowt:
         extra_groups: Optional[Sequence[Union[int, str]]] = None,
         keep_on_disconnect: bool = False,
         outputs: Optional[Mapping[str, OutputHandler]] = None,
+        timeout: Optional[float] = None,
     ) -> RemoteProcess:
         """Start ``argv`` on the target.
 
@@ -217,6 +232,10 @@ class Remowt:
         stream once the child writes there, or exits with the pipe still open,
         else None when the child exits. It runs on the thread reading the link,
         before anything arrives on the stream, and must not block.
+
+        Without an answer within ``timeout`` seconds (None: :attr:`call_timeout`)
+        it raises ``TimeoutError``; a child the agent starts after that is
+        killed as soon as its start is reported.
         """
         args = [str(a) for a in argv]
         if not args:
@@ -282,7 +301,7 @@ class Remowt:
                     self.agent, SubprocessApi.namespace, _SPAWN.number, _SPAWN.encode_args((spec,), {})
                 )
             try:
-                process.pid = _SPAWN.decode_result(pending.result())
+                process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))
             except msgspec.ValidationError as e:
                 raise RemoteError(f"{_SPAWN.name} returned a malformed result: {e}") from None
         except BaseException:
@@ -293,6 +312,21 @@ class Remowt:
             raise
         return process
 
+    def _spawned(self, pending: Pending, process: RemoteProcess, timeout: Optional[float]) -> bytes:
+        """The spawn's answer; on a timeout, the call is left to :meth:`_spawned_late` and ``TimeoutError`` raised."""
+        timeout = self.call_timeout if timeout is None else timeout
+        if pending.wait(timeout) or not pending.abandon(functools.partial(self._spawned_late, process)):
+            return pending.result()
+        raise TimeoutError(f"{self.agent} did not answer the spawn of {process.args[0]!r} within {timeout:g} s")
+
+    def _spawned_late(self, process: RemoteProcess, result: Optional[bytes], error: Optional[BaseException]) -> None:
+        """A spawn answered after its caller gave up: kill the child (its exit, as any, lets the agent forget it)."""
+        if error is not None or self._closed:
+            return
+        with contextlib.suppress(ConnectionLost, Unreachable):
+            args = _SIGNAL.encode_args((process.handle, signal.SIGKILL), {})
+            self.router.notify(self.agent, SubprocessApi.namespace, _SIGNAL.number, args)
+
     def _send_releases(self) -> None:
         """Let the agents forget the children whose exits arrived (sent with the next spawn, off the exit path)."""
         with self._lock:  # in place: the privileged view shares the connection's list
@@ -302,15 +336,13 @@ class Remowt:
             with contextlib.suppress(ConnectionLost, Unreachable):  # else that agent is gone, its children too
                 self.router.notify(agent, SubprocessApi.namespace, _RELEASE.number, _RELEASE.encode_args((handle,), {}))
 
-    def _process_exited(self, handle: int, returncode: int) -> None:
+    def _process_exited(self, agent: str, handle: int, returncode: int) -> None:
         with self._lock:
             process = self._processes.pop(handle, None)
-            closed = self._closed
+            if not self._closed:  # else the agent forgets its children by itself when the connection goes
+                self._releases.append((agent, handle))  # also a child whose spawn timed out
         if process is not None:
             process._set_exited(returncode)
-            if not closed:  # else the agent forgets its children by itself when the connection goes
-                with self._lock:
-                    self._releases.append((process.connection.agent, handle))  # the agent that ran it
 
     def _process_output(self, handle: int, name: str, sid: int) -> None:
         stream = self.router.accept_stream(self.router.caller(), sid)
@@ -370,16 +402,25 @@ def _connect(
     *,
     prompter: Optional[Prompter] = None,
     escalation: Optional[str] = None,
+    call_timeout: Optional[float] = CALL_TIMEOUT,
+    deadline: Optional[Deadline] = None,
 ) -> Remowt:
     try:
-        link = router.add_link(transport, name=f"user-{transport.name}")
+        timeout = HANDSHAKE_TIMEOUT if deadline is None else deadline.shorter(HANDSHAKE_TIMEOUT)
+        link = router.add_link(transport, name=f"user-{transport.name}", timeout=timeout)
     except BaseException:
         router.close()
         for hook in on_close:
             hook()
         raise
     connection = Remowt(
-        router, link, description=description, on_close=on_close, prompter=prompter, escalation=escalation
+        router,
+        link,
+        description=description,
+        on_close=on_close,
+        prompter=prompter,
+        escalation=escalation,
+        call_timeout=call_timeout,
     )
     router.register(_ProcessEvents(connection))
     from .escalation import serve_user_side
@@ -388,11 +429,17 @@ def _connect(
     return connection
 
 
-def loopback(*, prompter: Optional[Prompter] = None, escalation: Optional[str] = None) -> Remowt:
+def loopback(
+    *,
+    prompter: Optional[Prompter] = None,
+    escalation: Optional[str] = None,
+    call_timeout: Optional[float] = CALL_TIMEOUT,
+) -> Remowt:
     """A connection to an agent running on threads in this process (tests, teaching).
 
     ``prompter(prompt) -> password`` answers password prompts (default: ask
-    on the terminal); ``escalation`` picks the tool for ``conn.privileged``.
+    on the terminal); ``escalation`` picks the tool for ``conn.privileged``;
+    ``call_timeout`` is :attr:`Remowt.call_timeout`.
     """
     check_prompter(prompter)
     check_tool(escalation)
@@ -409,7 +456,13 @@ def loopback(*, prompter: Optional[Prompter] = None, escalation: Optional[str] =
     thread = threading.Thread(target=serve, name="remowt-loopback-agent", daemon=True)
     thread.start()
     connection = _connect(
-        _user_router(), user_end, "loopback", [agent.shutdown], prompter=prompter, escalation=escalation
+        _user_router(),
+        user_end,
+        "loopback",
+        [agent.shutdown],
+        prompter=prompter,
+        escalation=escalation,
+        call_timeout=call_timeout,
     )
     thread.join()
     if failure:
@@ -419,18 +472,30 @@ def loopback(*, prompter: Optional[Prompter] = None, escalation: Optional[str] =
 
 
 def connect_local(
-    python: Optional[str] = None, *, prompter: Optional[Prompter] = None, escalation: Optional[str] = None
+    python: Optional[str] = None,
+    *,
+    prompter: Optional[Prompter] = None,
+    escalation: Optional[str] = None,
+    call_timeout: Optional[float] = CALL_TIMEOUT,
 ) -> Remowt:
     """Start an agent as a child process on this machine and connect to it.
 
-    ``prompter`` and ``escalation`` are as for :func:`loopback`.
+    ``prompter``, ``escalation`` and ``call_timeout`` are as for :func:`loopback`.
     """
     check_prompter(prompter)
     check_tool(escalation)
     transport = local_transport.start_local_agent(python)
     try:
         description = f"local agent pid {transport.process.pid}"
-        return _connect(_user_router(), transport, description, [], prompter=prompter, escalation=escalation)
+        return _connect(
+            _user_router(),
+            transport,
+            description,
+            [],
+            prompter=prompter,
+            escalation=escalation,
+            call_timeout=call_timeout,
+        )
     except ConnectionLost as e:
         raise ConnectionLost(f"local agent failed to start: {e}\n{transport.stderr_tail()}") from None
 
@@ -451,6 +516,7 @@ def connect(
     escalation: Optional[str] = None,
     bundle: Optional[AgentBundle] = None,
     python: str = "python3",
+    call_timeout: Optional[float] = CALL_TIMEOUT,
 ) -> Remowt:
     """Connect over ssh to ``host`` (a name or ``~/.ssh/config`` alias), deploy the agent if needed, start it.
 
@@ -466,6 +532,12 @@ def connect(
     picks its tool, as for :func:`loopback`; without a prompter, the
     terminal is asked when there is one. ``bundle`` is what to deploy
     (default :meth:`AgentBundle.default`), ``python`` the target's interpreter.
+
+    ``connect_timeout`` (else ConnectTimeout, else 15 s) bounds all of it:
+    TCP, the ssh handshake, authentication (not the time a prompter takes),
+    opening the channel, the exec, deploying and starting the agent; past it
+    :class:`~remowt.errors.SshError` (or ``DeployError``, ``ConnectionLost``)
+    says which step did not answer. ``call_timeout`` is as for :func:`loopback`.
     """
     from . import sshconfig
     from .bundle import AgentBundle
@@ -487,14 +559,23 @@ def connect(
         keepalive_interval=keepalive_interval,
     )
     asker = prompter if prompter is not None else terminal_prompter if has_terminal() else None
-    session = ssh_transport.open_session(target, config, password=password, prompter=asker)
+    agent_bundle = bundle if bundle is not None else AgentBundle.default()  # local work: not the target's time
+    deadline = Deadline(target.connect_timeout, f"connecting to {target}")
+    session = ssh_transport.open_session(target, config, password=password, prompter=asker, deadline=deadline)
     try:
-        agent_bundle = bundle if bundle is not None else AgentBundle.default()
-        transport = session.exec(remote_start_command(agent_bundle, python), description=f"agent on {target.alias}")
-        start_agent(transport, agent_bundle, timeout=max(target.connect_timeout, 30.0))
+        command = remote_start_command(agent_bundle, python)
+        transport = session.exec(command, description=f"agent on {target.alias}", deadline=deadline)
+        start_agent(transport, agent_bundle, timeout=deadline.left() or 0.0)
     except BaseException:
         session.close()
         raise
     return _connect(
-        _user_router(), transport, f"ssh {target}", [session.close], prompter=prompter, escalation=escalation
+        _user_router(),
+        transport,
+        f"ssh {target}",
+        [session.close],
+        prompter=prompter,
+        escalation=escalation,
+        call_timeout=call_timeout,
+        deadline=deadline,
     )

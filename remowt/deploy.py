@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from .bundle import AgentBundle
+from .deadline import Deadline
 from .errors import RemowtError
 from .transports.base import Transport
 
@@ -299,7 +300,7 @@ class _Session:
     def __init__(self, transport: Transport, timeout: float) -> None:
         self.transport = transport
         self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
+        self.deadline = Deadline(timeout)
         self.phase = "starting"
         self.expired = False
         self._lock = threading.Lock()
@@ -322,7 +323,7 @@ class _Session:
         self._timer.cancel()
 
     def timed_out(self) -> DeployError:
-        return DeployError("timeout", f"the target did not answer within {self.timeout:g} s while {self.phase}")
+        return DeployError("timeout", f"the target did not answer within {self.timeout:.3g} s while {self.phase}")
 
     def read_exact(self, size: int) -> Optional[bytes]:
         """Exactly ``size`` bytes, or None at end of stream (never more: what follows is the agent's)."""
@@ -331,10 +332,9 @@ class _Session:
         while needed:
             data = self.transport.read(needed)
             if data is None:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
+                if self.deadline.expired():
                     raise self.timed_out()
-                self.transport.wait_readable(remaining)
+                self.transport.wait_readable(self.deadline.left())
                 continue
             if not data:
                 if self.expired:

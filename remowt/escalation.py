@@ -8,12 +8,15 @@ prompts come back to the connection's prompter (:mod:`remowt.prompt`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from . import wire
 from .client import Remowt
+from .deadline import Deadline
 from .endpoints.control import ControlApi, NodeInfo
+from .endpoints.escalate import START_TIMEOUT as AGENT_START_TIMEOUT
 from .endpoints.escalate import EscalateApi, PrivilegedEventsApi
 from .endpoints.subprocess import SubprocessApi
 from .errors import ConnectionLost
@@ -21,6 +24,10 @@ from .process import RemoteProcess
 from .prompt import Prompter, PromptService, terminal_prompter
 from .router import Router
 from .service import proxy
+
+START_TIMEOUT = AGENT_START_TIMEOUT + 15.0
+"""How long :meth:`Privileged.start` waits by default (the user's time at a password prompt not counted)."""
+_ELEVATE = EscalateApi.methods["elevate"]
 
 
 class Privileged(Remowt):
@@ -39,12 +46,13 @@ class Privileged(Remowt):
         self.description = f"{connection.description}, privileged"
         self.tool: Optional[str] = None
         self._popen_class = None
-        self._control = proxy(ControlApi, connection.router, self.agent)
-        self._subprocess = proxy(SubprocessApi, connection.router, self.agent)
-        self._escalate = proxy(EscalateApi, connection.router, connection.agent)
+        self._control = proxy(ControlApi, connection.router, self.agent, connection.call_timeout)
+        self._subprocess = proxy(SubprocessApi, connection.router, self.agent, connection.call_timeout)
+        self._escalate = proxy(EscalateApi, connection.router, connection.agent, connection.call_timeout)
         self._start_lock = threading.Lock()
         self._starts = 0
         self._failure: Optional[BaseException] = None
+        self._starting: Optional[Deadline] = None  # the deadline of the start in progress
 
     def __getattr__(self, name: str) -> Any:
         # The rest (router, link, processes, fd writers, lock, closed flag) is the connection's own.
@@ -60,15 +68,23 @@ class Privileged(Remowt):
         """Whether the privileged agent is up now (no round trip)."""
         return wire.AGENT_PRIVILEGED in self.router.reachable()
 
-    def start(self) -> str:
+    def start(self, timeout: Optional[float] = None) -> str:
         """Start the privileged agent unless it runs; returns the tool used ("" if the agent is root).
 
         Raises :class:`~remowt.errors.EscalationError` when no tool is found,
         authentication fails or the prompt is cancelled. Callers that waited
         while another thread's start failed get that failure, not a new prompt.
+        ``TimeoutError`` when it is not done within ``timeout`` seconds (None:
+        :data:`START_TIMEOUT`), not counting the time the prompter takes.
         """
+        return self._start(Deadline(START_TIMEOUT if timeout is None else timeout, "starting the privileged agent"))
+
+    def _start(self, deadline: Deadline) -> str:
+        """:meth:`start` by ``deadline``, which is paused while the user is asked for a password."""
         starts = self._starts
-        with self._start_lock:
+        if not self._start_lock.acquire(timeout=deadline.left() or 0.0):
+            raise deadline.error()
+        try:
             if self._connection.closed:
                 raise ConnectionLost(f"{self._connection!r} is closed")
             if self.running() and self.tool is not None:
@@ -76,7 +92,7 @@ class Privileged(Remowt):
             if self._starts != starts and self._failure is not None:
                 raise self._failure
             try:
-                self.tool = self._escalate.elevate(self._connection.escalation)
+                self.tool = self._elevate(deadline)
                 self._failure = None
             except BaseException as e:
                 self._failure = e
@@ -84,17 +100,53 @@ class Privileged(Remowt):
             finally:
                 self._starts += 1
             return self.tool
+        finally:
+            self._start_lock.release()
 
-    def ping(self) -> float:
-        self.start()
-        return super().ping()
+    def _elevate(self, deadline: Deadline) -> str:
+        """Ask the agent to start the privileged agent; wait by ``deadline`` (paused while the user is asked)."""
+        args = _ELEVATE.encode_args((self._connection.escalation,), {})
+        self._starting = deadline  # before the call: its prompt may come at once
+        try:
+            pending = self.router.call(self._connection.agent, EscalateApi.namespace, _ELEVATE.number, args)
+            while not pending.wait(deadline.left()):
+                if deadline.expired() and pending.abandon():
+                    raise deadline.error()
+        finally:
+            self._starting = None
+        tool: str = _ELEVATE.decode_result(pending.result())
+        return tool
 
-    def info(self) -> NodeInfo:
-        self.start()
-        return super().info()
+    @contextlib.contextmanager
+    def prompting(self) -> Iterator[None]:
+        """Around a password prompt: the start in progress does not count the user's time."""
+        deadline = self._starting
+        if deadline is None:
+            yield
+        else:
+            with deadline.paused():
+                yield
+
+    def _started(self, timeout: Optional[float]) -> Optional[float]:
+        """Start the agent within ``timeout`` (None: the defaults); what is left of it for the call after.
+
+        As for :meth:`start`, the user's time at a password prompt is not counted.
+        """
+        if timeout is None:
+            self.start()
+            return None
+        deadline = Deadline(timeout, "a call to the privileged agent")
+        self._start(deadline)
+        return deadline.remaining()
+
+    def ping(self, timeout: Optional[float] = None) -> float:
+        return super().ping(self._started(timeout))
+
+    def info(self, timeout: Optional[float] = None) -> NodeInfo:
+        return super().info(self._started(timeout))
 
     def spawn(self, argv: Sequence[str], **kwargs: Any) -> RemoteProcess:
-        self.start()
+        kwargs["timeout"] = self._started(kwargs.get("timeout"))
         return super().spawn(argv, **kwargs)
 
     def close(self) -> None:
@@ -128,6 +180,13 @@ class _ConnectionPrompts(PromptService):
 
     def prompter(self) -> Prompter:
         return self._connection.prompter or terminal_prompter
+
+    def ask(self, prompt: str) -> str:
+        privileged = self._connection._privileged
+        if privileged is None:
+            return super().ask(prompt)
+        with privileged.prompting():
+            return super().ask(prompt)
 
 
 def serve_user_side(router: Router, connection: Remowt) -> None:

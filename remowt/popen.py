@@ -16,12 +16,13 @@ import os
 import select
 import subprocess
 import threading
-import time
 import warnings
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .deadline import KILL_GRACE, Deadline
 from .errors import ConnectionLost
 from .pipes import FdSink, FdToStream, PipeEnd, Relay, StreamReader, StreamWriter, is_devnull, remowt_pipe
+from .waiting import Gate, wait_on
 
 if TYPE_CHECKING:
     from .client import Remowt
@@ -166,8 +167,10 @@ class Popen:
 
     Beyond subprocess's arguments: ``connection`` (else the default one),
     ``extra_env`` (variables added to the target's environment instead of
-    replacing it as ``env`` does) and ``sudo`` (run it as root through the
-    connection's privileged agent, :attr:`remowt.Remowt.privileged`).
+    replacing it as ``env`` does), ``sudo`` (run it as root through the
+    connection's privileged agent, :attr:`remowt.Remowt.privileged`) and
+    ``spawn_timeout`` (how long starting it may take, None: the connection's
+    ``call_timeout``; past it ``TimeoutError``).
 
     Where it differs from a local child, because the child is elsewhere:
 
@@ -222,6 +225,7 @@ class Popen:
         connection: Optional[Remowt] = None,
         extra_env: Optional[Mapping[str, str]] = None,
         sudo: bool = False,
+        spawn_timeout: Optional[float] = None,
     ) -> None:
         self.args = args
         self.returncode: Optional[int] = None
@@ -236,9 +240,12 @@ class Popen:
         self._output_error: Optional[OSError] = None
         self._communication_started = False
         self._collected_output: Dict[str, io.BytesIO] = {}
-        self._io_ended = threading.Condition()  # a communicate thread ended
+        self._io_lock = threading.Lock()
+        self._io_ended = Gate()  # a communicate thread ended
         self._io_running = 0
         self._io_error: Optional[BaseException] = None
+        self._writer: Optional[threading.Thread] = None
+        self._abandoned = False  # given up on after a timeout: the agent did not confirm the kill
         _check_local_only(preexec_fn, close_fds, pass_fds, startupinfo, creationflags)
         if bufsize is None:
             bufsize = -1
@@ -305,6 +312,7 @@ class Popen:
                 group=group,
                 extra_groups=extra_groups,
                 outputs=outputs,
+                timeout=spawn_timeout,
             )
         except BaseException:
             for choice in choices.values():
@@ -382,7 +390,7 @@ class Popen:
             if self.stdin:
                 self.stdin.close()
         finally:
-            if exc_type is not KeyboardInterrupt:
+            if exc_type is not KeyboardInterrupt and not self._abandoned:
                 self.wait()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
@@ -436,9 +444,9 @@ class Popen:
         if not self._sinks_done():
             # Output copied to local fds must be out before wait() returns, as it
             # would be locally; a grandchild holding the pipe open only delays us.
-            deadline = time.monotonic() + INHERIT_GRACE
+            deadline = Deadline(INHERIT_GRACE)
             for sink in self._sinks:
-                sink.done.wait(_remaining(deadline))
+                sink.done.wait(deadline.left())
         self._output_error = self._output_failure(returncode)
         self.returncode = returncode
 
@@ -465,6 +473,28 @@ class Popen:
     def kill(self) -> None:
         self.send_signal(9)
 
+    def _kill_after_timeout(self) -> None:
+        """Kill the child and wait for its exit, :data:`KILL_GRACE` seconds at most.
+
+        An agent that does not answer in that time (stopped, or the network
+        is down) gets the kill when it comes back; the caller is not held.
+        """
+        deadline = Deadline(KILL_GRACE)
+        try:
+            if self.returncode is None and self._process is not None and self._process.returncode is None:
+                self._process.send_signal(9, deadline.remaining())
+            self.wait(deadline.remaining())
+        except (TimeoutError, TimeoutExpired, ConnectionLost):
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Give the child up: close its streams here (waking a writer blocked on the agent) and wait for nothing."""
+        self._abandoned = True
+        if self._process is not None:
+            self._process.close()
+        if self._writer is not None:
+            self._writer.join(KILL_GRACE)  # it ends at once: its stream is closed
+
     # --- communicate -------------------------------------------------------
 
     def communicate(self, input: Any = None, timeout: Optional[float] = None) -> Tuple[Any, Any]:
@@ -475,17 +505,20 @@ class Popen:
         """
         if self._communication_started and input:
             raise ValueError("Cannot send input after starting communication")
-        endtime = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         if not self._communication_started:
             self._start_communication(input)
         self._communication_started = True
-        with self._io_ended:
-            ended = self._io_ended.wait_for(self._io_over, _remaining(endtime))
+        while True:
+            with self._io_lock:
+                if self._io_over():
+                    break
+                waiter = self._io_ended.enlist()
+            if not wait_on(waiter, deadline.left()) and not self._io_over():
+                assert timeout is not None
+                raise TimeoutExpired(self.args, timeout, output=self._partial("stdout"), stderr=self._partial("stderr"))
         if self._io_error is not None:  # the first failure of a thread: the others may never end
             raise self._io_error
-        if not ended:
-            assert timeout is not None
-            raise TimeoutExpired(self.args, timeout, output=self._partial("stdout"), stderr=self._partial("stderr"))
         stdout: Any = self._collected("stdout")
         stderr: Any = self._collected("stderr")
         for handle in (self.stdout, self.stderr):
@@ -494,7 +527,7 @@ class Popen:
         if self.text_mode:
             stdout = None if stdout is None else _translate_newlines(stdout, self.encoding, self.errors)
             stderr = None if stderr is None else _translate_newlines(stderr, self.encoding, self.errors)
-        self.wait(_remaining(endtime) if endtime is not None else None)
+        self.wait(deadline.left())
         return stdout, stderr
 
     def _start_communication(self, input: Any) -> None:
@@ -506,7 +539,7 @@ class Popen:
             if self.text_mode and data:
                 stdin: Any = self.stdin
                 data = data.encode(stdin.encoding, stdin.errors)
-            self._start_io(self._write_input, data)
+            self._writer = self._start_io(self._write_input, data)
         for name in ("stdout", "stderr"):
             handle = getattr(self, name)
             if handle is not None:
@@ -518,11 +551,13 @@ class Popen:
                 collected = self._collected_output[name] = io.BytesIO()
                 self._start_io(_read_all, binary, read, collected)
 
-    def _start_io(self, target: Callable[..., None], *args: Any) -> None:
+    def _start_io(self, target: Callable[..., None], *args: Any) -> threading.Thread:
         """Run ``target(*args)`` on a communicate thread; communicate() raises what it raises."""
-        with self._io_ended:
+        with self._io_lock:
             self._io_running += 1
-        threading.Thread(target=self._run_io, args=(target, *args), daemon=True).start()
+        thread = threading.Thread(target=self._run_io, args=(target, *args), daemon=True)
+        thread.start()
+        return thread
 
     def _io_over(self) -> bool:
         """Every communicate thread ended, or one failed."""
@@ -534,11 +569,11 @@ class Popen:
             target(*args)
         except BaseException as e:
             error = e
-        with self._io_ended:
+        with self._io_lock:
             self._io_running -= 1
             if self._io_error is None:
                 self._io_error = error
-            self._io_ended.notify_all()
+            self._io_ended.open()
 
     def _write_input(self, data: Optional[bytes]) -> None:
         assert self.stdin is not None
@@ -578,10 +613,6 @@ def _buffer_size(bufsize: int) -> int:
     return bufsize if bufsize > 1 else io.DEFAULT_BUFFER_SIZE
 
 
-def _remaining(endtime: Optional[float]) -> Optional[float]:
-    return None if endtime is None else max(0.0, endtime - time.monotonic())
-
-
 def _translate_newlines(data: bytes, encoding: Optional[str], errors: Optional[str]) -> str:
     text = data.decode(encoding or locale.getpreferredencoding(False), errors or "strict")
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -608,12 +639,14 @@ def run(
             raise ValueError("stdout and stderr arguments may not be used with capture_output.")
         kwargs["stdout"] = PIPE
         kwargs["stderr"] = PIPE
-    with Popen(*popenargs, **kwargs) as process:
+    deadline = Deadline(timeout)
+    with _spawn(deadline, popenargs, kwargs) as process:
         try:
-            stdout, stderr = process.communicate(input, timeout=timeout)
-        except TimeoutExpired:
-            process.kill()
-            process.wait()
+            stdout, stderr = process.communicate(input, timeout=deadline.left())
+        except TimeoutExpired as e:
+            assert timeout is not None
+            e.timeout = timeout
+            process._kill_after_timeout()
             raise
         except BaseException:
             process.kill()
@@ -625,11 +658,28 @@ def run(
     return CompletedProcess(process.args, retcode, stdout, stderr)
 
 
+def _spawn(deadline: Deadline, popenargs: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Popen:
+    """``Popen(*popenargs, **kwargs)`` started within ``deadline`` (``TimeoutExpired`` when it is not)."""
+    try:
+        return Popen(*popenargs, **{**kwargs, "spawn_timeout": deadline.shorter(kwargs.get("spawn_timeout"))})
+    except TimeoutError:
+        if deadline.timeout is None:
+            raise
+        args: Args = kwargs["args"] if "args" in kwargs else popenargs[0]
+        raise TimeoutExpired(args, deadline.timeout) from None
+
+
 def call(*popenargs: Any, timeout: Optional[float] = None, **kwargs: Any) -> int:
     """Run a command and return its return code; see :func:`subprocess.call`."""
-    with Popen(*popenargs, **kwargs) as process:
+    deadline = Deadline(timeout)
+    with _spawn(deadline, popenargs, kwargs) as process:
         try:
-            return process.wait(timeout=timeout)
+            return process.wait(timeout=deadline.left())
+        except TimeoutExpired as e:
+            assert timeout is not None
+            e.timeout = timeout
+            process._kill_after_timeout()
+            raise
         except BaseException:
             process.kill()
             raise

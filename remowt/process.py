@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
 from .endpoints.subprocess import SubprocessApi
 from .errors import ConnectionLost
+from .service import timed
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -93,10 +94,16 @@ class RemoteProcess:
             raise self._lost
         return self.returncode
 
-    def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to the child; nothing happens if it already exited."""
+    def send_signal(self, signum: int, timeout: Optional[float] = None) -> None:
+        """Send ``signum`` to the child; nothing happens if it already exited.
+
+        ``TimeoutError`` if the agent does not confirm within ``timeout``
+        seconds (None: the connection's ``call_timeout``); the signal is
+        then still delivered if the agent comes back.
+        """
         if self.returncode is None:
-            self._api.send_signal(self.handle, int(signum))
+            api = self._api if timeout is None else timed(self._api, timeout)
+            api.send_signal(self.handle, int(signum))
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)

@@ -48,35 +48,66 @@ class Pending:
     """The future of one outgoing call: a lock released by the link's reader thread when the answer arrives.
 
     Waiting is only waiting: the caller never reads the link, so a signal
-    handler or a KeyboardInterrupt in a waiting caller cannot disturb it.
+    handler or a KeyboardInterrupt in a waiting caller cannot disturb it. A
+    caller that stops waiting (a timeout) abandons the call: the router
+    forgets it and drops its answer if one still comes.
     """
 
-    __slots__ = ("_error", "_lock", "_result", "dst", "link")
+    __slots__ = ("_call_id", "_error", "_lock", "_result", "_router", "dst", "late", "link")
 
-    def __init__(self, dst: str, link: Link) -> None:
+    def __init__(self, dst: str, link: Link, router: Router, call_id: int) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self._result: Optional[bytes] = None
         self._error: Optional[BaseException] = None
+        self._router = router
+        self._call_id = call_id
         self.dst = dst
         self.link = link
+        self.late: Optional[Callable[[Optional[bytes], Optional[BaseException]], None]] = None
 
     def resolve(self, result: Optional[bytes], error: Optional[BaseException]) -> None:
         self._result, self._error = result, error
+        late = self.late
         self._lock.release()
+        if late is not None:
+            late(result, error)
 
     def done(self) -> bool:
         return not self._lock.locked()
 
-    def result(self, timeout: Optional[float] = None) -> bytes:
-        """The raw msgpack result; raises the remote error, ``ConnectionLost`` or ``TimeoutError``."""
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: no limit) for the answer; whether it came."""
         if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
-            raise TimeoutError(f"no answer from {self.dst} within {timeout} s")
+            return False
         self._lock.release()
+        return True
+
+    def result(self, timeout: Optional[float] = None) -> bytes:
+        """The raw msgpack result; raises the remote error, ``ConnectionLost`` or ``TimeoutError``.
+
+        On a timeout the call is abandoned (see :meth:`abandon`).
+        """
+        if not self.wait(timeout) and self.abandon():
+            raise TimeoutError(f"no answer from {self.dst} within {timeout:g} s")
         if self._error is not None:
             raise self._error
         assert self._result is not None
         return self._result
+
+    def abandon(self, late: Optional[Callable[[Optional[bytes], Optional[BaseException]], None]] = None) -> bool:
+        """Stop waiting for the answer; False (and nothing changed) if it has already arrived.
+
+        Without ``late`` the router forgets the call and drops its answer. With
+        ``late``, the call stays known until its answer (or the link's end),
+        which is given to ``late(result, error)`` on the reader thread (it must
+        not block): for a call whose effect must be undone when it happens.
+        """
+        if not self._router._abandon(self._call_id, self, late):
+            self._lock.acquire()  # the answer is on its way: released after the reader thread's batch
+            self._lock.release()
+            return False
+        return True
 
 
 class _Service:
@@ -201,12 +232,33 @@ class Router:
         with self._lock:
             link = self._route_locked(dst)
             call_id = next(self._call_ids)
-            pending = Pending(dst, link)
+            pending = Pending(dst, link, self, call_id)
             self._pending[call_id] = pending
         link.send(wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args))))
         if link.closed:
             self._fail_pending(lambda p: p is pending, f"link to {dst} closed")
         return pending
+
+    def _abandon(
+        self,
+        call_id: int,
+        pending: Pending,
+        late: Optional[Callable[[Optional[bytes], Optional[BaseException]], None]],
+    ) -> bool:
+        """Forget (or, with ``late``, hand over) a call nobody waits for; False if its answer already came."""
+        with self._lock:
+            if self._pending.get(call_id) is not pending:
+                return False
+            if late is None:
+                del self._pending[call_id]
+            else:
+                pending.late = late
+            return True
+
+    def pending_count(self) -> int:
+        """How many calls wait for an answer (tests: nothing leaks)."""
+        with self._lock:
+            return len(self._pending)
 
     def notify(self, dst: str, ns: int, method: int, args: bytes) -> None:
         """Send a one-way call; raises ``Unreachable`` if there is no route."""

@@ -139,7 +139,11 @@ _proxy_classes: Dict[type, type] = {}
 
 
 def proxy(service: Type[S], router: Router, dst: str, timeout: Optional[float] = None) -> S:
-    """An instance of ``service`` whose methods run at ``dst``."""
+    """An instance of ``service`` whose methods run at ``dst``, each waiting ``timeout`` seconds at most.
+
+    A call that gets no answer in time raises ``TimeoutError`` (a late answer
+    is dropped); ``timeout`` None waits as long as the link lives.
+    """
     cls = _proxy_classes.get(service)
     if cls is None:
         body: Dict[str, Any] = {}
@@ -150,6 +154,13 @@ def proxy(service: Type[S], router: Router, dst: str, timeout: Optional[float] =
     instance: S = object.__new__(cls)
     vars(instance).update(_router=router, _dst=dst, _timeout=timeout)
     return instance
+
+
+def timed(instance: S, timeout: Optional[float]) -> S:
+    """A copy of the proxy ``instance`` whose calls wait ``timeout`` seconds at most."""
+    copy: S = object.__new__(type(instance))
+    vars(copy).update(vars(instance), _timeout=timeout)
+    return copy
 
 
 def _remote_method(spec: MethodSpec, namespace: int) -> Callable[..., Any]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import collections
 import functools
 import threading
-import time
 from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Tuple, Union
 
 from . import wire
+from .deadline import Deadline
 from .errors import ConnectionLost, ProtocolError
 from .link import Spliced
 
@@ -36,19 +36,6 @@ def as_bytes(chunk: Chunk) -> bytes:
     if type(whole) is bytes and chunk.contiguous and chunk.nbytes == len(whole):
         return whole
     return bytes(chunk)
-
-
-def _deadline(timeout: Optional[float]) -> Optional[float]:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _remaining(deadline: Optional[float]) -> Optional[float]:
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("timed out waiting on a remowt stream")
-    return left
 
 
 class Stream:
@@ -97,14 +84,16 @@ class Stream:
         """What :meth:`read` returns for ``size`` >= 0, but as it arrived: maybe a memoryview of its frame."""
         if size == 0:
             return b""
-        deadline = _deadline(timeout)
+        deadline: Optional[Deadline] = None  # made only when there is something to wait for
         with self._cond:
             while not self._chunks:
                 if self._remote_eof or self._closed:
                     return b""
                 if self._error is not None:
                     raise self._error
-                self._cond.wait(_remaining(deadline))
+                if deadline is None:
+                    deadline = Deadline(timeout, "reading a remowt stream")
+                self._cond.wait(deadline.remaining())
             chunk = self._chunks.popleft()
             if len(chunk) > size:
                 rest = memoryview(chunk)
@@ -121,10 +110,10 @@ class Stream:
 
     def readall(self, timeout: Optional[float] = None) -> bytes:
         """Everything until end of stream."""
-        deadline = _deadline(timeout)
+        deadline = Deadline(timeout, "reading a remowt stream")
         parts: List[Chunk] = []
         while True:
-            chunk = self.read_chunk(MAX_CHUNK * 4, None if deadline is None else _remaining(deadline))
+            chunk = self.read_chunk(MAX_CHUNK * 4, deadline.remaining())
             if not chunk:
                 return b"".join(parts)
             parts.append(chunk)
@@ -153,12 +142,14 @@ class Stream:
     def write(self, data: Buffer, timeout: Optional[float] = None) -> int:
         """Send all of ``data``, waiting for credit; ``BrokenPipeError`` if the peer reset."""
         view = memoryview(data).cast("B")
-        deadline = _deadline(timeout)
+        deadline: Optional[Deadline] = None  # made only when there is something to wait for
         total = len(view)
         while len(view):
             with self._cond:
                 while self._credit <= 0 and self._error is None and not self._closed:
-                    self._cond.wait(_remaining(deadline))
+                    if deadline is None:
+                        deadline = Deadline(timeout, "writing to a remowt stream")
+                    self._cond.wait(deadline.remaining())
                 if self._error is not None:
                     raise self._error
                 if self._closed or self._sent_eof:

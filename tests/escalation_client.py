@@ -85,6 +85,8 @@ def run_action(conn: remowt.Remowt, action: Dict[str, Any]) -> Any:
         for thread in threads:
             thread.join(120)
         return results
+    if kind == "start":
+        return conn.privileged.start(timeout=action["timeout"])
     if kind == "info":
         info = conn.privileged.info()
         return {"uid": info.uid, "pid": info.pid, "address": info.address}

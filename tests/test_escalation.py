@@ -281,6 +281,18 @@ def test_cancelled_prompt_fails_at_once_and_a_later_use_asks_again(user_env: str
     assert result["prompts"] == 2
 
 
+@pytest.mark.timeout(60)
+def test_start_timeout_does_not_count_the_users_time_at_the_prompt(user_env: str) -> None:
+    def slow_password(n: int, text: str) -> Dict[str, Any]:
+        time.sleep(2.0)  # the user thinks longer than the whole timeout
+        return {"answer": TEST_PASSWORD}
+
+    actions = [{"do": "start", "timeout": 1.0}, {"do": "run", "sudo": True}]
+    result = drive(user_env, {"transport": "local", "tool": "sudo", "actions": actions}, slow_password)
+    assert values(result) == ["sudo", [0, "0"]]
+    assert result["prompts"] == 1
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("tool", TOOLS)
 def test_password_is_in_no_argv_environment_or_file(user_env: str, tool: str) -> None:

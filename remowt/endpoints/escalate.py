@@ -27,7 +27,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import msgspec
@@ -35,6 +34,7 @@ import msgspec
 from .. import wire
 from .._real import Popen as LocalPopen
 from ..agent.askpass import SOCKET_ENV, TOKEN_ENV, AskpassReply, AskpassRequest, read_message
+from ..deadline import Deadline
 from ..errors import BadArguments, ConnectionLost, EscalationError, ProtocolError, RemoteError, Unreachable
 from ..link import Link
 from ..prompt import PromptApi
@@ -275,9 +275,9 @@ class _Attempt:
             poller.register(listener.fileno(), select.POLLIN)
         if self.master >= 0:
             poller.register(self.master, select.POLLIN)
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = Deadline(START_TIMEOUT)
         while True:
-            left = deadline - time.monotonic()
+            left = deadline.left() or 0.0
             if left <= 0:
                 self.abort()
                 said = self._tty_text()
@@ -290,11 +290,11 @@ class _Attempt:
                 return
             if listener is not None and listener.fileno() in ready:
                 self._serve_askpass(listener)
-                deadline = time.monotonic() + START_TIMEOUT
+                deadline = Deadline(START_TIMEOUT)
             if self.master in ready:
                 if not self._read_tty():
                     poller.unregister(self.master)
-                deadline = time.monotonic() + START_TIMEOUT
+                deadline = Deadline(START_TIMEOUT)
 
     def _ask(self, prompt: str) -> Optional[str]:
         """The user's answer to ``prompt``; None (and the reason kept) when there is none."""

@@ -18,9 +18,10 @@ from typing import Any, Callable, Deque, List, Optional, Tuple, cast
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
-from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_REQUEST
+from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST
 
 from .. import hostkeys
+from ..deadline import Deadline
 from ..errors import AuthenticationError, SshError
 from ..sshconfig import SshTarget, jump_target
 from .base import Transport
@@ -306,18 +307,33 @@ class SshSession:
             except _SESSION_ENDED:
                 return
 
-    def exec(self, command: str, *, description: str = "") -> ChannelTransport:
-        """Run ``command`` (a shell line) on the host; its stdin and stdout are the returned transport."""
+    def exec(self, command: str, *, description: str = "", deadline: Optional[Deadline] = None) -> ChannelTransport:
+        """Run ``command`` (a shell line) on the host; its stdin and stdout are the returned transport.
+
+        Opening the channel and starting the command must be answered by
+        ``deadline`` (default: the target's connect timeout), else ``SshError``.
+        """
+        if deadline is None:
+            deadline = Deadline(self.target.connect_timeout)
         try:
-            channel = self.transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
+            channel = self.transport.open_session(
+                window_size=WINDOW_SIZE,
+                max_packet_size=MAX_PACKET_SIZE,
+                timeout=_left(deadline, self.target, "opening a channel"),
+            )
         except _SESSION_ENDED as e:
-            raise SshError(f"{self.target}: cannot run a command: {e}") from e
+            _left(deadline, self.target, "opening a channel")  # paramiko's timeout is an SSHException
+            raise SshError(f"{self.target}: cannot open a channel to run a command: {e}") from e
         transport = ChannelTransport(channel, description or f"{self.target.alias}")
         try:
-            channel.exec_command(command)
-        except _SESSION_ENDED as e:
+            timeout = _left(deadline, self.target, "starting a command")
+            if not _exec_command(channel, command, timeout):
+                raise SshError(f"{self.target}: no answer to the request to run a command in {timeout:.3g} s")
+        except BaseException as e:
             transport.close()
-            raise SshError(f"{self.target}: cannot run a command: {e}") from e
+            if isinstance(e, _SESSION_ENDED):
+                raise SshError(f"{self.target}: cannot run a command: {e}") from e
+            raise
         return transport
 
     def close(self) -> None:
@@ -329,21 +345,63 @@ class SshSession:
             hop.close()
 
 
+def _exec_command(channel: paramiko.Channel, command: str, timeout: float) -> bool:
+    """``channel.exec_command(command)``, waiting ``timeout`` seconds at most; False if the server did not answer.
+
+    paramiko's own waits for ever, so a server that never answers would hang
+    the caller; this sends the same request and waits on the same event.
+    """
+    if channel.closed or not channel.active:
+        raise paramiko.SSHException("Channel is not open")
+    message = paramiko.Message()
+    message.add_byte(cMSG_CHANNEL_REQUEST)
+    message.add_int(channel.remote_chanid)
+    message.add_string("exec")
+    message.add_boolean(True)
+    message.add_string(command)
+    cast(Any, channel)._event_pending()
+    transport = channel.transport
+    assert transport is not None
+    cast(Any, transport)._send_user_message(message)
+    if not channel.event.wait(timeout):
+        return False
+    if not channel.event_ready:
+        raise transport.get_exception() or paramiko.SSHException("Channel closed.")
+    return True
+
+
+def _left(deadline: Deadline, target: SshTarget, step: str) -> float:
+    """Seconds left for ``step`` (never None: ssh steps always have a limit); ``SshError`` when none are."""
+    left = deadline.left()
+    if left is None:
+        return float(target.connect_timeout)
+    if left <= 0.0:
+        raise SshError(f"{target}: {step} timed out (connect timeout {deadline.timeout:g} s)")
+    return left
+
+
 def open_session(
     target: SshTarget,
     config: paramiko.SSHConfig,
     *,
     password: Optional[str] = None,
     prompter: Optional[Prompter] = None,
+    deadline: Optional[Deadline] = None,
 ) -> SshSession:
-    """Connect to ``target``, check its host key and authenticate."""
+    """Connect to ``target``, check its host key and authenticate, all by ``deadline``.
+
+    The default deadline is the target's connect timeout from now; the time
+    ``prompter`` takes to answer is not counted.
+    """
+    if deadline is None:
+        deadline = Deadline(target.connect_timeout)
     hops: List[SshSession] = []
     try:
-        sock = _open_socket(target, config, hops, prompter)
+        sock = _open_socket(target, config, hops, prompter, deadline)
         transport = ParamikoTransport(sock)
         try:
-            _negotiate(transport, target)
-            _authenticate(transport, target, password, prompter)
+            _negotiate(transport, target, deadline)
+            _authenticate(transport, target, password, prompter, deadline)
         except BaseException:
             transport.close()
             raise
@@ -355,16 +413,24 @@ def open_session(
 
 
 def _open_socket(
-    target: SshTarget, config: paramiko.SSHConfig, hops: List[SshSession], prompter: Optional[Prompter]
+    target: SshTarget,
+    config: paramiko.SSHConfig,
+    hops: List[SshSession],
+    prompter: Optional[Prompter],
+    deadline: Deadline,
 ) -> Any:
     if target.proxy_jump:
-        hop = open_session(jump_target(target, config), config, prompter=prompter)
+        hop = open_session(jump_target(target, config), config, prompter=prompter, deadline=deadline)
         hops.append(hop)
         try:
             return hop.transport.open_channel(
-                "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0), timeout=target.connect_timeout
+                "direct-tcpip",
+                (target.hostname, target.port),
+                ("127.0.0.1", 0),
+                timeout=_left(deadline, target, f"opening a tunnel through {hop.target}"),
             )
         except _SESSION_ENDED as e:
+            _left(deadline, target, f"opening a tunnel through {hop.target}")
             raise SshError(f"jump host {hop.target} cannot reach {target.hostname}:{target.port}: {e}") from e
     if target.proxy_command:
         try:
@@ -372,7 +438,9 @@ def _open_socket(
         except (OSError, paramiko.SSHException) as e:
             raise SshError(f"ProxyCommand {target.proxy_command!r} for {target.alias} failed: {e}") from e
     try:
-        sock = socket.create_connection((target.hostname, target.port), timeout=target.connect_timeout)
+        sock = socket.create_connection(
+            (target.hostname, target.port), timeout=_left(deadline, target, "the TCP connection")
+        )
     except socket.gaierror as e:
         raise SshError(f"cannot resolve host name {target.hostname!r}: {e.strerror}") from e
     except socket.timeout:
@@ -391,7 +459,7 @@ def _open_socket(
     return sock
 
 
-def _negotiate(transport: ParamikoTransport, target: SshTarget) -> None:
+def _negotiate(transport: ParamikoTransport, target: SshTarget, deadline: Deadline) -> None:
     options = transport.get_security_options()
     options.ciphers = PREFERRED_CIPHERS + tuple(c for c in options.ciphers if c not in PREFERRED_CIPHERS)
     known = hostkeys.known_keys(target.known_hosts_name, target.known_hosts)
@@ -399,9 +467,10 @@ def _negotiate(transport: ParamikoTransport, target: SshTarget) -> None:
         options.key_types = tuple(t for t in options.key_types if t in known) + tuple(
             t for t in options.key_types if t not in known
         )
-    transport.banner_timeout = transport.handshake_timeout = target.connect_timeout
+    left = _left(deadline, target, "the ssh handshake")
+    transport.banner_timeout = transport.handshake_timeout = left
     try:
-        transport.start_client(timeout=target.connect_timeout)
+        transport.start_client(timeout=left)
     except _SESSION_ENDED as e:
         raise SshError(f"ssh handshake with {target.hostname}:{target.port} failed: {e}") from e
     if not transport.initial_kex_done:
@@ -415,22 +484,31 @@ def _negotiate(transport: ParamikoTransport, target: SshTarget) -> None:
 
 
 def _authenticate(
-    transport: ParamikoTransport, target: SshTarget, password: Optional[str], prompter: Optional[Prompter]
+    transport: ParamikoTransport,
+    target: SshTarget,
+    password: Optional[str],
+    prompter: Optional[Prompter],
+    deadline: Deadline,
 ) -> None:
     """Try ssh-agent keys, then key files, then the password; raise :class:`AuthenticationError` naming all."""
     tried: List[str] = []
+    transport.auth_timeout = _left(deadline, target, "authentication")
     allowed = _allowed_methods(transport, target.user)
+    _left(deadline, target, "authentication")  # paramiko's own timeout reads as a refusal
     if allowed is None:
         return
+    if prompter is not None:
+        prompter = _unclocked(prompter, deadline)
 
     def attempt(label: str, method: Callable[[], List[str]]) -> bool:
         tried.append(label)
+        transport.auth_timeout = _left(deadline, target, "authentication")
         try:
             method()
         except paramiko.BadAuthenticationType as e:
             allowed[:] = list(e.allowed_types)
         except paramiko.AuthenticationException:
-            pass
+            _left(deadline, target, "authentication")
         except _SESSION_ENDED as e:
             raise SshError(f"{target}: connection lost during authentication: {e}") from e
         return bool(transport.is_authenticated())
@@ -467,6 +545,16 @@ def _authenticate(
         f"the server accepts: {', '.join(allowed) or 'nothing'}",
         tried=tuple(tried),
     )
+
+
+def _unclocked(prompter: Prompter, deadline: Deadline) -> Prompter:
+    """``prompter`` with ``deadline`` paused while it asks: the user's time is not the server's."""
+
+    def ask(text: str) -> str:
+        with deadline.paused():
+            return prompter(text)
+
+    return ask
 
 
 def _allowed_methods(transport: ParamikoTransport, user: str) -> Optional[List[str]]:
