@@ -23,6 +23,7 @@ from typing import Any, Callable, Deque, Optional, Tuple, Union
 from .errors import ConnectionLost
 from .streams import MAX_CHUNK, Chunk, Stream, as_bytes
 from .transports.stdio import enlarge_pipe
+from .waiting import Flag, Gate, wait_on
 
 
 class PipeEnd:
@@ -341,21 +342,21 @@ class FdToStream:
 class FdSink:
     """One child output's bytes on their way to a local fd, through its :class:`FdWriter`.
 
-    It writes to its own copy of the fd, taken when it was made, so the
-    caller may close theirs (or reuse the number) as a local child's parent
-    may. Its stream comes later (:meth:`FdWriter.attach`), or never when the
-    child writes nothing: then :meth:`close` alone ends it. ``done`` is set
-    once every byte was written, or the output failed; ``error`` then says
-    how: ``ConnectionLost`` before its end, or the ``OSError`` of a local
-    write (the stream is reset then, so the child's next write to that pipe
-    fails with EPIPE, as it would with a local reader that went away).
+    It writes to its writer's copy of the fd, so the caller may close theirs
+    (or reuse the number) as a local child's parent may. Its stream comes
+    later (:meth:`FdWriter.attach`), or never when the child writes nothing:
+    then :meth:`close` alone ends it. ``done`` is set once every byte was
+    written, or the output failed; ``error`` then says how:
+    ``ConnectionLost`` before its end, or the ``OSError`` of a local write
+    (the stream is reset then, so the child's next write to that pipe fails
+    with EPIPE, as it would with a local reader that went away).
     """
 
     def __init__(self, writer: FdWriter, name: str) -> None:
         self.name = name
         self.stream: Optional[Stream] = None
-        self.fd = os.dup(writer.fd)
-        self.done = threading.Event()
+        self.fd = writer.copy
+        self.done = Flag()
         self.error: Optional[OSError] = None
         self._writer = writer
         self._lock = threading.Lock()
@@ -370,7 +371,7 @@ class FdSink:
             return True
 
     def close(self) -> None:
-        """Give up: release the fd copy now, or once the writer is past what it queued (the stream is reset)."""
+        """Give up: release the sink now, or once the writer is past what it queued (the stream is reset)."""
         with self._lock:
             stream = self.stream
         if stream is None:
@@ -380,7 +381,7 @@ class FdSink:
             self._writer.end(self)
 
     def release(self) -> None:
-        """Close the stream, if any, and the fd copy (once): nothing more is written."""
+        """Close the stream, if any (once): nothing more is written."""
         with self._lock:
             if self._released:
                 return
@@ -388,7 +389,6 @@ class FdSink:
             stream = self.stream
         if stream is not None:
             stream.close()
-        os.close(self.fd)
         self.done.set()
 
     def ending(self) -> None:
@@ -399,7 +399,7 @@ class FdSink:
             self._fail(ConnectionLost(f"{where}, was cut off before its end: {stream.error}"))
 
     def write(self, data: Chunk) -> None:
-        """Write ``data`` to the fd (on the writer's thread); a failure resets the stream and releases the fd."""
+        """Write ``data`` to the fd (on the writer's thread); a failure resets the stream."""
         if self._released:
             return
         assert self.stream is not None
@@ -436,13 +436,17 @@ class FdWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._cond = threading.Condition()
+        # One copy for every sink, taken once: a dup per child would be lost to an interrupt striking
+        # between the dup and its bookkeeping (a signal handler in the main thread may run there).
+        self.copy = os.dup(fd)
+        self._lock = threading.Lock()
+        self._gate = Gate()
         self._queue: Deque[Tuple[FdSink, Chunk]] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
 
     def sink(self, name: str) -> FdSink:
-        """A sink for one output (``name``: "stdout" or "stderr"), holding a copy of this fd taken now."""
+        """A sink for one output (``name``: "stdout" or "stderr")."""
         return FdSink(self, name)
 
     def attach(self, sink: FdSink, stream: Stream) -> None:
@@ -459,21 +463,23 @@ class FdWriter:
     def _push(self, sink: FdSink, data: Chunk) -> None:
         if not data:
             sink.ending()
-        with self._cond:
+        with self._lock:
             if data or self._queue or self._thread is not None:
                 self._queue.append((sink, data))
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name=f"remowt-fd{self.fd}", daemon=True)
                     self._thread.start()
-                self._cond.notify()
+                self._gate.open()
                 return
         sink.release()
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                if not self._queue:
-                    self._cond.wait_for(lambda: bool(self._queue) or self._closed, self.LINGER)
+            with self._lock:
+                waiter = None if self._queue or self._closed else self._gate.enlist()
+            if waiter is not None:
+                wait_on(waiter, self.LINGER)
+            with self._lock:
                 if not self._queue:
                     self._thread = None
                     return
@@ -485,9 +491,10 @@ class FdWriter:
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             thread = self._thread
-            self._cond.notify()
+            self._gate.open()
         if thread is not None:
             thread.join()
+        os.close(self.copy)

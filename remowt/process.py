@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
 from .endpoints.subprocess import SubprocessApi
 from .errors import ConnectionLost
 from .service import timed
 from .streams import Stream
+from .waiting import Flag
 
 if TYPE_CHECKING:
     from .client import Remowt
@@ -47,7 +47,7 @@ class RemoteProcess:
         self.stderr = stderr
         self.returncode: Optional[int] = None
         self._api = api
-        self._exited = threading.Event()
+        self._exited = Flag()
         self._lost: Optional[ConnectionLost] = None
         self._outputs: Dict[str, OutputHandler] = dict(outputs or {})
 

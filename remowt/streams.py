@@ -17,6 +17,7 @@ from . import wire
 from .deadline import Deadline
 from .errors import ConnectionLost, ProtocolError
 from .link import Spliced
+from .waiting import Gate, wait_on
 
 if TYPE_CHECKING:
     from .router import Router
@@ -48,7 +49,8 @@ class Stream:
         self.sid = sid
         self.window = window
         self._from_opener = opener == router.address
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._gate = Gate()  # readers and writers waiting for data, credit or the end
         self._chunks: Deque[Chunk] = collections.deque()
         self._buffered = 0
         self._unacked = 0
@@ -85,22 +87,25 @@ class Stream:
         if size == 0:
             return b""
         deadline: Optional[Deadline] = None  # made only when there is something to wait for
-        with self._cond:
-            while not self._chunks:
+        while True:
+            with self._lock:
+                if self._chunks:
+                    chunk = self._chunks.popleft()
+                    if len(chunk) > size:
+                        rest = memoryview(chunk)
+                        self._chunks.appendleft(rest[size:])
+                        chunk = rest[:size]
+                    self._buffered -= len(chunk)
+                    credit = self._consumed(len(chunk))
+                    break
                 if self._remote_eof or self._closed:
                     return b""
                 if self._error is not None:
                     raise self._error
-                if deadline is None:
-                    deadline = Deadline(timeout, "reading a remowt stream")
-                self._cond.wait(deadline.remaining())
-            chunk = self._chunks.popleft()
-            if len(chunk) > size:
-                rest = memoryview(chunk)
-                self._chunks.appendleft(rest[size:])
-                chunk = rest[:size]
-            self._buffered -= len(chunk)
-            credit = self._consumed(len(chunk))
+                waiter = self._gate.enlist()
+            if deadline is None:
+                deadline = Deadline(timeout, "reading a remowt stream")
+            wait_on(waiter, deadline.remaining())
         if credit:
             self._send(wire.Credit(self.router.address, self.peer, self.sid, self._from_opener, credit))
         return chunk
@@ -134,7 +139,7 @@ class Stream:
     @property
     def at_eof(self) -> bool:
         """True once the peer's EOF arrived and every byte was read."""
-        with self._cond:
+        with self._lock:
             return not self._chunks and (self._remote_eof or self._closed)
 
     # --- writing -------------------------------------------------------
@@ -145,17 +150,20 @@ class Stream:
         deadline: Optional[Deadline] = None  # made only when there is something to wait for
         total = len(view)
         while len(view):
-            with self._cond:
-                while self._credit <= 0 and self._error is None and not self._closed:
-                    if deadline is None:
-                        deadline = Deadline(timeout, "writing to a remowt stream")
-                    self._cond.wait(deadline.remaining())
+            with self._lock:
                 if self._error is not None:
                     raise self._error
                 if self._closed or self._sent_eof:
                     raise ValueError("write to a closed remowt stream")
                 n = min(self._credit, len(view), MAX_CHUNK)
                 self._credit -= n
+                if not n:
+                    waiter = self._gate.enlist()
+            if not n:
+                if deadline is None:
+                    deadline = Deadline(timeout, "writing to a remowt stream")
+                wait_on(waiter, deadline.remaining())
+                continue
             # the link sends the payload later, uncopied: only bytes are sure not to change meanwhile
             payload = view[:n] if isinstance(data, bytes) else bytes(view[:n])
             self.router.send_routed(self.peer, self._framer.header(n), payload)
@@ -173,7 +181,7 @@ class Stream:
         Only where :attr:`splices`, and within :meth:`credit`.
         ``on_sent(ok)`` runs once the bytes left the pipe (``ok``) or never will.
         """
-        with self._cond:
+        with self._lock:
             if self._error is not None:
                 raise self._error
             if self._closed or self._sent_eof:
@@ -186,7 +194,7 @@ class Stream:
 
     def close_write(self) -> None:
         """Send end of stream; the peer reads ``b""`` after the bytes already sent."""
-        with self._cond:
+        with self._lock:
             if self._sent_eof or self._error is not None or self._closed:
                 return
             self._sent_eof = True
@@ -194,19 +202,19 @@ class Stream:
 
     def receive_only(self) -> None:
         """End this side's direction without telling the peer, who opened the stream one-way."""
-        with self._cond:
+        with self._lock:
             self._sent_eof = True
 
     def close(self) -> None:
         """Abandon the stream: the peer's writes fail with ``BrokenPipeError``."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             finished = self._sent_eof and self._remote_eof
             quiet = self._error is not None
             self._closed = True
             self._chunks.clear()
-            self._cond.notify_all()
+            self._gate.open()
             callback = self._take_writable_callback()
         if callback is not None:
             callback()
@@ -231,14 +239,14 @@ class Stream:
 
     def credit(self) -> int:
         """How many bytes :meth:`write` can send now without waiting (0 once failed or closed)."""
-        with self._cond:
+        with self._lock:
             if self._error is not None or self._closed or self._sent_eof:
                 return 0
             return self._credit
 
     def when_writable(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once, as soon as there is credit or the stream has failed or closed."""
-        with self._cond:
+        with self._lock:
             ready = self._credit > 0 or self._error is not None or self._closed
             if not ready:
                 self._on_writable = callback
@@ -258,7 +266,7 @@ class Stream:
         block; it gets ``b""`` once at the end (EOF, reset or lost link). The
         bytes count against the window until the consumer calls :meth:`ack`.
         """
-        with self._cond:
+        with self._lock:
             self._listener = listener
             pending = list(self._chunks)
             self._chunks.clear()
@@ -268,14 +276,14 @@ class Stream:
 
     def ack(self, amount: int) -> None:
         """Push mode: the consumer is done with ``amount`` delivered bytes; return the credit."""
-        with self._cond:
+        with self._lock:
             self._buffered -= amount
             credit = self._consumed(amount)
         if credit:
             self._send(wire.Credit(self.router.address, self.peer, self.sid, self._from_opener, credit))
 
     def _maybe_end_listener(self) -> None:
-        with self._cond:
+        with self._lock:
             listener = self._listener
             if listener is None or self._listener_ended or self._chunks:
                 return
@@ -292,7 +300,7 @@ class Stream:
     def on_data(self, data: Chunk) -> None:
         if isinstance(data, memoryview) and memoryview(data.obj).nbytes > 2 * data.nbytes:
             data = bytes(data)  # a view must not keep a much bigger buffer alive
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             if self._buffered + self._unacked + len(data) > self.window:
@@ -301,34 +309,34 @@ class Stream:
             listener = self._listener
             if listener is None:
                 self._chunks.append(data)
-                self._cond.notify_all()
+                self._gate.open()
         if listener is not None:
             listener(data)
 
     def on_eof(self) -> None:
-        with self._cond:
+        with self._lock:
             self._remote_eof = True
-            self._cond.notify_all()
+            self._gate.open()
         self._maybe_end_listener()
 
     def on_credit(self, amount: int) -> None:
-        with self._cond:
+        with self._lock:
             self._credit += amount
-            self._cond.notify_all()
+            self._gate.open()
             callback = self._take_writable_callback()
         if callback is not None:
             callback()
 
     def on_reset(self, reason: str) -> None:
-        with self._cond:
+        with self._lock:
             self._remote_eof = True
         self.fail(BrokenPipeError(f"remote end of {self!r} was closed ({reason})"))
 
     def fail(self, error: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             if self._error is None:
                 self._error = error
-            self._cond.notify_all()
+            self._gate.open()
             callback = self._take_writable_callback()
         if callback is not None:
             callback()

@@ -134,6 +134,14 @@ def answers_within(conn: remowt.Remowt, seconds: float) -> bool:
     return answered.wait(seconds)
 
 
+def _fd_names() -> List[str]:
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            names.append(f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}")
+    return names
+
+
 def _agent_children(conn: remowt.Remowt) -> int:
     """How many processes the agent still has as children (0 for an agent that is not on this machine)."""
     info = conn.info()
@@ -163,8 +171,10 @@ def test_soak_random_interrupts(request: pytest.FixtureRequest, kind: str) -> No
     gc.collect()
     threads = set(thread_names())
     fds = fd_count()
+    fd_names = _fd_names()
 
     with _connection(request, kind) as conn:
+        conn.run(["true"])  # the copies of fds 1 and 2 that every child's inherited output shares
         interrupted = soak(conn, 2000, seed=2)
         assert interrupted > 200, f"only {interrupted} interrupts landed"
         assert answers_within(conn, 1.0)
@@ -176,7 +186,8 @@ def test_soak_random_interrupts(request: pytest.FixtureRequest, kind: str) -> No
         return set(thread_names()) <= threads and fd_count() <= fds and not children_of(os.getpid())
 
     assert wait_until(settled, 10), (
-        f"threads left: {sorted(set(thread_names()) - threads)}, fds: {fd_count() - fds} more, "
+        f"threads left: {sorted(set(thread_names()) - threads)}, fds: {fd_count() - fds} more "
+        f"{sorted(set(_fd_names()) - set(fd_names))}, "
         f"children: {sorted(children_of(os.getpid()))}"
     )
     assert threading.main_thread().is_alive()
