@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 import msgspec
 
+from . import keepalive as _keepalive
 from . import popen as _popen
 from . import wire
 from .agent.main import Agent
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .escalation import Privileged
 
 _SPAWN = SubprocessApi.methods["spawn"]
+_KEEPALIVE = ControlApi.methods["keepalive"]
 _RELEASE = SubprocessApi.methods["release"]
 PIPE = _popen.PIPE
 DEVNULL = _popen.DEVNULL
@@ -370,6 +372,7 @@ def _connect(
     *,
     prompter: Optional[Prompter] = None,
     escalation: Optional[str] = None,
+    keepalive: Tuple[float, int] = (0.0, _keepalive.DEFAULT_COUNT),
 ) -> Remowt:
     try:
         link = router.add_link(transport, name=f"user-{transport.name}")
@@ -378,6 +381,9 @@ def _connect(
         for hook in on_close:
             hook()
         raise
+    if keepalive[0] > 0:
+        sender = _start_keepalives(router, link, *keepalive)
+        on_close = [sender.stop, *on_close]
     connection = Remowt(
         router, link, description=description, on_close=on_close, prompter=prompter, escalation=escalation
     )
@@ -386,6 +392,17 @@ def _connect(
 
     serve_user_side(router, connection)
     return connection
+
+
+def _start_keepalives(router: Router, link: Link, interval: float, count: int) -> _keepalive.Sender:
+    """Keep the agent told that this side is there (:mod:`remowt.keepalive`); the first notice goes now."""
+    args = _KEEPALIVE.encode_args((interval, count), {})
+    sender = _keepalive.Sender(
+        link, interval, lambda: router.notify(wire.AGENT, ControlApi.namespace, _KEEPALIVE.number, args)
+    )
+    with contextlib.suppress(ConnectionLost, Unreachable):  # the agent is gone already: the first call says so
+        sender.start()
+    return sender
 
 
 def loopback(*, prompter: Optional[Prompter] = None, escalation: Optional[str] = None) -> Remowt:
@@ -419,18 +436,33 @@ def loopback(*, prompter: Optional[Prompter] = None, escalation: Optional[str] =
 
 
 def connect_local(
-    python: Optional[str] = None, *, prompter: Optional[Prompter] = None, escalation: Optional[str] = None
+    python: Optional[str] = None,
+    *,
+    prompter: Optional[Prompter] = None,
+    escalation: Optional[str] = None,
+    agent_keepalive: float = _keepalive.DEFAULT_INTERVAL,
+    agent_keepalive_count: int = _keepalive.DEFAULT_COUNT,
 ) -> Remowt:
     """Start an agent as a child process on this machine and connect to it.
 
-    ``prompter`` and ``escalation`` are as for :func:`loopback`.
+    ``prompter`` and ``escalation`` are as for :func:`loopback`; ``agent_keepalive`` and
+    ``agent_keepalive_count`` as for :func:`connect`.
     """
     check_prompter(prompter)
     check_tool(escalation)
+    _keepalive.check(agent_keepalive, agent_keepalive_count)
     transport = local_transport.start_local_agent(python)
     try:
         description = f"local agent pid {transport.process.pid}"
-        return _connect(_user_router(), transport, description, [], prompter=prompter, escalation=escalation)
+        return _connect(
+            _user_router(),
+            transport,
+            description,
+            [],
+            prompter=prompter,
+            escalation=escalation,
+            keepalive=(agent_keepalive, agent_keepalive_count),
+        )
     except ConnectionLost as e:
         raise ConnectionLost(f"local agent failed to start: {e}\n{transport.stderr_tail()}") from None
 
@@ -447,6 +479,8 @@ def connect(
     host_key_policy: Optional[str] = None,
     connect_timeout: Optional[float] = None,
     keepalive_interval: Optional[float] = None,
+    agent_keepalive: float = _keepalive.DEFAULT_INTERVAL,
+    agent_keepalive_count: int = _keepalive.DEFAULT_COUNT,
     prompter: Optional[Prompter] = None,
     escalation: Optional[str] = None,
     bundle: Optional[AgentBundle] = None,
@@ -466,6 +500,13 @@ def connect(
     picks its tool, as for :func:`loopback`; without a prompter, the
     terminal is asked when there is one. ``bundle`` is what to deploy
     (default :meth:`AgentBundle.default`), ``python`` the target's interpreter.
+
+    ``keepalive_interval`` (or ServerAliveInterval) is ssh's own keepalive,
+    which lets this side notice a dead network. ``agent_keepalive`` lets the
+    agent notice it: the client sends the agent a keepalive after each such
+    interval in which it sent nothing else, and an agent that hears nothing
+    for ``agent_keepalive_count`` intervals in a row (default: 3 times 15 s) ends
+    itself and its children, as if the connection had closed (0: never).
     """
     from . import sshconfig
     from .bundle import AgentBundle
@@ -474,6 +515,7 @@ def connect(
 
     check_prompter(prompter)
     check_tool(escalation)
+    _keepalive.check(agent_keepalive, agent_keepalive_count)
     config = sshconfig.load_config(ssh_config)
     target = sshconfig.resolve(
         host,
@@ -496,5 +538,11 @@ def connect(
         session.close()
         raise
     return _connect(
-        _user_router(), transport, f"ssh {target}", [session.close], prompter=prompter, escalation=escalation
+        _user_router(),
+        transport,
+        f"ssh {target}",
+        [session.close],
+        prompter=prompter,
+        escalation=escalation,
+        keepalive=(agent_keepalive, agent_keepalive_count),
     )
