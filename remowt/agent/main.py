@@ -124,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         # agent dies, its hangup must not kill us before we kill our children at end of input.
         # (A handler, not SIG_IGN, so the children get the default back at exec.)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
-    watchdog = start_watchdog()  # first: it is forked, and a fork must not copy other threads' state
+    watchdog = start_watchdog()
     agent = Agent(wire.AGENT_PRIVILEGED if privileged else wire.AGENT, watchdog)
     try:
         agent.serve(_take_stdio())
