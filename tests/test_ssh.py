@@ -195,17 +195,21 @@ def test_killed_session_fails_streams_and_calls(private_sshd: SshServer) -> None
         connection.close()
 
 
-@pytest.mark.parametrize("stopped", [False, True], ids=["killed", "stopped-then-killed"])
-def test_killed_agent_takes_its_children(sshd: SshServer, stopped: bool) -> None:
+@pytest.mark.parametrize("how", ["killed", "stopped-then-killed", "group-killed"])
+def test_killed_agent_takes_its_children(sshd: SshServer, how: str) -> None:
     connection = remowt.connect("remowt-test-host", ssh_config=sshd.ssh_config)
     family: Optional[Family] = None
     try:
         agent = connection.info().pid
         family = Family(connection)
-        if stopped:
+        if how == "stopped-then-killed":
             os.kill(agent, signal.SIGSTOP)
             assert wait_until(lambda: proc_state(agent) == "T", 10)
-        os.kill(agent, signal.SIGKILL)  # as the OOM killer does: no chance to clean up
+        if how == "group-killed":  # everything in the agent's process group dies at once, the watchdog not
+            assert os.getpgid(agent) != os.getpgrp()
+            os.killpg(os.getpgid(agent), signal.SIGKILL)
+        else:
+            os.kill(agent, signal.SIGKILL)  # as the OOM killer does: no chance to clean up
         assert family.doomed_gone(10), f"alive: {family.alive()}"
         assert proc_alive(family.kept), "a child spawned with keep_on_disconnect outlives its agent"
     finally:
