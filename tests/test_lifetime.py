@@ -274,3 +274,26 @@ def test_bad_keepalive_settings_are_refused() -> None:
     for count in (1, 2.5, None):
         with pytest.raises(ValueError, match="agent_keepalive_count must be an integer of at least 2"):
             remowt.connect_local(agent_keepalive_count=count)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+def test_watchdog_counts_each_group_as_often_as_it_was_watched() -> None:
+    from remowt.agent.watchdog import start_watchdog
+
+    watchdog = start_watchdog()
+    assert watchdog is not None
+    twice, forgotten = (subprocess.Popen(["sleep", "1000"], start_new_session=True) for _ in range(2))
+    try:
+        watchdog.watch(twice.pid)
+        watchdog.watch(twice.pid)  # an exited, unreleased child had this pid too
+        watchdog.forget(twice.pid)
+        watchdog.watch(forgotten.pid)
+        watchdog.forget(forgotten.pid)
+        watchdog.close(10)  # a clean end kills what is still counted
+        assert twice.wait(10) == -signal.SIGKILL
+        assert forgotten.poll() is None
+        assert watchdog.process.returncode == 0, "told to stand down, the watchdog exits without killing"
+    finally:
+        for child in (twice, forgotten):
+            child.kill()
+            child.wait(10)
