@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 import msgspec
 
+from . import keepalive as _keepalive
 from . import popen as _popen
 from . import wire
 from .agent.main import Agent
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .escalation import Privileged
 
 _SPAWN = SubprocessApi.methods["spawn"]
+_KEEPALIVE = ControlApi.methods["keepalive"]
 _RELEASE = SubprocessApi.methods["release"]
 _SIGNAL = SubprocessApi.methods["send_signal"]
 PIPE = _popen.PIPE
@@ -407,6 +409,7 @@ def _connect(
     escalation: Optional[str] = None,
     call_timeout: Optional[float] = CALL_TIMEOUT,
     deadline: Optional[Deadline] = None,
+    keepalive: Tuple[float, int] = (0.0, _keepalive.DEFAULT_COUNT),
 ) -> Remowt:
     try:
         timeout = HANDSHAKE_TIMEOUT if deadline is None else deadline.shorter(HANDSHAKE_TIMEOUT)
@@ -416,6 +419,9 @@ def _connect(
         for hook in on_close:
             hook()
         raise
+    if keepalive[0] > 0:
+        sender = _start_keepalives(router, link, *keepalive)
+        on_close = [sender.stop, *on_close]
     connection = Remowt(
         router,
         link,
@@ -430,6 +436,17 @@ def _connect(
 
     serve_user_side(router, connection)
     return connection
+
+
+def _start_keepalives(router: Router, link: Link, interval: float, count: int) -> _keepalive.Sender:
+    """Keep the agent told that this side is there (:mod:`remowt.keepalive`); the first notice goes now."""
+    args = _KEEPALIVE.encode_args((interval, count), {})
+    sender = _keepalive.Sender(
+        link, interval, lambda: router.notify(wire.AGENT, ControlApi.namespace, _KEEPALIVE.number, args)
+    )
+    with contextlib.suppress(ConnectionLost, Unreachable):  # the agent is gone already: the first call says so
+        sender.start()
+    return sender
 
 
 def loopback(
@@ -480,13 +497,17 @@ def connect_local(
     prompter: Optional[Prompter] = None,
     escalation: Optional[str] = None,
     call_timeout: Optional[float] = CALL_TIMEOUT,
+    agent_keepalive: float = _keepalive.DEFAULT_INTERVAL,
+    agent_keepalive_count: int = _keepalive.DEFAULT_COUNT,
 ) -> Remowt:
     """Start an agent as a child process on this machine and connect to it.
 
-    ``prompter``, ``escalation`` and ``call_timeout`` are as for :func:`loopback`.
+    ``prompter``, ``escalation`` and ``call_timeout`` are as for :func:`loopback`; ``agent_keepalive`` and
+    ``agent_keepalive_count`` as for :func:`connect`.
     """
     check_prompter(prompter)
     check_tool(escalation)
+    _keepalive.check(agent_keepalive, agent_keepalive_count)
     transport = local_transport.start_local_agent(python)
     try:
         description = f"local agent pid {transport.process.pid}"
@@ -498,6 +519,7 @@ def connect_local(
             prompter=prompter,
             escalation=escalation,
             call_timeout=call_timeout,
+            keepalive=(agent_keepalive, agent_keepalive_count),
         )
     except ConnectionLost as e:
         raise ConnectionLost(f"local agent failed to start: {e}\n{transport.stderr_tail()}") from None
@@ -515,6 +537,8 @@ def connect(
     host_key_policy: Optional[str] = None,
     connect_timeout: Optional[float] = None,
     keepalive_interval: Optional[float] = None,
+    agent_keepalive: float = _keepalive.DEFAULT_INTERVAL,
+    agent_keepalive_count: int = _keepalive.DEFAULT_COUNT,
     prompter: Optional[Prompter] = None,
     escalation: Optional[str] = None,
     bundle: Optional[AgentBundle] = None,
@@ -541,6 +565,13 @@ def connect(
     opening the channel, the exec, deploying and starting the agent; past it
     :class:`~remowt.errors.SshError` (or ``DeployError``, ``ConnectionLost``)
     says which step did not answer. ``call_timeout`` is as for :func:`loopback`.
+
+    ``keepalive_interval`` (or ServerAliveInterval) is ssh's own keepalive,
+    which lets this side notice a dead network. ``agent_keepalive`` lets the
+    agent notice it: the client sends the agent a keepalive after each such
+    interval in which it sent nothing else, and an agent that hears nothing
+    for ``agent_keepalive_count`` intervals in a row (default: 3 times 15 s) ends
+    itself and its children, as if the connection had closed (0: never).
     """
     from . import sshconfig
     from .bundle import AgentBundle
@@ -549,6 +580,7 @@ def connect(
 
     check_prompter(prompter)
     check_tool(escalation)
+    _keepalive.check(agent_keepalive, agent_keepalive_count)
     config = sshconfig.load_config(ssh_config)
     target = sshconfig.resolve(
         host,
@@ -581,4 +613,5 @@ def connect(
         escalation=escalation,
         call_timeout=call_timeout,
         deadline=deadline,
+        keepalive=(agent_keepalive, agent_keepalive_count),
     )

@@ -111,6 +111,8 @@ class Link:
         self._eof = False
         self.close_reason: Optional[BaseException] = None
         self._deferred: List[Callable[[], None]] = []
+        self.sent = False  # set by every send, cleared by a keepalive sender (remowt.keepalive)
+        self.heard = False  # set by every read that brought bytes, cleared by a silence watch
         self._reader = threading.Thread(target=self._read_loop, name=f"remowt-read-{name}", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"remowt-write-{name}", daemon=True)
 
@@ -132,6 +134,7 @@ class Link:
         if held is not None:
             held.setdefault(self, []).extend(parts)
             return
+        self.sent = True
         if len(parts) == 1 and not isinstance(parts[0], Spliced):
             items: List[_Item] = [memoryview(parts[0])]  # the usual case, made short
         else:
@@ -290,6 +293,7 @@ class Link:
                     return True
                 if not data:
                     break
+                self.heard = True
                 items = frames.feed(data)
                 self._read_size = HEAD_READ if payload or frames.payload_left else READ_SIZE
                 for item in items:

@@ -251,3 +251,34 @@ def pypi_reachable() -> bool:
         return True
     except OSError:
         return False
+
+
+class Family:
+    """Children of one agent: ``doomed`` ones must die with it, the ``kept`` one must not.
+
+    Doomed: a child, and a child with a grandchild in its process group; kept: spawned with keep_on_disconnect.
+    """
+
+    def __init__(self, conn: remowt.Remowt, timeout: float = 30.0) -> None:
+        plain = conn.spawn(["sleep", "1000"])
+        group = conn.spawn(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=remowt.PIPE)
+        self.kept = conn.spawn(["sleep", "1000"], keep_on_disconnect=True).pid
+        assert group.stdout is not None
+        line = b""
+        while not line.endswith(b"\n"):
+            piece = group.stdout.read(100, timeout=timeout)
+            assert piece, f"no grandchild pid from {group.pid} (got {line!r})"
+            line += piece
+        self.doomed = [plain.pid, group.pid, int(line)]
+        assert all(proc_alive(pid) for pid in [*self.doomed, self.kept])
+
+    def doomed_gone(self, timeout: float) -> bool:
+        return wait_until(lambda: all(proc_gone(pid) for pid in self.doomed), timeout)
+
+    def alive(self) -> List[int]:
+        return [pid for pid in [*self.doomed, self.kept] if proc_alive(pid)]
+
+    def kill(self) -> None:
+        """Kill whoever is left (cleanup)."""
+        for pid in [*self.doomed, self.kept]:
+            kill_quietly(pid)

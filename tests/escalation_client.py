@@ -11,6 +11,7 @@ Passwords come only on stdin, so they are in no argv or environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,6 +95,17 @@ def run_action(conn: remowt.Remowt, action: Dict[str, Any]) -> Any:
         sleeper = conn.Popen(["sleep", "600"], sudo=True)
         pids = {"agent": conn.info().pid, "privileged": conn.privileged.info().pid, "child": sleeper.pid}
         os.kill(pids["agent"], signal.SIGKILL)
+        return pids
+    if kind == "kill_privileged":  # the privileged agent dies abruptly, with a root child and grandchild running
+        group = conn.Popen(["sh", "-c", "sleep 600 & echo $!; wait"], sudo=True, stdout=remowt.PIPE)
+        assert group.stdout is not None
+        grandchild = int(group.stdout.readline())
+        pids = {"privileged": conn.privileged.info().pid, "child": group.pid, "grandchild": grandchild}
+        with contextlib.suppress(remowt.ConnectionLost):  # its agent may die before it says the kill started
+            kill = ["sh", "-c", f"kill -KILL {pids['privileged']}"]
+            conn.Popen(kill, sudo=True, stdout=remowt.DEVNULL, stderr=remowt.DEVNULL)
+        with contextlib.suppress(remowt.ConnectionLost):  # the privileged agent is gone: nobody reports the exit
+            group.wait(timeout=30)
         return pids
     if kind == "pause":
         emit(event="pause")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import msgspec
 import pytest
-from _util import proc_gone, wait_until
+from _util import kill_quietly, proc_gone, wait_until
 from sshd import SshServer
 
 import remowt
@@ -326,6 +326,20 @@ def test_privileged_children_die_with_a_killed_agent(user_env: str, tool: str) -
     result = drive(user_env, {"transport": "local", "tool": tool, "actions": [{"do": "kill_agent"}]}, password)
     pids = values(result)[0]
     assert wait_until(lambda: all(proc_gone(pid) for pid in pids.values()), 10), pids
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tool", TOOLS)
+def test_root_children_die_with_a_killed_privileged_agent(user_env: str, tool: str) -> None:
+    result = drive(user_env, {"transport": "local", "tool": tool, "actions": [{"do": "kill_privileged"}]}, password)
+    pids = values(result)[0]
+    try:
+        assert wait_until(lambda: all(proc_gone(pid) for pid in pids.values()), 10), {
+            name: pid for name, pid in pids.items() if not proc_gone(pid)
+        }
+    finally:
+        for pid in pids.values():
+            kill_quietly(pid)
 
 
 @pytest.mark.timeout(60)

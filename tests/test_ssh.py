@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import paramiko
 import pytest
-from _util import proc_gone, wait_until
+from _util import Family, proc_alive, proc_gone, proc_state, wait_until
 from sshd import ClientKeys, SshServer
 
 import remowt
@@ -194,6 +195,29 @@ def test_killed_session_fails_streams_and_calls(private_sshd: SshServer) -> None
         connection.close()
 
 
+@pytest.mark.parametrize("how", ["killed", "stopped-then-killed", "group-killed"])
+def test_killed_agent_takes_its_children(sshd: SshServer, how: str) -> None:
+    connection = remowt.connect("remowt-test-host", ssh_config=sshd.ssh_config)
+    family: Optional[Family] = None
+    try:
+        agent = connection.info().pid
+        family = Family(connection)
+        if how == "stopped-then-killed":
+            os.kill(agent, signal.SIGSTOP)
+            assert wait_until(lambda: proc_state(agent) == "T", 10)
+        if how == "group-killed":  # everything in the agent's process group dies at once, the watchdog not
+            assert os.getpgid(agent) != os.getpgrp()
+            os.killpg(os.getpgid(agent), signal.SIGKILL)
+        else:
+            os.kill(agent, signal.SIGKILL)  # as the OOM killer does: no chance to clean up
+        assert family.doomed_gone(10), f"alive: {family.alive()}"
+        assert proc_alive(family.kept), "a child spawned with keep_on_disconnect outlives its agent"
+    finally:
+        connection.close()
+        if family is not None:
+            family.kill()
+
+
 def test_a_send_on_a_broken_connection_is_connection_lost(sshd: SshServer) -> None:
     connection = remowt.connect("remowt-test-host", ssh_config=sshd.ssh_config)
     try:
@@ -352,6 +376,27 @@ def test_dead_network_is_noticed_within_the_keepalive_interval(
         assert time.monotonic() - started < 4.0
     finally:
         connection.close()
+
+
+@pytest.mark.timeout(30)
+def test_agent_cut_off_by_a_dead_network_ends_itself_and_its_children(
+    sshd_in_netns: Tuple[SshServer, Callable[[], None]],
+) -> None:
+    server, silence = sshd_in_netns
+    connection = remowt.connect("remowt-test-host", ssh_config=server.ssh_config, agent_keepalive=0.5)
+    family: Optional[Family] = None
+    try:
+        agent = connection.info().pid
+        family = Family(connection)
+        silence()
+        # no end of input ever reaches the agent: it ends itself after 3 silent intervals of 0.5 s
+        assert wait_until(lambda: proc_gone(agent), 10), "the agent outlives a dead network"
+        assert family.doomed_gone(5), f"alive: {family.alive()}"
+        assert proc_alive(family.kept)
+    finally:
+        connection.close()
+        if family is not None:
+            family.kill()
 
 
 def test_ssh_agent_keys(sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

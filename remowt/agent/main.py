@@ -1,9 +1,11 @@
 """Agent entry point: ``real-agent [--local] [--privileged]``, and ``askpass [PROMPT]``.
 
 The agent speaks the framed protocol on its stdin/stdout, serves its
-endpoints, and when its link to the user side is gone it kills the children
-it started and exits. In ``askpass`` mode it is sudo's password helper for
-the agent that started sudo (:mod:`remowt.agent.askpass`).
+endpoints, and when its link to the user side is gone (or silent past the
+keepalive the user set, :mod:`remowt.keepalive`) it kills the children it
+started and exits. A watchdog process (:mod:`remowt.agent.watchdog`) kills
+them if the agent is killed before it can. In ``askpass`` mode it is sudo's
+password helper for the agent that started sudo (:mod:`remowt.agent.askpass`).
 """
 
 from __future__ import annotations
@@ -19,20 +21,28 @@ from .. import wire
 from ..endpoints.control import Control
 from ..endpoints.escalate import Escalator
 from ..endpoints.subprocess import Subprocesses
+from ..keepalive import SilenceWatch
 from ..router import Router
 from ..transports.base import Transport
 from ..transports.stdio import FdTransport, enlarge_pipe
+from .watchdog import Watchdog, start_watchdog
 
 log = logging.getLogger("remowt.agent")
 
 
 class Agent:
-    """The agent's router and endpoints, over any transport (the loopback uses this in-process)."""
+    """The agent's router and endpoints, over any transport (the loopback uses this in-process).
 
-    def __init__(self, address: str = wire.AGENT) -> None:
+    ``watchdog`` (the agent process has one; the loopback, in the user's process, none) is told
+    which children to kill should this process die before :meth:`shutdown`.
+    """
+
+    def __init__(self, address: str = wire.AGENT, watchdog: Optional[Watchdog] = None) -> None:
         self.router = Router(address)
-        self.router.register(Control(address))
-        self.subprocesses = Subprocesses(self.router)
+        self.silence = SilenceWatch()
+        self.router.register(Control(address, on_keepalive=self.silence.arm))
+        self.watchdog = watchdog
+        self.subprocesses = Subprocesses(self.router, watchdog)
         self.router.register(self.subprocesses)
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:
@@ -44,6 +54,7 @@ class Agent:
     def serve(self, transport: Transport) -> None:
         """Handshake with the user side over ``transport``; return once the link is up."""
         upstream = self.router.add_link(transport, name=f"{self.router.address}-upstream")
+        self.silence.watch(upstream)
 
         def closed(link: object, reason: Optional[BaseException]) -> None:
             if link is upstream:
@@ -58,11 +69,14 @@ class Agent:
         if self._finished.is_set():
             return
         self._finished.set()
+        self.silence.stop()
         if self.escalator is not None:
             self.escalator.close()
         self.subprocesses.kill_all(timeout)
         self.router.close(timeout)
         self.subprocesses.join(timeout)
+        if self.watchdog is not None:
+            self.watchdog.close(timeout)
 
 
 def _take_stdio() -> FdTransport:
@@ -110,7 +124,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         # agent dies, its hangup must not kill us before we kill our children at end of input.
         # (A handler, not SIG_IGN, so the children get the default back at exec.)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
-    agent = Agent(wire.AGENT_PRIVILEGED if privileged else wire.AGENT)
+    watchdog = start_watchdog()
+    agent = Agent(wire.AGENT_PRIVILEGED if privileged else wire.AGENT, watchdog)
     try:
         agent.serve(_take_stdio())
         agent.upstream_lost.wait()

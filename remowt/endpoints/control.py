@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from typing import Callable, Optional
 
 import msgspec
 
+from ..keepalive import check
 from ..service import Service, rpc
+
+log = logging.getLogger("remowt.control")
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -33,12 +38,21 @@ class ControlApi(Service, namespace=1):
         """Describe this node."""
         raise NotImplementedError
 
+    @rpc(3, inline=True, oneway=True)
+    def keepalive(self, interval: float, count: int) -> None:
+        """The caller is there, and sends something at least every ``interval`` seconds (see :mod:`remowt.keepalive`).
+
+        An agent ends itself once it heard nothing for ``count`` intervals in a row.
+        """
+        raise NotImplementedError
+
 
 class Control(ControlApi):
     """The implementation every router registers."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, on_keepalive: Optional[Callable[[float, int], None]] = None) -> None:
         self.address = address
+        self._on_keepalive = on_keepalive
 
     def ping(self) -> None:
         return None
@@ -46,3 +60,14 @@ class Control(ControlApi):
     def info(self) -> NodeInfo:
         version = ".".join(str(part) for part in sys.version_info[:3])
         return NodeInfo(self.address, os.getpid(), version, os.uname().machine, os.getuid())
+
+    def keepalive(self, interval: float, count: int) -> None:
+        if self._on_keepalive is None:
+            return
+        try:
+            check(interval, count)
+        except ValueError as e:
+            log.warning("ignoring a keepalive setting: %s", e)
+            return
+        if interval > 0:
+            self._on_keepalive(interval, count)

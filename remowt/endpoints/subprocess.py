@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import msgspec
 
 from .._real import Popen as LocalPopen
+from ..agent.watchdog import Watchdog
 from ..errors import BadArguments, ConnectionLost, Unreachable
 from ..router import Router
 from ..service import Service, proxy, rpc
@@ -136,10 +137,11 @@ def _pump_in(stream: Stream, fd: int) -> None:
 
 
 class Subprocesses(SubprocessApi):
-    """The agent's implementation."""
+    """The agent's implementation. ``watchdog`` kills the children :meth:`kill_all` would if the agent dies first."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, watchdog: Optional[Watchdog] = None) -> None:
         self._router = router
+        self._watchdog = watchdog
         self._lock = threading.Lock()
         self._children: Dict[Tuple[str, int], _Child] = {}
         self._io = ChildIO(self._child_exited)
@@ -193,6 +195,8 @@ class Subprocesses(SubprocessApi):
             for fd in theirs.values():
                 os.close(fd)
         child = _Child(owner, spec.handle, process, spec.keep_on_disconnect)
+        if self._watchdog is not None and not child.keep:
+            self._watchdog.watch(process.pid)
         with self._lock:
             self._children[key] = child
             self._by_pid[process.pid] = child
@@ -297,8 +301,11 @@ class Subprocesses(SubprocessApi):
         key = (self._router.caller(), handle)
         with self._lock:
             child = self._children.get(key)
-            if child is not None and child.returncode is not None:
-                del self._children[key]
+            if child is None or child.returncode is None:
+                return
+            del self._children[key]
+        if self._watchdog is not None and not child.keep:
+            self._watchdog.forget(child.process.pid)
 
     def kill_all(self, timeout: float = 5.0) -> None:
         """Kill every child (and its process group) not marked to survive; wait for the exits."""
