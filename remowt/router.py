@@ -24,13 +24,14 @@ from .errors import (
     InternalError,
     ProtocolError,
     RemoteError,
+    ResultTooLarge,
     UnknownMethod,
     Unreachable,
     remote_os_error,
 )
 from .link import Link, Part
 from .routing import RouteTable
-from .streams import DEFAULT_WINDOW, Stream, StreamKey
+from .streams import DEFAULT_WINDOW, MAX_WINDOW, Stream, StreamKey
 from .transports.base import Transport
 from .workers import WorkerPool
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remowt.router")
 HANDSHAKE_TIMEOUT = 30.0
+MAX_STREAMS = 4096  # streams one peer may have opened here at a time
+MAX_FAIL_TEXT = 16 * 1024  # a failure's message and file name are cut to this many characters
 
 
 class Pending:
@@ -89,6 +92,8 @@ class Router:
 
     def __init__(self, address: str, *, max_workers: int = 64, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
         self.address = wire.check_address(address)
+        if max_frame < wire.MIN_MAX_FRAME:
+            raise ValueError(f"max_frame must be at least {wire.MIN_MAX_FRAME} bytes, got {max_frame}")
         self.max_frame = max_frame
         self._lock = threading.Lock()
         self._routes: RouteTable[Link] = RouteTable(self.address)
@@ -99,6 +104,7 @@ class Router:
         self._call_ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._streams: Dict[StreamKey, Stream] = {}
+        self._opened: Dict[str, int] = {}  # how many of the streams each peer opened
         self._services: Dict[int, _Service] = {}
         self._link_closed_hooks: List[Callable[[Link, Optional[BaseException]], None]] = []
         self._routes_changed = threading.Condition(self._lock)
@@ -191,7 +197,12 @@ class Router:
             call_id = next(self._call_ids)
             pending = Pending(dst, link)
             self._pending[call_id] = pending
-        link.send(wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args))))
+        frame = wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args)))
+        if len(frame) > link.peer_max_frame + wire.HEADER.size:
+            with self._lock:
+                self._pending.pop(call_id, None)
+            raise wire.too_large(frame, link.peer_max_frame, f"the call of ns {ns} method {method} at {dst}")
+        link.send(frame)
         if link.closed:
             self._fail_pending(lambda p: p is pending, f"link to {dst} closed")
         return pending
@@ -200,7 +211,10 @@ class Router:
         """Send a one-way call; raises ``Unreachable`` if there is no route."""
         with self._lock:
             link = self._route_locked(dst)
-        link.send(wire.encode(wire.Notify(self.address, dst, ns, method, msgspec.Raw(args))))
+        frame = wire.encode(wire.Notify(self.address, dst, ns, method, msgspec.Raw(args)))
+        if len(frame) > link.peer_max_frame + wire.HEADER.size:
+            raise wire.too_large(frame, link.peer_max_frame, f"the notification of ns {ns} method {method} at {dst}")
+        link.send(frame)
 
     def send_routed(self, dst: str, *parts: Part) -> bool:
         """Send an encoded frame (in one or more parts, see :meth:`Link.send`) towards ``dst``; False if no route."""
@@ -235,6 +249,8 @@ class Router:
 
         ``one_way``: only this side writes; the peer accepts it with :meth:`Stream.receive_only`.
         """
+        if not 0 < window <= MAX_WINDOW:
+            raise ValueError(f"a stream's window must be 1 to {MAX_WINDOW} bytes, got {window}")
         with self._lock:
             link = self._route_locked(dst)
             stream = Stream(self, dst, self.address, next(self._stream_ids), window, one_way)
@@ -253,7 +269,17 @@ class Router:
     def forget_stream(self, stream: Stream) -> None:
         with self._lock:
             if self._streams.get(stream.key) is stream:
-                del self._streams[stream.key]
+                self._drop_stream_locked(stream)
+
+    def _drop_stream_locked(self, stream: Stream) -> None:
+        del self._streams[stream.key]
+        opener = stream.key[0]
+        if opener != self.address:
+            left = self._opened[opener] - 1
+            if left:
+                self._opened[opener] = left
+            else:
+                del self._opened[opener]
 
     def stream_count(self) -> int:
         with self._lock:
@@ -301,6 +327,8 @@ class Router:
         with self._lock:
             if peer == self.address or peer in self._routes.reachable():
                 raise ProtocolError(f"peer address {peer!r} is already taken")
+            if message.max_frame < wire.MIN_MAX_FRAME:
+                raise ProtocolError(f"{peer} takes frames of at most {message.max_frame} bytes: too few to talk")
             link.peer = peer
             link.peer_max_frame = message.max_frame
             self._routes.link_up(link, peer)
@@ -332,13 +360,25 @@ class Router:
     def _forward(self, link: Link, message: wire.Routed, body: wire.Item) -> None:
         with self._lock:
             out = self._routes.next_hop(message.dst)
-        if out is not None and out is not link:
-            if isinstance(body, wire.Data):  # a piece of a payload the link read apart from its frame
-                out.send(*wire.data_frame(body))
-            else:
-                out.send(wire.HEADER.pack(len(body)), body)
-        elif isinstance(message, wire.Call):
-            self._fail_call(message, Unreachable(f"{self.address} has no route to {message.dst!r}"))
+        if out is None or out is link:
+            why = f"{self.address} has no route to {message.dst!r}"
+        elif isinstance(body, wire.Data):  # a piece of a payload the link read apart from its frame
+            out.send(*wire.data_frame(body))
+            return
+        elif len(body) <= out.peer_max_frame:
+            out.send(wire.HEADER.pack(len(body)), body)
+            return
+        else:
+            why = f"{self.address} cannot pass on {len(body)} bytes: {message.dst} takes at most {out.peer_max_frame}"
+        self._not_forwarded(message, why)
+
+    def _not_forwarded(self, message: wire.Routed, why: str) -> None:
+        """Tell the sender of a message that could not be passed on (a call's caller, a stream's other end)."""
+        if isinstance(message, wire.Call):
+            self._fail_call(message, Unreachable(why))
+        elif isinstance(message, wire.Reply) or (isinstance(message, wire.Fail) and message.kind != "unreachable"):
+            fail = wire.Fail(message.id, self.address, message.dst, "unreachable", why)
+            self.send_routed(message.dst, wire.encode(fail))
         elif isinstance(message, (wire.Open, wire.Data, wire.Eof)):
             reset = wire.Reset(
                 self.address, message.src, message.sid, not getattr(message, "from_opener", True), "unreachable"
@@ -365,8 +405,16 @@ class Router:
         except BaseException as e:  # every failure becomes a reply; nothing escapes
             self._fail_call(message, e)
             return
-        reply = wire.Reply(message.id, self.address, message.src, msgspec.Raw(encoded))
-        self.send_routed(message.src, wire.encode(reply))
+        reply = wire.encode(wire.Reply(message.id, self.address, message.src, msgspec.Raw(encoded)))
+        with self._lock:
+            link = self._routes.next_hop(message.src)
+        if link is None:
+            return
+        if len(reply) > link.peer_max_frame + wire.HEADER.size:
+            error = wire.too_large(reply, link.peer_max_frame, f"the result of {spec.name}")
+            self._fail_call(message, ResultTooLarge(str(error)))
+            return
+        link.send(reply)
 
     def _on_notify(self, message: wire.Notify) -> None:
         service = self._services.get(message.ns)
@@ -405,18 +453,18 @@ class Router:
                 self.address,
                 message.src,
                 "os-error",
-                error.strerror or str(error),
+                _clip(error.strerror or str(error)),
                 error.errno,
-                None if error.filename is None else str(error.filename),
+                None if error.filename is None else _clip(str(error.filename)),
             )
         elif isinstance(error, RemoteError):
-            fail = wire.Fail(message.id, self.address, message.src, error.kind, error.message)
+            fail = wire.Fail(message.id, self.address, message.src, error.kind, _clip(error.message))
         elif isinstance(error, Unreachable):
-            fail = wire.Fail(message.id, self.address, message.src, "unreachable", str(error))
+            fail = wire.Fail(message.id, self.address, message.src, "unreachable", _clip(str(error)))
         else:
             log.exception("call to ns %d method %d failed", message.ns, message.method, exc_info=error)
             fail = wire.Fail(
-                message.id, self.address, message.src, InternalError.kind, f"{type(error).__name__}: {error}"
+                message.id, self.address, message.src, InternalError.kind, _clip(f"{type(error).__name__}: {error}")
             )
         self.send_routed(message.src, wire.encode(fail))
 
@@ -440,10 +488,7 @@ class Router:
     def _on_stream_message(self, message: wire.Message) -> None:
         assert isinstance(message, (wire.Open, wire.Data, wire.Credit, wire.Eof, wire.Reset))
         if isinstance(message, wire.Open):
-            with self._lock:
-                key = (message.src, message.sid)
-                if key not in self._streams:
-                    self._streams[key] = Stream(self, message.src, message.src, message.sid, message.window)
+            self._on_open(message)
             return
         opener = message.src if message.from_opener else self.address
         with self._lock:
@@ -461,6 +506,20 @@ class Router:
         else:
             self.forget_stream(stream)
             stream.on_reset(message.reason)
+
+    def _on_open(self, message: wire.Open) -> None:
+        src = message.src
+        if message.window > MAX_WINDOW:
+            raise ProtocolError(f"{src} opened a stream with a window of {message.window} bytes (at most {MAX_WINDOW})")
+        with self._lock:
+            key = (src, message.sid)
+            if key in self._streams:
+                return
+            opened = self._opened.get(src, 0)
+            if opened >= MAX_STREAMS:
+                raise ProtocolError(f"{src} opened more than {MAX_STREAMS} streams at once")
+            self._opened[src] = opened + 1
+            self._streams[key] = Stream(self, src, src, message.sid, message.window)
 
     def _on_link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         with self._lock:
@@ -489,7 +548,7 @@ class Router:
             self._lost |= lost
             gone = [s for s in self._streams.values() if s.peer in lost]
             for stream in gone:
-                del self._streams[stream.key]
+                self._drop_stream_locked(stream)
         for stream in gone:
             stream.lost()
 
@@ -516,6 +575,7 @@ class Router:
         with self._lock:
             streams = list(self._streams.values())
             self._streams.clear()
+            self._opened.clear()
         for stream in streams:
             stream.lost()
         self._pool.shutdown(timeout)
@@ -527,3 +587,8 @@ def _error_from_fail(message: wire.Fail) -> BaseException:
     if message.kind == "unreachable":
         return Unreachable(message.message)
     return REMOTE_ERRORS.get(message.kind, RemoteError)(f"{message.src}: {message.message}")
+
+
+def _clip(text: str) -> str:
+    """``text``, cut to :data:`MAX_FAIL_TEXT` characters (a failure must fit in any peer's frame)."""
+    return text if len(text) <= MAX_FAIL_TEXT else text[:MAX_FAIL_TEXT] + "..."

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .router import Router
 
 DEFAULT_WINDOW = 4 * 1024 * 1024
+MAX_WINDOW = 16 * 1024 * 1024  # the most a peer may ask a stream's receiver to hold
 MAX_CHUNK = 256 * 1024
 StreamKey = Tuple[str, int]
 Buffer = Union[bytes, bytearray, memoryview]
@@ -317,6 +318,8 @@ class Stream:
 
     def on_credit(self, amount: int) -> None:
         with self._cond:
+            if self._credit + amount > self.window:
+                raise ProtocolError(f"{self.peer} returned credit beyond the window of {self!r}")
             self._credit += amount
             self._cond.notify_all()
             callback = self._take_writable_callback()
