@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("remowt.router")
 HANDSHAKE_TIMEOUT = 30.0
 MAX_STREAMS = 4096  # streams one peer may have opened here at a time
+MAX_UNACCEPTED = DEFAULT_WINDOW  # bytes one peer may send to its streams that nobody here accepted (yet)
 MAX_FAIL_TEXT = 16 * 1024  # a failure's message and file name are cut to this many characters
 
 
@@ -105,6 +106,7 @@ class Router:
         self._stream_ids = itertools.count(1)
         self._streams: Dict[StreamKey, Stream] = {}
         self._opened: Dict[str, int] = {}  # how many of the streams each peer opened
+        self._unaccepted: Dict[str, int] = {}  # bytes each peer sent to streams not (yet) accepted
         self._services: Dict[int, _Service] = {}
         self._link_closed_hooks: List[Callable[[Link, Optional[BaseException]], None]] = []
         self._routes_changed = threading.Condition(self._lock)
@@ -262,9 +264,34 @@ class Router:
         """The local end of stream ``sid`` that ``src`` opened."""
         with self._lock:
             stream = self._streams.get((src, sid))
+            if stream is not None and not stream.accepted:
+                stream.accepted = True
+                self._release_unaccepted_locked(stream)
         if stream is None:
             raise ValueError(f"{src} opened no stream {sid} here")
         return stream
+
+    def hold_unaccepted(self, stream: Stream, size: int) -> None:
+        """Charge ``size`` bytes that arrived on ``stream`` before anyone accepted it to its peer, within a bound."""
+        with self._lock:
+            if stream.accepted or self._streams.get(stream.key) is not stream:
+                return
+            held = self._unaccepted.get(stream.peer, 0) + size
+            if held > MAX_UNACCEPTED:
+                raise ProtocolError(
+                    f"{stream.peer} sent {held} bytes on streams nobody here accepted (at most {MAX_UNACCEPTED})"
+                )
+            self._unaccepted[stream.peer] = held
+            stream.charged += size
+
+    def _release_unaccepted_locked(self, stream: Stream) -> None:
+        if stream.charged:
+            left = self._unaccepted[stream.peer] - stream.charged
+            stream.charged = 0
+            if left:
+                self._unaccepted[stream.peer] = left
+            else:
+                del self._unaccepted[stream.peer]
 
     def forget_stream(self, stream: Stream) -> None:
         with self._lock:
@@ -273,6 +300,7 @@ class Router:
 
     def _drop_stream_locked(self, stream: Stream) -> None:
         del self._streams[stream.key]
+        self._release_unaccepted_locked(stream)
         opener = stream.key[0]
         if opener != self.address:
             left = self._opened[opener] - 1
@@ -576,6 +604,7 @@ class Router:
             streams = list(self._streams.values())
             self._streams.clear()
             self._opened.clear()
+            self._unaccepted.clear()
         for stream in streams:
             stream.lost()
         self._pool.shutdown(timeout)

@@ -62,6 +62,10 @@ class Stream:
         self.sid = sid
         self.window = window
         self._from_opener = opener == router.address
+        # A stream the peer opened is accepted once local code asks for it (Router.accept_stream);
+        # until then what arrives on it is charged to the peer (router-locked, see Router.hold_unaccepted).
+        self.accepted = self._from_opener
+        self.charged = 0
         self._cond = threading.Condition()
         self._chunks: Deque[Chunk] = collections.deque()
         self._buffered = 0
@@ -295,6 +299,8 @@ class Stream:
     # --- events from the router (reader thread) -------------------------
 
     def on_data(self, data: Chunk) -> None:
+        if not self.accepted:
+            self.router.hold_unaccepted(self, len(data))
         if isinstance(data, memoryview) and memoryview(data.obj).nbytes > 2 * data.nbytes:
             data = bytes(data)  # a view must not keep a much bigger buffer alive
         with self._cond:

@@ -221,6 +221,23 @@ def test_unsolicited_open_with_a_huge_window(conn: remowt.Remowt, hostile: Tuple
     still_works(conn)
 
 
+@pytest.mark.timeout(60)
+def test_data_on_streams_nobody_accepted(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer]) -> None:
+    """Each stream within its window, but many of them: what nobody asked for is bounded per peer."""
+    link, peer = hostile
+    before = rss_bytes(os.getpid())
+    chunk = bytes(256 * 1024)
+    for sid in range(64):  # 64 streams of 4 MiB: 256 MiB if nothing stopped it
+        peer.send_message(wire.Open(HOSTILE, wire.USER, sid, 4 * MiB))
+        framer = wire.DataFramer(HOSTILE, wire.USER, sid, True)
+        peer.send(b"".join(framer.header(len(chunk)) + chunk for _ in range(16)))
+        if peer.eof.is_set():
+            break
+    closed_for(link, peer, "on streams nobody here accepted")
+    assert rss_bytes(os.getpid()) - before < 48 * MiB
+    still_works(conn)
+
+
 def flood_opens(peer: RawPeer, src: str, dst: str, count: int, pid: int) -> int:
     """Send ``count`` Opens from ``src`` in batches until the peer closes; the peak RSS growth of ``pid`` seen."""
     start = peak = rss_bytes(pid)
