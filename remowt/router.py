@@ -80,6 +80,17 @@ class Pending:
         return self._result
 
 
+class PeerBudget:
+    """What the peers behind one link hold here: streams they opened, bytes on those nobody accepted yet."""
+
+    __slots__ = ("name", "streams", "unaccepted")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.streams = 0
+        self.unaccepted = 0
+
+
 class _Service:
     """A registered service: its methods by number, bound to the implementation."""
 
@@ -105,8 +116,7 @@ class Router:
         self._call_ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._streams: Dict[StreamKey, Stream] = {}
-        self._opened: Dict[str, int] = {}  # how many of the streams each peer opened
-        self._unaccepted: Dict[str, int] = {}  # bytes each peer sent to streams not (yet) accepted
+        self._budgets: Dict[Link, PeerBudget] = {}
         self._services: Dict[int, _Service] = {}
         self._link_closed_hooks: List[Callable[[Link, Optional[BaseException]], None]] = []
         self._routes_changed = threading.Condition(self._lock)
@@ -272,26 +282,23 @@ class Router:
         return stream
 
     def hold_unaccepted(self, stream: Stream, size: int) -> None:
-        """Charge ``size`` bytes that arrived on ``stream`` before anyone accepted it to its peer, within a bound."""
+        """Charge ``size`` bytes that arrived on ``stream`` before anyone accepted it to its link, within a bound."""
         with self._lock:
-            if stream.accepted or self._streams.get(stream.key) is not stream:
+            budget = stream.budget
+            if stream.accepted or budget is None or self._streams.get(stream.key) is not stream:
                 return
-            held = self._unaccepted.get(stream.peer, 0) + size
-            if held > MAX_UNACCEPTED:
+            if budget.unaccepted + size > MAX_UNACCEPTED:
                 raise ProtocolError(
-                    f"{stream.peer} sent {held} bytes on streams nobody here accepted (at most {MAX_UNACCEPTED})"
+                    f"{budget.name} sent {budget.unaccepted + size} bytes on streams nobody here accepted"
+                    f" (at most {MAX_UNACCEPTED})"
                 )
-            self._unaccepted[stream.peer] = held
+            budget.unaccepted += size
             stream.charged += size
 
     def _release_unaccepted_locked(self, stream: Stream) -> None:
-        if stream.charged:
-            left = self._unaccepted[stream.peer] - stream.charged
+        if stream.charged and stream.budget is not None:
+            stream.budget.unaccepted -= stream.charged
             stream.charged = 0
-            if left:
-                self._unaccepted[stream.peer] = left
-            else:
-                del self._unaccepted[stream.peer]
 
     def forget_stream(self, stream: Stream) -> None:
         with self._lock:
@@ -301,13 +308,8 @@ class Router:
     def _drop_stream_locked(self, stream: Stream) -> None:
         del self._streams[stream.key]
         self._release_unaccepted_locked(stream)
-        opener = stream.key[0]
-        if opener != self.address:
-            left = self._opened[opener] - 1
-            if left:
-                self._opened[opener] = left
-            else:
-                del self._opened[opener]
+        if stream.budget is not None:
+            stream.budget.streams -= 1
 
     def stream_count(self) -> int:
         with self._lock:
@@ -334,7 +336,7 @@ class Router:
         elif isinstance(message, (wire.Reply, wire.Fail)):
             self._on_answer(link, message)
         else:
-            self._on_stream_message(message)
+            self._on_stream_message(link, message)
 
     def _arrived_from(self, link: Link, src: str) -> bool:
         """Messages from ``src`` must come over the link we would send to ``src`` on."""
@@ -513,10 +515,10 @@ class Router:
             error = _error_from_fail(message)
             link.defer(lambda: pending.resolve(None, error))
 
-    def _on_stream_message(self, message: wire.Message) -> None:
+    def _on_stream_message(self, link: Link, message: wire.Message) -> None:
         assert isinstance(message, (wire.Open, wire.Data, wire.Credit, wire.Eof, wire.Reset))
         if isinstance(message, wire.Open):
-            self._on_open(message)
+            self._on_open(link, message)
             return
         opener = message.src if message.from_opener else self.address
         with self._lock:
@@ -535,7 +537,7 @@ class Router:
             self.forget_stream(stream)
             stream.on_reset(message.reason)
 
-    def _on_open(self, message: wire.Open) -> None:
+    def _on_open(self, link: Link, message: wire.Open) -> None:
         src = message.src
         if message.window > MAX_WINDOW:
             raise ProtocolError(f"{src} opened a stream with a window of {message.window} bytes (at most {MAX_WINDOW})")
@@ -543,17 +545,21 @@ class Router:
             key = (src, message.sid)
             if key in self._streams:
                 return
-            opened = self._opened.get(src, 0)
-            if opened >= MAX_STREAMS:
-                raise ProtocolError(f"{src} opened more than {MAX_STREAMS} streams at once")
-            self._opened[src] = opened + 1
-            self._streams[key] = Stream(self, src, src, message.sid, message.window)
+            budget = self._budgets.get(link)
+            if budget is None:
+                budget = self._budgets[link] = PeerBudget(f"the peers over {link.name}")
+            if budget.streams >= MAX_STREAMS:
+                raise ProtocolError(f"{budget.name} opened more than {MAX_STREAMS} streams at once")
+            budget.streams += 1
+            stream = self._streams[key] = Stream(self, src, src, message.sid, message.window)
+            stream.budget = budget
 
     def _on_link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         with self._lock:
             if link in self._links:
                 self._links.remove(link)
             self._announced.pop(link, None)
+            self._budgets.pop(link, None)
             lost = self._routes.link_down(link)
             self._announce_locked()
             ready = self._handshakes.pop(link, None)
@@ -603,8 +609,6 @@ class Router:
         with self._lock:
             streams = list(self._streams.values())
             self._streams.clear()
-            self._opened.clear()
-            self._unaccepted.clear()
         for stream in streams:
             stream.lost()
         self._pool.shutdown(timeout)

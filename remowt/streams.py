@@ -19,7 +19,7 @@ from .errors import ConnectionLost, ProtocolError
 from .link import Spliced
 
 if TYPE_CHECKING:
-    from .router import Router
+    from .router import PeerBudget, Router
 
 DEFAULT_WINDOW = 4 * 1024 * 1024
 MAX_WINDOW = 16 * 1024 * 1024  # the most a peer may ask a stream's receiver to hold
@@ -62,10 +62,11 @@ class Stream:
         self.sid = sid
         self.window = window
         self._from_opener = opener == router.address
-        # A stream the peer opened is accepted once local code asks for it (Router.accept_stream);
-        # until then what arrives on it is charged to the peer (router-locked, see Router.hold_unaccepted).
+        # A stream the peer opened is accepted once local code asks for it (Router.accept_stream); until then
+        # what arrives on it is charged to the budget of the link it came over (see Router.hold_unaccepted).
         self.accepted = self._from_opener
         self.charged = 0
+        self.budget: Optional[PeerBudget] = None
         self._cond = threading.Condition()
         self._chunks: Deque[Chunk] = collections.deque()
         self._buffered = 0

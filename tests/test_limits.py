@@ -238,11 +238,12 @@ def test_data_on_streams_nobody_accepted(conn: remowt.Remowt, hostile: Tuple[Any
     still_works(conn)
 
 
-def flood_opens(peer: RawPeer, src: str, dst: str, count: int, pid: int) -> int:
-    """Send ``count`` Opens from ``src`` in batches until the peer closes; the peak RSS growth of ``pid`` seen."""
+def flood_opens(peer: RawPeer, sources: List[str], dst: str, count: int, pid: int) -> int:
+    """Send ``count`` Opens, from each of ``sources`` in turn, until the peer closes; the peak RSS growth of ``pid``."""
     start = peak = rss_bytes(pid)
     for first in range(0, count, 1000):
-        peer.send(b"".join(bytes(wire.encode(wire.Open(src, dst, sid, 1))) for sid in range(first, first + 1000)))
+        opens = (wire.Open(sources[sid % len(sources)], dst, sid, 1) for sid in range(first, first + 1000))
+        peer.send(b"".join(bytes(wire.encode(message)) for message in opens))
         try:
             peak = max(peak, rss_bytes(pid))
         except (AssertionError, FileNotFoundError, ProcessLookupError):  # the process ended
@@ -253,12 +254,17 @@ def flood_opens(peer: RawPeer, src: str, dst: str, count: int, pid: int) -> int:
 
 
 @pytest.mark.timeout(60)
-def test_open_flood_at_the_client(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer]) -> None:
+@pytest.mark.parametrize("sources, count", [(1, 50_000), (3, 6000)], ids=["one-address", "three-addresses"])
+def test_open_flood_at_the_client(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer], sources: int, count: int) -> None:
+    """The bound is per link: a peer that announces more addresses behind it gets no more streams."""
     link, peer = hostile
-    growth = flood_opens(peer, HOSTILE, wire.USER, 50_000, os.getpid())
-    closed_for(link, peer, "opened more than 4096 streams")
+    addresses = [HOSTILE] + [wire.plugin(100 + n) for n in range(sources - 1)]
+    peer.send_message(wire.Routes([(address, 1) for address in addresses[1:]]))
+    assert wait_until(lambda: all(a in conn.router.reachable() for a in addresses), 10)
+    growth = flood_opens(peer, addresses, wire.USER, count, os.getpid())  # 2000 each of three is too many
+    closed_for(link, peer, "opened more than 4096 streams at once")
     assert growth < 64 * MiB
-    assert conn.router.stream_count() == 0
+    assert wait_until(lambda: conn.router.stream_count() == 0, 10)  # dropped as the link's close is handled
     still_works(conn)
 
 
@@ -270,12 +276,12 @@ def test_open_flood_at_a_local_agent() -> None:
     try:
         peer.send_message(wire.Hello(wire.PROTOCOL_VERSION, wire.USER, wire.DEFAULT_MAX_FRAME))
         assert isinstance(peer.next_message(10), wire.Hello)
-        growth = flood_opens(peer, wire.USER, wire.AGENT, 50_000, transport.process.pid)
+        growth = flood_opens(peer, [wire.USER], wire.AGENT, 50_000, transport.process.pid)
         raw_ping(peer, wire.USER, wire.AGENT, 1)
         answer = peer.wait_for(lambda m: isinstance(m, (wire.Reply, wire.Fail)), 20)
         assert answer is None, "the agent answered after 50000 opens"
         assert growth < 64 * MiB
-        assert wait_until(lambda: "opened more than 4096 streams" in transport.stderr_tail(), 10)
+        assert wait_until(lambda: "opened more than 4096 streams at once" in transport.stderr_tail(), 10)
     finally:
         peer.close()
 
