@@ -93,8 +93,9 @@ def held_undo(mark: Dict[Link, int]) -> None:
     links = _held.links
     assert links is not None, "held_undo() outside held_sends()"
     for link, parts in links.items():
-        dropped = parts[mark.get(link, 0) :]
-        del parts[mark.get(link, 0) :]
+        start = mark.get(link, 0)
+        dropped = parts[start:]
+        del parts[start:]
         _report([], [part for part in dropped if isinstance(part, Spliced)])
 
 

@@ -371,3 +371,11 @@ def test_a_boot_frame_missing_a_field_is_a_deploy_error(
     with pytest.raises(DeployError, match=f"malformed: .*{field}") as e:
         start_agent(transport, tiny_bundle, timeout=10)
     assert e.value.kind == "protocol"
+
+
+@pytest.mark.timeout(30)
+def test_deeply_nested_json_output_is_a_value_error() -> None:
+    with remowt.loopback() as conn:
+        deep = conn.cmd("python3").args(["-c", "print('[' * 100000 + ']' * 100000)"])
+        with pytest.raises(ValueError, match="nested too deeply"):
+            deep.run_value(Any)  # type: ignore[arg-type]
