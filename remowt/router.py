@@ -523,7 +523,7 @@ class Router:
         opener = message.src if message.from_opener else self.address
         with self._lock:
             stream = self._streams.get((opener, message.sid))
-        if stream is None:
+        if stream is None or stream.peer != message.src:  # only the stream's other end may speak on it
             if isinstance(message, (wire.Data, wire.Eof)):
                 reset = wire.Reset(self.address, message.src, message.sid, not message.from_opener, "no such stream")
                 self.send_routed(message.src, wire.encode(reset))

@@ -379,3 +379,21 @@ def test_deeply_nested_json_output_is_a_value_error() -> None:
         deep = conn.cmd("python3").args(["-c", "print('[' * 100000 + ']' * 100000)"])
         with pytest.raises(ValueError, match="nested too deeply"):
             deep.run_value(Any)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+def test_another_peer_cannot_speak_on_a_stream(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer]) -> None:
+    """A stream opened to the agent hears only the agent: a third node's Data or Reset on its id is refused."""
+    link, peer = hostile
+    proc = conn.spawn(["sh", "-c", "read line; echo got $line"], stdin=remowt.PIPE, stdout=remowt.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    for stream in (proc.stdout, proc.stdin):
+        peer.send_message(wire.Data(HOSTILE, wire.USER, stream.sid, False, memoryview(b"forged\n")))
+        peer.send_message(wire.Reset(HOSTILE, wire.USER, stream.sid, False, "forged"))
+    answer = peer.wait_for(lambda m: isinstance(m, wire.Reset), 10)
+    assert isinstance(answer, wire.Reset) and answer.reason == "no such stream", answer
+    proc.stdin.write(b"hi\n")
+    proc.stdin.close_write()
+    assert proc.stdout.readall(timeout=20) == b"got hi\n"
+    assert proc.wait(20) == 0
+    assert not link.closed
