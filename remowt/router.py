@@ -81,12 +81,16 @@ class Pending:
 
 
 class PeerBudget:
-    """What the peers behind one link hold here: streams they opened, bytes on those nobody accepted yet."""
+    """What the nodes over one link hold here: streams they opened, bytes on those nobody accepted yet.
 
-    __slots__ = ("name", "streams", "unaccepted")
+    ``peer`` is the neighbour on the link: its own excess is a protocol error on the link; the excess of a
+    node behind it costs only that stream (one bad plugin must not cut the user off from its agent).
+    """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    __slots__ = ("peer", "streams", "unaccepted")
+
+    def __init__(self, peer: Optional[str]) -> None:
+        self.peer = peer
         self.streams = 0
         self.unaccepted = 0
 
@@ -281,19 +285,29 @@ class Router:
             raise ValueError(f"{src} opened no stream {sid} here")
         return stream
 
-    def hold_unaccepted(self, stream: Stream, size: int) -> None:
-        """Charge ``size`` bytes that arrived on ``stream`` before anyone accepted it to its link, within a bound."""
+    def hold_unaccepted(self, stream: Stream, size: int) -> bool:
+        """Charge ``size`` bytes that arrived on ``stream`` before anyone accepted it to its link, within a bound.
+
+        False when the stream was refused for it (its bytes are to be dropped).
+        """
         with self._lock:
             budget = stream.budget
             if stream.accepted or budget is None or self._streams.get(stream.key) is not stream:
-                return
-            if budget.unaccepted + size > MAX_UNACCEPTED:
-                raise ProtocolError(
-                    f"{budget.name} sent {budget.unaccepted + size} bytes on streams nobody here accepted"
-                    f" (at most {MAX_UNACCEPTED})"
-                )
-            budget.unaccepted += size
-            stream.charged += size
+                return True
+            fits = budget.unaccepted + size <= MAX_UNACCEPTED
+            if fits:
+                budget.unaccepted += size
+                stream.charged += size
+            elif stream.peer != budget.peer:
+                self._drop_stream_locked(stream)
+        if not fits:
+            self._refuse_stream(
+                budget,
+                stream.peer,
+                stream.sid,
+                f"sent more than {MAX_UNACCEPTED} bytes on streams nobody here accepted",
+            )
+        return fits
 
     def _release_unaccepted_locked(self, stream: Stream) -> None:
         if stream.charged and stream.budget is not None:
@@ -539,20 +553,29 @@ class Router:
 
     def _on_open(self, link: Link, message: wire.Open) -> None:
         src = message.src
-        if message.window > MAX_WINDOW:
-            raise ProtocolError(f"{src} opened a stream with a window of {message.window} bytes (at most {MAX_WINDOW})")
         with self._lock:
             key = (src, message.sid)
             if key in self._streams:
                 return
             budget = self._budgets.get(link)
             if budget is None:
-                budget = self._budgets[link] = PeerBudget(f"the peers over {link.name}")
-            if budget.streams >= MAX_STREAMS:
-                raise ProtocolError(f"{budget.name} opened more than {MAX_STREAMS} streams at once")
-            budget.streams += 1
-            stream = self._streams[key] = Stream(self, src, src, message.sid, message.window)
-            stream.budget = budget
+                budget = self._budgets[link] = PeerBudget(link.peer)
+            if message.window > MAX_WINDOW:
+                why = f"opened a stream with a window of {message.window} bytes (at most {MAX_WINDOW})"
+            elif budget.streams >= MAX_STREAMS:
+                why = f"opened more than {MAX_STREAMS} streams at once (with the nodes behind {budget.peer})"
+            else:
+                budget.streams += 1
+                stream = self._streams[key] = Stream(self, src, src, message.sid, message.window)
+                stream.budget = budget
+                return
+        self._refuse_stream(budget, src, message.sid, why)
+
+    def _refuse_stream(self, budget: PeerBudget, src: str, sid: int, why: str) -> None:
+        """A ProtocolError if the neighbour itself did wrong; else the stream of the node behind it is reset."""
+        if src == budget.peer:
+            raise ProtocolError(f"{src} {why}")
+        self.send_routed(src, wire.encode(wire.Reset(self.address, src, sid, False, why)))
 
     def _on_link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         with self._lock:

@@ -300,8 +300,8 @@ class Stream:
     # --- events from the router (reader thread) -------------------------
 
     def on_data(self, data: Chunk) -> None:
-        if not self.accepted:
-            self.router.hold_unaccepted(self, len(data))
+        if not self.accepted and not self.router.hold_unaccepted(self, len(data)):
+            return
         if isinstance(data, memoryview) and memoryview(data.obj).nbytes > 2 * data.nbytes:
             data = bytes(data)  # a view must not keep a much bigger buffer alive
         with self._cond:

@@ -222,19 +222,26 @@ def test_unsolicited_open_with_a_huge_window(conn: remowt.Remowt, hostile: Tuple
 
 
 @pytest.mark.timeout(60)
-def test_data_on_streams_nobody_accepted(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer]) -> None:
-    """Each stream within its window, but many of them: what nobody asked for is bounded per peer."""
+@pytest.mark.parametrize("from_behind", [False, True], ids=["neighbour", "node-behind"])
+def test_data_on_streams_nobody_accepted(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer], from_behind: bool) -> None:
+    """Each stream within its window, but many of them: what nobody asked for is bounded per link."""
     link, peer = hostile
+    src = behind(conn, peer, 1)[0] if from_behind else HOSTILE
     before = rss_bytes(os.getpid())
     chunk = bytes(256 * 1024)
-    for sid in range(64):  # 64 streams of 4 MiB: 256 MiB if nothing stopped it
-        peer.send_message(wire.Open(HOSTILE, wire.USER, sid, 4 * MiB))
-        framer = wire.DataFramer(HOSTILE, wire.USER, sid, True)
+    for sid in range(16):  # 16 streams of 4 MiB: 64 MiB if nothing stopped it
+        peer.send_message(wire.Open(src, wire.USER, sid, 4 * MiB))
+        framer = wire.DataFramer(src, wire.USER, sid, True)
         peer.send(b"".join(framer.header(len(chunk)) + chunk for _ in range(16)))
         if peer.eof.is_set():
             break
-    closed_for(link, peer, "on streams nobody here accepted")
-    assert rss_bytes(os.getpid()) - before < 48 * MiB
+    if from_behind:  # that node's streams are reset, the link stays
+        reset = peer.wait_for(lambda m: isinstance(m, wire.Reset), 10)
+        assert isinstance(reset, wire.Reset) and "on streams nobody here accepted" in reset.reason, reset
+        assert not link.closed
+    else:
+        closed_for(link, peer, "on streams nobody here accepted")
+    assert rss_bytes(os.getpid()) - before < 32 * MiB
     still_works(conn)
 
 
@@ -254,17 +261,34 @@ def flood_opens(peer: RawPeer, sources: List[str], dst: str, count: int, pid: in
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("sources, count", [(1, 50_000), (3, 6000)], ids=["one-address", "three-addresses"])
-def test_open_flood_at_the_client(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer], sources: int, count: int) -> None:
-    """The bound is per link: a peer that announces more addresses behind it gets no more streams."""
+def test_open_flood_at_the_client(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer]) -> None:
     link, peer = hostile
-    addresses = [HOSTILE] + [wire.plugin(100 + n) for n in range(sources - 1)]
-    peer.send_message(wire.Routes([(address, 1) for address in addresses[1:]]))
-    assert wait_until(lambda: all(a in conn.router.reachable() for a in addresses), 10)
-    growth = flood_opens(peer, addresses, wire.USER, count, os.getpid())  # 2000 each of three is too many
+    growth = flood_opens(peer, [HOSTILE], wire.USER, 50_000, os.getpid())
     closed_for(link, peer, "opened more than 4096 streams at once")
     assert growth < 64 * MiB
     assert wait_until(lambda: conn.router.stream_count() == 0, 10)  # dropped as the link's close is handled
+    still_works(conn)
+
+
+def behind(conn: remowt.Remowt, peer: RawPeer, count: int) -> List[str]:
+    """Have the hostile peer announce ``count`` nodes behind it; their addresses."""
+    addresses = [wire.plugin(100 + n) for n in range(count)]
+    peer.send_message(wire.Routes([(address, 1) for address in addresses]))
+    assert wait_until(lambda: all(a in conn.router.reachable() for a in addresses), 10)
+    return addresses
+
+
+@pytest.mark.timeout(60)
+def test_open_flood_from_nodes_behind_a_link(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer]) -> None:
+    """The bound is per link, whatever addresses a peer announces; the excess of nodes behind it is reset."""
+    link, peer = hostile
+    addresses = behind(conn, peer, 3)
+    growth = flood_opens(peer, addresses, wire.USER, 6000, os.getpid())  # 2000 each: too many together
+    reset = peer.wait_for(lambda m: isinstance(m, wire.Reset), 10)
+    assert isinstance(reset, wire.Reset) and "opened more than 4096 streams at once" in reset.reason, reset
+    assert growth < 64 * MiB
+    assert conn.router.stream_count() == 4096
+    assert not link.closed
     still_works(conn)
 
 
