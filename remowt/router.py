@@ -542,14 +542,27 @@ class Router:
                 reset = wire.Reset(self.address, message.src, message.sid, not message.from_opener, "no such stream")
                 self.send_routed(message.src, wire.encode(reset))
         elif isinstance(message, wire.Data):
-            stream.on_data(message.data)
+            try:
+                stream.on_data(message.data)
+            except ProtocolError as e:
+                self._broken_stream(link, stream, e)
         elif isinstance(message, wire.Credit):
-            stream.on_credit(message.amount)
+            try:
+                stream.on_credit(message.amount)
+            except ProtocolError as e:
+                self._broken_stream(link, stream, e)
         elif isinstance(message, wire.Eof):
             stream.on_eof()
         else:
             self.forget_stream(stream)
             stream.on_reset(message.reason)
+
+    def _broken_stream(self, link: Link, stream: Stream, error: ProtocolError) -> None:
+        """The neighbour broke the protocol on ``stream``: its link ends; a node behind it: that stream is reset."""
+        if stream.peer == link.peer:
+            raise error
+        self.forget_stream(stream)
+        stream.abort(error)
 
     def _on_open(self, link: Link, message: wire.Open) -> None:
         src = message.src

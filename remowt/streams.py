@@ -348,6 +348,11 @@ class Stream:
             callback()
         self._maybe_end_listener()
 
+    def abort(self, error: ProtocolError) -> None:
+        """The peer broke the protocol on this stream: fail it here, reset it there."""
+        self.fail(error)
+        self._send(wire.Reset(self.router.address, self.peer, self.sid, self._from_opener, str(error)))
+
     def lost(self) -> None:
         self.fail(ConnectionLost(f"connection to {self.peer} lost"))
 

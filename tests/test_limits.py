@@ -311,14 +311,23 @@ def test_open_flood_at_a_local_agent() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_credit_beyond_the_window(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer]) -> None:
+@pytest.mark.parametrize("from_behind", [False, True], ids=["neighbour", "node-behind"])
+def test_credit_beyond_the_window(conn: remowt.Remowt, hostile: Tuple[Any, RawPeer], from_behind: bool) -> None:
     link, peer = hostile
-    stream = conn.router.open_stream(HOSTILE)
-    peer.send_message(wire.Credit(HOSTILE, wire.USER, stream.sid, False, 2**62))
-    closed_for(link, peer, "credit beyond the window")
-    assert wait_until(lambda: stream.broken, 10)
-    with pytest.raises(remowt.ConnectionLost):
-        stream.write(b"x")
+    src = behind(conn, peer, 1)[0] if from_behind else HOSTILE
+    stream = conn.router.open_stream(src)
+    peer.send_message(wire.Credit(src, wire.USER, stream.sid, False, 2**62))
+    if from_behind:  # only that stream breaks
+        reset = peer.wait_for(lambda m: isinstance(m, wire.Reset), 10)
+        assert isinstance(reset, wire.Reset) and "credit beyond the window" in reset.reason, reset
+        with pytest.raises(ProtocolError, match="credit beyond the window"):
+            stream.write(b"x")
+        assert not link.closed
+    else:
+        closed_for(link, peer, "credit beyond the window")
+        assert wait_until(lambda: stream.broken, 10)
+        with pytest.raises(remowt.ConnectionLost):
+            stream.write(b"x")
     still_works(conn)
 
 
