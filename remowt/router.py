@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remowt.router")
 HANDSHAKE_TIMEOUT = 30.0
-MAX_STREAMS = 4096  # streams one peer may have opened here at a time
-MAX_UNACCEPTED = DEFAULT_WINDOW  # bytes one peer may send to its streams that nobody here accepted (yet)
+MAX_STREAMS = 4096  # streams the nodes over one link may have opened here at a time
+MAX_UNACCEPTED = DEFAULT_WINDOW  # bytes they may send on those of their streams nobody here accepted (yet)
 MAX_FAIL_TEXT = 16 * 1024  # a failure's message and file name are cut to this many characters
 
 
