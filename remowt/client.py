@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import os
@@ -22,8 +23,8 @@ from .deadline import CALL_TIMEOUT, Deadline
 from .endpoints.control import Control, ControlApi, NodeInfo
 from .endpoints.escalate import check_tool
 from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
-from .errors import ConnectionLost, RemoteError, RemowtError, Unreachable
-from .link import Link, held_sends, holding_sends
+from .errors import ConnectionLost, MessageTooLarge, RemoteError, RemowtError, Unreachable
+from .link import Link, held_mark, held_sends, held_undo, holding_sends
 from .pipes import FdWriter
 from .process import OutputHandler, RemoteProcess
 from .prompt import Prompter, check_prompter, has_terminal, terminal_prompter
@@ -274,6 +275,7 @@ class Remowt:
         try:
             with held_sends():  # releases, stream opens and the call leave in one write
                 self._send_releases()
+                mark = held_mark()
                 streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
                 process = RemoteProcess(self, self._subprocess, handle, args, *streams, lazy)
                 with self._lock:
@@ -302,9 +304,14 @@ class Remowt:
                     lazy_stdout="stdout" in lazy,
                     lazy_stderr="stderr" in lazy,
                 )
-                pending = self.router.call(
-                    self.agent, SubprocessApi.namespace, _SPAWN.number, _SPAWN.encode_args((spec,), {})
-                )
+                try:
+                    pending = self.router.call(
+                        self.agent, SubprocessApi.namespace, _SPAWN.number, _SPAWN.encode_args((spec,), {})
+                    )
+                except MessageTooLarge as e:
+                    _unsend(opened, mark)
+                    why = f"the spawn request is {e.size} bytes, over the agent's frame limit of {e.limit}"
+                    raise OSError(errno.E2BIG, f"{os.strerror(errno.E2BIG)} ({why})", executable or args[0]) from None
             try:
                 process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))
             except msgspec.ValidationError as e:
@@ -385,6 +392,14 @@ class Remowt:
             hook()
         for writer in list(self._fd_writers.values()):
             writer.close()
+
+
+def _unsend(streams: List[Stream], mark: Dict[Link, int]) -> None:
+    """Close ``streams`` and drop their held opens (and what followed): the peer never hears of them."""
+    for stream in streams:
+        stream.close()
+    streams.clear()
+    held_undo(mark)
 
 
 def _check_mode(name: str, mode: int, allowed: Sequence[int]) -> None:

@@ -134,6 +134,8 @@ class Command:
             return msgspec.json.decode(stdout, type=type)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise ValueError(f"output of {self} is not a valid {type!r}: {e}") from None
+        except RecursionError:
+            raise ValueError(f"output of {self} is nested too deeply to decode") from None
 
 
 def _quote_program(program: str) -> str:

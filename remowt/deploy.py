@@ -37,7 +37,9 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Type, TypeVar
+
+import msgspec
 
 from .bundle import AgentBundle
 from .deadline import Deadline
@@ -272,6 +274,34 @@ class DeployReport:
     seconds: float
 
 
+class _Status(msgspec.Struct):
+    """The bootstrap's ``status`` message: what the target is, whether the agent is installed."""
+
+    platform: str
+    installed: bool
+
+
+class _Ready(msgspec.Struct):
+    """The bootstrap's ``ready`` message: the agent runs, from ``path``."""
+
+    platform: str
+    python: str
+    executable: str
+    path: str
+    note: str
+
+
+M = TypeVar("M", _Status, _Ready)
+
+
+def _fields(message: Dict[str, Any], shape: Type[M]) -> M:
+    """``message`` as ``shape``, or a DeployError naming the field that is missing or wrong."""
+    try:
+        return msgspec.convert(message, shape)
+    except msgspec.ValidationError as e:
+        raise DeployError("protocol", f"the bootstrap's {message['kind']!r} message is malformed: {e}") from None
+
+
 def _frame(message: Dict[str, Any]) -> bytes:
     body = json.dumps(message).encode()
     return struct.pack(">I", len(body)) + body
@@ -448,14 +478,14 @@ def start_agent(transport: Transport, bundle: AgentBundle, *, timeout: float = D
         if not session.find_magic():
             _expect(None, "status", bundle, session)
         session.phase = "waiting for the target's status"
-        status = _expect(session.read_message(), "status", bundle, session)
-        uploaded = not status.get("installed")
+        status = _fields(_expect(session.read_message(), "status", bundle, session), _Status)
+        uploaded = not status.installed
         if uploaded:
-            session.phase = f"uploading the agent for {status['platform']}"
-            artifact = bundle.read_artifact(str(status["platform"]))
+            session.phase = f"uploading the agent for {status.platform}"
+            artifact = bundle.read_artifact(status.platform)
             session.write_all(struct.pack(">I", len(artifact)) + artifact)
         session.phase = "waiting for the agent to be ready"
-        ready = _expect(session.read_message(), "ready", bundle, session)
+        ready = _fields(_expect(session.read_message(), "ready", bundle, session), _Ready)
     except BaseException:
         session.finish()
         transport.close()
@@ -464,12 +494,12 @@ def start_agent(transport: Transport, bundle: AgentBundle, *, timeout: float = D
     if session.expired:  # the timer closed the transport just as the agent became ready
         raise session.timed_out()
     report = DeployReport(
-        platform=str(ready["platform"]),
-        python_version=str(ready["python"]),
-        python_executable=str(ready["executable"]),
-        path=str(ready["path"]),
+        platform=ready.platform,
+        python_version=ready.python,
+        python_executable=ready.executable,
+        path=ready.path,
         uploaded=uploaded,
-        fallback=str(ready["note"]) or None,
+        fallback=ready.note or None,
         seconds=time.monotonic() - started,
     )
     if report.fallback:

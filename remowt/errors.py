@@ -22,6 +22,15 @@ class Unreachable(RemowtError):
     """No route is known to the destination address."""
 
 
+class MessageTooLarge(RemowtError, ValueError):
+    """A call or notification is bigger than the peer accepts (its frame limit); nothing was sent."""
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
 class RemoteError(RemowtError):
     """A call failed on the remote side; ``kind`` says how."""
 
@@ -44,6 +53,12 @@ class BadArguments(RemoteError):
     kind = "bad-arguments"
 
 
+class ResultTooLarge(RemoteError):
+    """The remote handler's result is bigger than the caller accepts (its frame limit)."""
+
+    kind = "result-too-large"
+
+
 class InternalError(RemoteError):
     """The remote handler raised an unexpected exception."""
 
@@ -56,7 +71,9 @@ class EscalationError(RemoteError):
     kind = "escalation"
 
 
-REMOTE_ERRORS = {cls.kind: cls for cls in (RemoteError, UnknownMethod, BadArguments, InternalError, EscalationError)}
+REMOTE_ERRORS = {
+    cls.kind: cls for cls in (RemoteError, UnknownMethod, BadArguments, ResultTooLarge, InternalError, EscalationError)
+}
 
 
 def remote_os_error(errno: int, message: str, filename: Optional[str]) -> OSError:

@@ -83,6 +83,24 @@ def held_sends() -> Iterator[None]:
             link.send(*parts)
 
 
+def held_mark() -> Dict[Link, int]:
+    """Where this thread's held frames end now, inside :func:`held_sends`; see :func:`held_undo`."""
+    links = _held.links
+    assert links is not None, "held_mark() outside held_sends()"
+    return {link: len(parts) for link, parts in links.items()}
+
+
+def held_undo(mark: Dict[Link, int]) -> None:
+    """Drop the frames this thread held since ``mark``: they will not be sent."""
+    links = _held.links
+    assert links is not None, "held_undo() outside held_sends()"
+    for link, parts in links.items():
+        start = mark.get(link, 0)
+        dropped = parts[start:]
+        del parts[start:]
+        _report([], [part for part in dropped if isinstance(part, Spliced)])
+
+
 class Link:
     """Frames in and out of a transport. ``on_frame`` and ``on_close`` run on the reader thread."""
 

@@ -26,13 +26,14 @@ from .errors import (
     InternalError,
     ProtocolError,
     RemoteError,
+    ResultTooLarge,
     UnknownMethod,
     Unreachable,
     remote_os_error,
 )
 from .link import Link, Part
 from .routing import RouteTable
-from .streams import DEFAULT_WINDOW, Stream, StreamKey
+from .streams import DEFAULT_WINDOW, MAX_WINDOW, Stream, StreamKey
 from .transports.base import Transport
 from .waiting import Flag, Gate, wait_on
 from .workers import WorkerPool
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remowt.router")
 HANDSHAKE_TIMEOUT = 30.0
+MAX_STREAMS = 4096  # streams the nodes over one link may have opened here at a time
+MAX_UNACCEPTED = DEFAULT_WINDOW  # bytes they may send on those of their streams nobody here accepted (yet)
+MAX_FAIL_TEXT = 16 * 1024  # a failure's message and file name are cut to this many characters
 
 
 class Pending:
@@ -110,6 +114,21 @@ class Pending:
         return True
 
 
+class PeerBudget:
+    """What the nodes over one link hold here: streams they opened, bytes on those nobody accepted yet.
+
+    ``peer`` is the neighbour on the link: its own excess is a protocol error on the link; the excess of a
+    node behind it costs only that stream (one bad plugin must not cut the user off from its agent).
+    """
+
+    __slots__ = ("peer", "streams", "unaccepted")
+
+    def __init__(self, peer: Optional[str]) -> None:
+        self.peer = peer
+        self.streams = 0
+        self.unaccepted = 0
+
+
 class _Service:
     """A registered service: its methods by number, bound to the implementation."""
 
@@ -123,6 +142,8 @@ class Router:
 
     def __init__(self, address: str, *, max_workers: int = 64, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
         self.address = wire.check_address(address)
+        if max_frame < wire.MIN_MAX_FRAME:
+            raise ValueError(f"max_frame must be at least {wire.MIN_MAX_FRAME} bytes, got {max_frame}")
         self.max_frame = max_frame
         self._lock = threading.Lock()
         self._routes: RouteTable[Link] = RouteTable(self.address)
@@ -133,6 +154,7 @@ class Router:
         self._call_ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._streams: Dict[StreamKey, Stream] = {}
+        self._budgets: Dict[Link, PeerBudget] = {}
         self._services: Dict[int, _Service] = {}
         self._link_closed_hooks: List[Callable[[Link, Optional[BaseException]], None]] = []
         self._routes_changed = Gate()
@@ -234,7 +256,12 @@ class Router:
             call_id = next(self._call_ids)
             pending = Pending(dst, link, self, call_id)
             self._pending[call_id] = pending
-        link.send(wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args))))
+        frame = wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args)))
+        if len(frame) > link.peer_max_frame + wire.HEADER.size:
+            with self._lock:
+                self._pending.pop(call_id, None)
+            raise wire.too_large(frame, link.peer_max_frame, f"the call of ns {ns} method {method} at {dst}")
+        link.send(frame)
         if link.closed:
             self._fail_pending(lambda p: p is pending, f"link to {dst} closed")
         return pending
@@ -264,7 +291,10 @@ class Router:
         """Send a one-way call; raises ``Unreachable`` if there is no route."""
         with self._lock:
             link = self._route_locked(dst)
-        link.send(wire.encode(wire.Notify(self.address, dst, ns, method, msgspec.Raw(args))))
+        frame = wire.encode(wire.Notify(self.address, dst, ns, method, msgspec.Raw(args)))
+        if len(frame) > link.peer_max_frame + wire.HEADER.size:
+            raise wire.too_large(frame, link.peer_max_frame, f"the notification of ns {ns} method {method} at {dst}")
+        link.send(frame)
 
     def send_routed(self, dst: str, *parts: Part) -> bool:
         """Send an encoded frame (in one or more parts, see :meth:`Link.send`) towards ``dst``; False if no route."""
@@ -299,6 +329,8 @@ class Router:
 
         ``one_way``: only this side writes; the peer accepts it with :meth:`Stream.receive_only`.
         """
+        if not 0 < window <= MAX_WINDOW:
+            raise ValueError(f"a stream's window must be 1 to {MAX_WINDOW} bytes, got {window}")
         with self._lock:
             link = self._route_locked(dst)
             stream = Stream(self, dst, self.address, next(self._stream_ids), window, one_way)
@@ -310,14 +342,52 @@ class Router:
         """The local end of stream ``sid`` that ``src`` opened."""
         with self._lock:
             stream = self._streams.get((src, sid))
+            if stream is not None and not stream.accepted:
+                stream.accepted = True
+                self._release_unaccepted_locked(stream)
         if stream is None:  # never opened, or already reset: its opener gave up on it (an interrupt, say)
             raise BrokenPipeError(errno.EPIPE, f"stream {sid} from {src} is not open here")
         return stream
 
+    def hold_unaccepted(self, stream: Stream, size: int) -> bool:
+        """Charge ``size`` bytes that arrived on ``stream`` before anyone accepted it to its link, within a bound.
+
+        False when the stream was refused for it (its bytes are to be dropped).
+        """
+        with self._lock:
+            budget = stream.budget
+            if stream.accepted or budget is None or self._streams.get(stream.key) is not stream:
+                return True
+            fits = budget.unaccepted + size <= MAX_UNACCEPTED
+            if fits:
+                budget.unaccepted += size
+                stream.charged += size
+            elif stream.peer != budget.peer:
+                self._drop_stream_locked(stream)
+        if not fits:
+            self._refuse_stream(
+                budget,
+                stream.peer,
+                stream.sid,
+                f"sent more than {MAX_UNACCEPTED} bytes on streams nobody here accepted",
+            )
+        return fits
+
+    def _release_unaccepted_locked(self, stream: Stream) -> None:
+        if stream.charged and stream.budget is not None:
+            stream.budget.unaccepted -= stream.charged
+            stream.charged = 0
+
     def forget_stream(self, stream: Stream) -> None:
         with self._lock:
             if self._streams.get(stream.key) is stream:
-                del self._streams[stream.key]
+                self._drop_stream_locked(stream)
+
+    def _drop_stream_locked(self, stream: Stream) -> None:
+        del self._streams[stream.key]
+        self._release_unaccepted_locked(stream)
+        if stream.budget is not None:
+            stream.budget.streams -= 1
 
     def stream_count(self) -> int:
         with self._lock:
@@ -344,7 +414,7 @@ class Router:
         elif isinstance(message, (wire.Reply, wire.Fail)):
             self._on_answer(link, message)
         else:
-            self._on_stream_message(message)
+            self._on_stream_message(link, message)
 
     def _arrived_from(self, link: Link, src: str) -> bool:
         """Messages from ``src`` must come over the link we would send to ``src`` on."""
@@ -365,6 +435,8 @@ class Router:
         with self._lock:
             if peer == self.address or peer in self._routes.reachable():
                 raise ProtocolError(f"peer address {peer!r} is already taken")
+            if message.max_frame < wire.MIN_MAX_FRAME:
+                raise ProtocolError(f"{peer} takes frames of at most {message.max_frame} bytes: too few to talk")
             link.peer = peer
             link.peer_max_frame = message.max_frame
             self._routes.link_up(link, peer)
@@ -396,13 +468,25 @@ class Router:
     def _forward(self, link: Link, message: wire.Routed, body: wire.Item) -> None:
         with self._lock:
             out = self._routes.next_hop(message.dst)
-        if out is not None and out is not link:
-            if isinstance(body, wire.Data):  # a piece of a payload the link read apart from its frame
-                out.send(*wire.data_frame(body))
-            else:
-                out.send(wire.HEADER.pack(len(body)), body)
-        elif isinstance(message, wire.Call):
-            self._fail_call(message, Unreachable(f"{self.address} has no route to {message.dst!r}"))
+        if out is None or out is link:
+            why = f"{self.address} has no route to {message.dst!r}"
+        elif isinstance(body, wire.Data):  # a piece of a payload the link read apart from its frame
+            out.send(*wire.data_frame(body))
+            return
+        elif len(body) <= out.peer_max_frame:
+            out.send(wire.HEADER.pack(len(body)), body)
+            return
+        else:
+            why = f"{self.address} cannot pass on {len(body)} bytes: {message.dst} takes at most {out.peer_max_frame}"
+        self._not_forwarded(message, why)
+
+    def _not_forwarded(self, message: wire.Routed, why: str) -> None:
+        """Tell the sender of a message that could not be passed on (a call's caller, a stream's other end)."""
+        if isinstance(message, wire.Call):
+            self._fail_call(message, Unreachable(why))
+        elif isinstance(message, wire.Reply) or (isinstance(message, wire.Fail) and message.kind != "unreachable"):
+            fail = wire.Fail(message.id, self.address, message.dst, "unreachable", why)
+            self.send_routed(message.dst, wire.encode(fail))
         elif isinstance(message, (wire.Open, wire.Data, wire.Eof)):
             reset = wire.Reset(
                 self.address, message.src, message.sid, not getattr(message, "from_opener", True), "unreachable"
@@ -429,8 +513,16 @@ class Router:
         except BaseException as e:  # every failure becomes a reply; nothing escapes
             self._fail_call(message, e)
             return
-        reply = wire.Reply(message.id, self.address, message.src, msgspec.Raw(encoded))
-        self.send_routed(message.src, wire.encode(reply))
+        reply = wire.encode(wire.Reply(message.id, self.address, message.src, msgspec.Raw(encoded)))
+        with self._lock:
+            link = self._routes.next_hop(message.src)
+        if link is None:
+            return
+        if len(reply) > link.peer_max_frame + wire.HEADER.size:
+            error = wire.too_large(reply, link.peer_max_frame, f"the result of {spec.name}")
+            self._fail_call(message, ResultTooLarge(str(error)))
+            return
+        link.send(reply)
 
     def _on_notify(self, message: wire.Notify) -> None:
         service = self._services.get(message.ns)
@@ -469,18 +561,18 @@ class Router:
                 self.address,
                 message.src,
                 "os-error",
-                error.strerror or str(error),
+                _clip(error.strerror or str(error)),
                 error.errno,
-                None if error.filename is None else str(error.filename),
+                None if error.filename is None else _clip(str(error.filename)),
             )
         elif isinstance(error, RemoteError):
-            fail = wire.Fail(message.id, self.address, message.src, error.kind, error.message)
+            fail = wire.Fail(message.id, self.address, message.src, error.kind, _clip(error.message))
         elif isinstance(error, Unreachable):
-            fail = wire.Fail(message.id, self.address, message.src, "unreachable", str(error))
+            fail = wire.Fail(message.id, self.address, message.src, "unreachable", _clip(str(error)))
         else:
             log.exception("call to ns %d method %d failed", message.ns, message.method, exc_info=error)
             fail = wire.Fail(
-                message.id, self.address, message.src, InternalError.kind, f"{type(error).__name__}: {error}"
+                message.id, self.address, message.src, InternalError.kind, _clip(f"{type(error).__name__}: {error}")
             )
         self.send_routed(message.src, wire.encode(fail))
 
@@ -501,36 +593,73 @@ class Router:
             error = _error_from_fail(message)
             link.defer(lambda: pending.resolve(None, error))
 
-    def _on_stream_message(self, message: wire.Message) -> None:
+    def _on_stream_message(self, link: Link, message: wire.Message) -> None:
         assert isinstance(message, (wire.Open, wire.Data, wire.Credit, wire.Eof, wire.Reset))
         if isinstance(message, wire.Open):
-            with self._lock:
-                key = (message.src, message.sid)
-                if key not in self._streams:
-                    self._streams[key] = Stream(self, message.src, message.src, message.sid, message.window)
+            self._on_open(link, message)
             return
         opener = message.src if message.from_opener else self.address
         with self._lock:
             stream = self._streams.get((opener, message.sid))
-        if stream is None:
+        if stream is None or stream.peer != message.src:  # only the stream's other end may speak on it
             if isinstance(message, (wire.Data, wire.Eof)):
                 reset = wire.Reset(self.address, message.src, message.sid, not message.from_opener, "no such stream")
                 self.send_routed(message.src, wire.encode(reset))
         elif isinstance(message, wire.Data):
-            stream.on_data(message.data)
+            try:
+                stream.on_data(message.data)
+            except ProtocolError as e:
+                self._broken_stream(link, stream, e)
         elif isinstance(message, wire.Credit):
-            stream.on_credit(message.amount)
+            try:
+                stream.on_credit(message.amount)
+            except ProtocolError as e:
+                self._broken_stream(link, stream, e)
         elif isinstance(message, wire.Eof):
             stream.on_eof()
         else:
             self.forget_stream(stream)
             stream.on_reset(message.reason)
 
+    def _broken_stream(self, link: Link, stream: Stream, error: ProtocolError) -> None:
+        """The neighbour broke the protocol on ``stream``: its link ends; a node behind it: that stream is reset."""
+        if stream.peer == link.peer:
+            raise error
+        self.forget_stream(stream)
+        stream.abort(error)
+
+    def _on_open(self, link: Link, message: wire.Open) -> None:
+        src = message.src
+        with self._lock:
+            key = (src, message.sid)
+            if key in self._streams:
+                return
+            budget = self._budgets.get(link)
+            if budget is None:
+                budget = self._budgets[link] = PeerBudget(link.peer)
+            if message.window > MAX_WINDOW:
+                why = f"opened a stream with a window of {message.window} bytes (at most {MAX_WINDOW})"
+            elif budget.streams >= MAX_STREAMS:
+                why = f"opened more than {MAX_STREAMS} streams at once (with the nodes behind {budget.peer})"
+            else:
+                budget.streams += 1
+                stream = self._streams[key] = Stream(self, src, src, message.sid, message.window)
+                stream.budget = budget
+                return
+        self._refuse_stream(budget, src, message.sid, why)
+
+    def _refuse_stream(self, budget: PeerBudget, src: str, sid: int, why: str) -> None:
+        """A ProtocolError if the neighbour itself did wrong; else the stream of the node behind it is reset."""
+        if src == budget.peer:
+            raise ProtocolError(f"{src} {why}")
+        self.send_routed(src, wire.encode(wire.Reset(self.address, src, sid, False, why)))
+
     def _on_link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         with self._lock:
             if link in self._links:
                 self._links.remove(link)
             self._announced.pop(link, None)
+            self._budgets.pop(link, None)
             lost = self._routes.link_down(link)
             self._announce_locked()
             ready = self._handshakes.pop(link, None)
@@ -553,7 +682,7 @@ class Router:
             self._lost |= lost
             gone = [s for s in self._streams.values() if s.peer in lost]
             for stream in gone:
-                del self._streams[stream.key]
+                self._drop_stream_locked(stream)
         for stream in gone:
             stream.lost()
 
@@ -591,3 +720,8 @@ def _error_from_fail(message: wire.Fail) -> BaseException:
     if message.kind == "unreachable":
         return Unreachable(message.message)
     return REMOTE_ERRORS.get(message.kind, RemoteError)(f"{message.src}: {message.message}")
+
+
+def _clip(text: str) -> str:
+    """``text``, cut to :data:`MAX_FAIL_TEXT` characters (a failure must fit in any peer's frame)."""
+    return text if len(text) <= MAX_FAIL_TEXT else text[:MAX_FAIL_TEXT] + "..."

@@ -73,10 +73,18 @@ class MethodSpec:
         self._result: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(hints["return"])
 
     def decode_args(self, raw: bytes) -> Tuple[Any, ...]:
-        return self._args.decode(raw)
+        """The argument tuple; ``msgspec.ValidationError`` (or ``DecodeError``) when ``raw`` does not fit."""
+        try:
+            return self._args.decode(raw)
+        except RecursionError:
+            raise msgspec.ValidationError("the arguments are nested too deeply") from None
 
     def decode_result(self, raw: bytes) -> Any:
-        return self._result.decode(raw)
+        """The result; ``msgspec.ValidationError`` when ``raw`` does not fit."""
+        try:
+            return self._result.decode(raw)
+        except RecursionError:
+            raise msgspec.ValidationError("the result is nested too deeply") from None
 
     def encode_args(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
         if len(args) > len(self.params):

@@ -20,9 +20,10 @@ from .link import Spliced
 from .waiting import Gate, wait_on
 
 if TYPE_CHECKING:
-    from .router import Router
+    from .router import PeerBudget, Router
 
 DEFAULT_WINDOW = 4 * 1024 * 1024
+MAX_WINDOW = 16 * 1024 * 1024  # the most a peer may ask a stream's receiver to hold
 MAX_CHUNK = 256 * 1024
 StreamKey = Tuple[str, int]
 Buffer = Union[bytes, bytearray, memoryview]
@@ -49,6 +50,11 @@ class Stream:
         self.sid = sid
         self.window = window
         self._from_opener = opener == router.address
+        # A stream the peer opened is accepted once local code asks for it (Router.accept_stream); until then
+        # what arrives on it is charged to the budget of the link it came over (see Router.hold_unaccepted).
+        self.accepted = self._from_opener
+        self.charged = 0
+        self.budget: Optional[PeerBudget] = None
         self._lock = threading.Lock()
         self._gate = Gate()  # readers and writers waiting for data, credit or the end
         self._chunks: Deque[Chunk] = collections.deque()
@@ -298,6 +304,8 @@ class Stream:
     # --- events from the router (reader thread) -------------------------
 
     def on_data(self, data: Chunk) -> None:
+        if not self.accepted and not self.router.hold_unaccepted(self, len(data)):
+            return
         if isinstance(data, memoryview) and memoryview(data.obj).nbytes > 2 * data.nbytes:
             data = bytes(data)  # a view must not keep a much bigger buffer alive
         with self._lock:
@@ -321,6 +329,8 @@ class Stream:
 
     def on_credit(self, amount: int) -> None:
         with self._lock:
+            if self._credit + amount > self.window:
+                raise ProtocolError(f"{self.peer} returned credit beyond the window of {self!r}")
             self._credit += amount
             self._gate.open()
             callback = self._take_writable_callback()
@@ -341,6 +351,11 @@ class Stream:
         if callback is not None:
             callback()
         self._maybe_end_listener()
+
+    def abort(self, error: ProtocolError) -> None:
+        """The peer broke the protocol on this stream: fail it here, reset it there."""
+        self.fail(error)
+        self._send(wire.Reset(self.router.address, self.peer, self.sid, self._from_opener, str(error)))
 
     def lost(self) -> None:
         self.fail(ConnectionLost(f"connection to {self.peer} lost"))

@@ -12,10 +12,12 @@ from typing import Annotated, List, Optional, Tuple, Union
 
 import msgspec
 
-from .errors import ProtocolError
+from .errors import MessageTooLarge, ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+# A peer must take at least this (a Data frame of a whole 1 MiB pipe, a spawn with a long command line).
+MIN_MAX_FRAME = 2 * 1024 * 1024
 HEADER = struct.Struct(">I")
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -230,6 +232,15 @@ def decode(body: Body) -> Message:
         raise ProtocolError(f"malformed message: {e}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"frame body is not valid msgpack: {e}") from None
+    except RecursionError:
+        raise ProtocolError("frame body is nested too deeply") from None
+
+
+def too_large(frame: bytearray, limit: int, what: str) -> MessageTooLarge:
+    """The error for an encoded ``frame`` (header included) that is over the peer's ``limit``."""
+    size = len(frame) - HEADER.size
+    message = f"{what} is {size} bytes encoded, more than the peer's frame limit of {limit} bytes"
+    return MessageTooLarge(message, size=size, limit=limit)
 
 
 class FrameReader:
