@@ -104,7 +104,7 @@ class Remowt:
         self._processes: Dict[int, RemoteProcess] = {}
         self._closed = False
         self._popen_class: Optional[Type[_popen.Popen]] = None
-        self._fd_writers: Dict[Tuple[int, int, int], FdWriter] = {}
+        self._fd_writers: Dict[int, FdWriter] = {}
         self._releases: List[Tuple[str, int]] = []  # exited children (agent, handle) the agents may forget
         self._control = proxy(ControlApi, router, self.agent, call_timeout)
         self._subprocess = proxy(SubprocessApi, router, self.agent, call_timeout)
@@ -186,12 +186,10 @@ class Remowt:
 
     def fd_writer(self, fd: int) -> FdWriter:
         """The writer that copies children's output to local fd ``fd`` (for inherited stdio)."""
-        status = os.fstat(fd)
-        key = (fd, status.st_dev, status.st_ino)  # a number reused for another file gets a writer of its own
         with self._lock:
-            writer = self._fd_writers.get(key)
+            writer = self._fd_writers.get(fd)
             if writer is None:
-                writer = self._fd_writers[key] = FdWriter(fd)
+                writer = self._fd_writers[fd] = FdWriter(fd)
             return writer
 
     def cmd(self, program: str) -> Command:

@@ -342,8 +342,9 @@ class FdToStream:
 class FdSink:
     """One child output's bytes on their way to a local fd, through its :class:`FdWriter`.
 
-    It writes to its writer's copy of the fd, so the caller may close theirs
-    (or reuse the number) as a local child's parent may. Its stream comes
+    It writes to its own copy of the fd, so the caller may close theirs (or
+    reuse the number) as a local child's parent may; the copy is taken by
+    :meth:`open` once the sink is registered, so an interrupt cannot lose it. Its stream comes
     later (:meth:`FdWriter.attach`), or never when the child writes nothing:
     then :meth:`close` alone ends it. ``done`` is set once every byte was
     written, or the output failed; ``error`` then says how:
@@ -355,12 +356,16 @@ class FdSink:
     def __init__(self, writer: FdWriter, name: str) -> None:
         self.name = name
         self.stream: Optional[Stream] = None
-        self.fd = writer.copy
+        self.fd = -1
         self.done = Flag()
         self.error: Optional[OSError] = None
         self._writer = writer
         self._lock = threading.Lock()
         self._released = False
+
+    def open(self) -> None:
+        """Take the copy of the writer's fd (after the caller registered the sink, to close it on failure)."""
+        self.fd = os.dup(self._writer.fd)
 
     def take(self, stream: Stream) -> bool:
         """Adopt ``stream``; False if the sink was closed already."""
@@ -381,7 +386,7 @@ class FdSink:
             self._writer.end(self)
 
     def release(self) -> None:
-        """Close the stream, if any (once): nothing more is written."""
+        """Close the stream, if any, and the fd copy (once): nothing more is written."""
         with self._lock:
             if self._released:
                 return
@@ -389,6 +394,8 @@ class FdSink:
             stream = self.stream
         if stream is not None:
             stream.close()
+        if self.fd >= 0:
+            os.close(self.fd)
         self.done.set()
 
     def ending(self) -> None:
@@ -399,7 +406,7 @@ class FdSink:
             self._fail(ConnectionLost(f"{where}, was cut off before its end: {stream.error}"))
 
     def write(self, data: Chunk) -> None:
-        """Write ``data`` to the fd (on the writer's thread); a failure resets the stream."""
+        """Write ``data`` to the fd (on the writer's thread); a failure resets the stream and releases the fd."""
         if self._released:
             return
         assert self.stream is not None
@@ -436,9 +443,6 @@ class FdWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        # One copy for every sink, taken once: a dup per child would be lost to an interrupt striking
-        # between the dup and its bookkeeping (a signal handler in the main thread may run there).
-        self.copy = os.dup(fd)
         self._lock = threading.Lock()
         self._gate = Gate()
         self._queue: Deque[Tuple[FdSink, Chunk]] = collections.deque()
@@ -446,7 +450,7 @@ class FdWriter:
         self._closed = False
 
     def sink(self, name: str) -> FdSink:
-        """A sink for one output (``name``: "stdout" or "stderr")."""
+        """A sink for one output (``name``: "stdout" or "stderr"); :meth:`FdSink.open` takes its copy of the fd."""
         return FdSink(self, name)
 
     def attach(self, sink: FdSink, stream: Stream) -> None:
@@ -497,4 +501,3 @@ class FdWriter:
             self._gate.open()
         if thread is not None:
             thread.join()
-        os.close(self.copy)

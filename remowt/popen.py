@@ -9,6 +9,7 @@ subclass subprocess's so ``except subprocess.CalledProcessError`` still works.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import io
 import locale
@@ -244,7 +245,6 @@ class Popen:
         self._io_ended = Gate()  # a communicate thread ended
         self._io_running = 0
         self._io_error: Optional[BaseException] = None
-        self._writer: Optional[threading.Thread] = None
         self._abandoned = False  # given up on after a timeout: the agent did not confirm the kill
         _check_local_only(preexec_fn, close_fds, pass_fds, startupinfo, creationflags)
         if bufsize is None:
@@ -323,13 +323,18 @@ class Popen:
             raise
         self._process = process
         self.pid = process.pid
-        self._wire_stdio(process, choices, bufsize, line_buffering)
+        try:
+            self._wire_stdio(process, choices, bufsize, line_buffering)
+        except BaseException:  # an interrupt, say: end the child's pipes, or it waits for its input for good
+            process.close()
+            raise
 
     def _copy_output(self, name: str, fd: int) -> Callable[[Optional[Stream]], None]:
         """The handler of output ``name`` copied to local ``fd``: the stream is opened only when there is output."""
         writer = self.connection.fd_writer(fd)
         sink = writer.sink(name)
         self._sinks.append(sink)
+        sink.open()
 
         def opened(stream: Optional[Stream]) -> None:
             if stream is None:
@@ -492,8 +497,7 @@ class Popen:
         self._abandoned = True
         if self._process is not None:
             self._process.close()
-        if self._writer is not None:
-            self._writer.join(KILL_GRACE)  # it ends at once: its stream is closed
+        self._wait_io(Deadline(KILL_GRACE))  # the communicate threads end at once: their streams are closed
 
     # --- communicate -------------------------------------------------------
 
@@ -509,14 +513,9 @@ class Popen:
         if not self._communication_started:
             self._start_communication(input)
         self._communication_started = True
-        while True:
-            with self._io_lock:
-                if self._io_over():
-                    break
-                waiter = self._io_ended.enlist()
-            if not wait_on(waiter, deadline.left()) and not self._io_over():
-                assert timeout is not None
-                raise TimeoutExpired(self.args, timeout, output=self._partial("stdout"), stderr=self._partial("stderr"))
+        if not self._wait_io(deadline):
+            assert timeout is not None
+            raise TimeoutExpired(self.args, timeout, output=self._partial("stdout"), stderr=self._partial("stderr"))
         if self._io_error is not None:  # the first failure of a thread: the others may never end
             raise self._io_error
         stdout: Any = self._collected("stdout")
@@ -539,7 +538,7 @@ class Popen:
             if self.text_mode and data:
                 stdin: Any = self.stdin
                 data = data.encode(stdin.encoding, stdin.errors)
-            self._writer = self._start_io(self._write_input, data)
+            self._start_io(self._write_input, data)
         for name in ("stdout", "stderr"):
             handle = getattr(self, name)
             if handle is not None:
@@ -551,13 +550,27 @@ class Popen:
                 collected = self._collected_output[name] = io.BytesIO()
                 self._start_io(_read_all, binary, read, collected)
 
-    def _start_io(self, target: Callable[..., None], *args: Any) -> threading.Thread:
-        """Run ``target(*args)`` on a communicate thread; communicate() raises what it raises."""
+    def _start_io(self, target: Callable[..., None], *args: Any) -> None:
+        """Run ``target(*args)`` on a communicate thread; communicate() raises what it raises.
+
+        A plain ``_thread`` thread: ``threading.Thread.start`` interrupted at the
+        wrong moment leaves a thread that never runs listed as alive for good.
+        Counting it and starting it hold one lock with no call in between, so an
+        interrupt cannot separate them.
+        """
         with self._io_lock:
             self._io_running += 1
-        thread = threading.Thread(target=self._run_io, args=(target, *args), daemon=True)
-        thread.start()
-        return thread
+            _thread.start_new_thread(self._run_io, (target, *args))
+
+    def _wait_io(self, deadline: Deadline) -> bool:
+        """Wait until every communicate thread ended or one failed; False if ``deadline`` passed first."""
+        while True:
+            with self._io_lock:
+                if self._io_over():
+                    return True
+                waiter = self._io_ended.enlist()
+            if not wait_on(waiter, deadline.left()):
+                return self._io_over()
 
     def _io_over(self) -> bool:
         """Every communicate thread ended, or one failed."""

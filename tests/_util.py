@@ -82,6 +82,20 @@ def children_of(pid: int) -> Set[int]:
     return out
 
 
+def is_watchdog(pid: int) -> bool:
+    """Whether ``pid`` is an agent's watchdog (remowt.agent.watchdog), which lives as long as its agent."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"\0remowt-watchdog\0" in f.read()
+    except OSError:
+        return False
+
+
+def agent_children(pid: int) -> Set[int]:
+    """The children the agent ``pid`` spawned and still has (its watchdog aside)."""
+    return {child for child in children_of(pid) if not is_watchdog(child)}
+
+
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 

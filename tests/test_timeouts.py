@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type
 
 import paramiko
 import pytest
-from _util import children_of, wait_until
+from _util import agent_children, wait_until
 from sshd import SshServer
 from test_ssh import sshd_in_netns  # noqa: F401  (a fixture)
 
@@ -125,7 +125,7 @@ def _check_calls_time_out(conn: remowt.Remowt, agent: Stopped) -> None:
     agent.cont()
     conn.ping(timeout=10)  # late answers were dropped or acted on; the link serves
     assert wait_until(lambda: conn.router.pending_count() == 0, 10)
-    assert wait_until(lambda: not children_of(agent.pid), 10), "a child whose spawn timed out still runs"
+    assert wait_until(lambda: not agent_children(agent.pid), 10), "a child whose spawn timed out still runs"
     assert conn.run(["echo", "ok"], capture_output=True, timeout=10).stdout == b"ok\n"
 
 
@@ -150,7 +150,7 @@ def test_run_whose_agent_stops_during_the_run_times_out(local_agent: Tuple[remow
     assert time.monotonic() - started >= 1.0
     raises_within(1 + MARGIN, remowt.TimeoutExpired, lambda: conn.call(["sleep", "30"], timeout=1))  # the spawn
     agent.cont()
-    assert wait_until(lambda: not children_of(agent.pid), 10), "the child of a timed-out run was not killed"
+    assert wait_until(lambda: not agent_children(agent.pid), 10), "the child of a timed-out run was not killed"
     assert conn.run(["echo", "ok"], capture_output=True, timeout=10).stdout == b"ok\n"
     assert wait_until(lambda: conn.router.pending_count() == 0, 10)
 
