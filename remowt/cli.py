@@ -7,10 +7,11 @@ import os
 import signal
 import sys
 from types import FrameType
-from typing import List, Optional
+from typing import Dict, List, Mapping, Optional
 
 from . import client
 from .errors import RemowtError
+from .popen import DEVNULL, Popen
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -121,19 +122,76 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_attached(connection: client.Remowt, argv: List[str]) -> int:
-    """Run ``argv`` with this process's stdio wired through; return the shell-style exit status."""
-    with connection.Popen(argv) as process:
+class Interrupted(BaseException):
+    """The CLI was told to stop (SIGINT, SIGTERM or SIGHUP) with no child to pass it on to, or once too often."""
 
-        def forward(signum: int, frame: Optional[FrameType]) -> None:
-            process.send_signal(signum)
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
-        previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+
+class SignalForwarder:
+    """What SIGINT, SIGTERM and SIGHUP do to the CLI.
+
+    While the child runs, each is sent on to it (the CLI then exits with the
+    child's status: 128+N when the signal killed it). The third one ends the
+    CLI at once: the child is killed and the CLI exits 128+N. It takes three, not
+    two, because ``timeout`` and others signal the CLI and then its whole process
+    group, so one request can arrive twice. Before the child exists, or after it
+    exited, a signal ends the CLI at once (closing the connection kills the
+    child, if the spawn was already on its way).
+    """
+
+    ENOUGH = 3
+
+    def __init__(self) -> None:
+        self.process: Optional[Popen] = None
+        self.received = 0
+
+    def __enter__(self) -> SignalForwarder:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in FORWARDED_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.received += 1
+        process = self.process
+        if process is None:
+            raise Interrupted(signum)
+        if self.received >= self.ENOUGH:
+            self.process = None  # a further signal while the kill is on its way ends the CLI at once
+            process.kill()
+            raise Interrupted(signum)
+        process.send_signal(signum)
+
+
+def run_attached(connection: client.Remowt, argv: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
+    """Run ``argv`` with this process's stdio (or ``stdio``) wired through; return the shell-style exit status."""
+    process = connection.Popen(argv, stdin=stdio.get("stdin"), stdout=stdio.get("stdout"), stderr=stdio.get("stderr"))
+    signals.process = process
+    try:
+        return exit_status(process.wait())
+    finally:
+        signals.process = None
+
+
+def plug_closed_stdio() -> Dict[str, int]:
+    """Open /dev/null on each of fds 0, 1 and 2 that is closed; the child gets DEVNULL there.
+
+    Otherwise the next fd this process opens (an agent's pipe, the ssh socket)
+    would land there and be taken for its stdin, stdout or stderr.
+    """
+    stdio: Dict[str, int] = {}
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
         try:
-            return exit_status(process.wait())
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            stdio[name] = DEVNULL
+    return stdio
 
 
 def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser, after: Optional[List[str]]) -> List[str]:
@@ -169,16 +227,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.command == "bundle":
         sys.exit(_bundle_main(args))
     command = _argv(args, parser, after)
+    stdio = plug_closed_stdio()
+    with SignalForwarder() as signals:
+        sys.exit(_run(args, command, signals, stdio))
+
+
+def _run(args: argparse.Namespace, command: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
+    """Connect, run ``command`` and return the exit status; errors are told on stderr."""
     try:
         with _connection(args) as connection:
-            status = run_attached(connection, command)
+            return run_attached(connection, command, signals, stdio)
+    except Interrupted as e:
+        return 128 + e.signum
     except FileNotFoundError as e:
         print(f"remowt: {command[0]}: {e.strerror}", file=sys.stderr)
-        status = 127
+        return 127
     except PermissionError as e:
         print(f"remowt: {command[0]}: {e.strerror}", file=sys.stderr)
-        status = 126
+        return 126
     except RemowtError as e:
         print(f"remowt: {e}", file=sys.stderr)
-        status = 255
-    sys.exit(status)
+        return 255
