@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from typing import List
 
 import pytest
+from _util import kill_quietly, proc_gone
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -111,3 +113,44 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
     result = remowt("elsewhere", "--", "true")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr.decode()
+
+
+def test_timeout_leaves_no_child() -> None:
+    """``timeout`` signals the CLI (and then its process group): the child goes with it."""
+    command = ["timeout", "2", *REMOWT, "local", "--", "sh", "-c", "echo $$; exec sleep 100"]
+    result = subprocess.run(command, capture_output=True, timeout=25)
+    child = int(result.stdout)
+    try:
+        assert (result.returncode, result.stderr) == (124, b"")
+        assert proc_gone(child)
+    finally:
+        kill_quietly(child)
+
+
+CLOSING = {"stdin": "<&-", "stdout": ">&-", "stderr": "2>&-", "all": "<&- >&- 2>&-"}
+
+
+@pytest.mark.parametrize("closed", list(CLOSING))
+def test_closed_stdio_is_devnull_for_the_child(closed: str, tmp_path: os.PathLike[str]) -> None:
+    """A closed fd 0, 1 or 2 does not hang the CLI (no pipe of ours lands there); the child gets /dev/null."""
+    report = os.path.join(tmp_path, "report")
+    std = "$(readlink /proc/$$/fd/0 /proc/$$/fd/1 /proc/$$/fd/2)"
+    script = f"std={std}; cat; echo out; echo err >&2; echo $std >{report}; exit 3"
+    line = " ".join(shlex.quote(word) for word in [*REMOWT, "local", "--", "sh", "-c", script])
+    result = subprocess.run(["sh", "-c", f"exec {line} {CLOSING[closed]}"], capture_output=True, timeout=10)
+    assert result.returncode == 3
+    assert result.stdout == (b"" if closed in ("stdout", "all") else b"out\n")
+    assert result.stderr == (b"" if closed in ("stderr", "all") else b"err\n")
+    with open(report) as f:
+        targets = dict(zip(("stdin", "stdout", "stderr"), f.read().split()))
+    for name in list(targets) if closed == "all" else [closed]:
+        assert targets[name] == "/dev/null", targets
+
+
+def test_library_with_stdin_closed_does_not_read_the_agent_pipe() -> None:
+    """The local agent's pipes never land on fds 0-2, so a closed stdin is not mistaken for one of them."""
+    program = "import remowt; print(remowt.connect_local().run(['sh', '-c', 'cat; echo ran']).returncode)"
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$@" <&-', "sh", sys.executable, "-c", program], capture_output=True, timeout=10
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"ran\n0\n", b"")
