@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Optional
 
 from . import client
 from .errors import RemowtError
-from .popen import DEVNULL, Popen
+from .popen import CLOSED, Popen
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -179,7 +179,7 @@ def run_attached(connection: client.Remowt, argv: List[str], signals: SignalForw
 
 
 def plug_closed_stdio() -> Dict[str, int]:
-    """Open /dev/null on each of fds 0, 1 and 2 that is closed; the child gets DEVNULL there.
+    """Open /dev/null on each of fds 0, 1 and 2 that is closed; the child gets that one CLOSED.
 
     Otherwise the next fd this process opens (an agent's pipe, the ssh socket)
     would land there and be taken for its stdin, stdout or stderr.
@@ -190,7 +190,7 @@ def plug_closed_stdio() -> Dict[str, int]:
             os.fstat(fd)
         except OSError:
             os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
-            stdio[name] = DEVNULL
+            stdio[name] = CLOSED
     return stdio
 
 

@@ -37,6 +37,10 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pipe all the same, and the agent opens a one-way stream for it only once
     there is output, or the child exits with the pipe still open; it announces
     the stream with :meth:`ProcessEventsApi.output` before any of its data.
+
+    ``closed`` names stdio the child gets as if closed: /dev/null opened the
+    wrong way round, so every read (stdin) or write (stdout, stderr) fails with
+    ``EBADF`` as on a closed fd, and nothing the child opens lands there.
     """
 
     handle: int
@@ -59,6 +63,7 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keep_on_disconnect: bool = False
     lazy_stdout: bool = False
     lazy_stderr: bool = False
+    closed: List[str] = []
 
 
 class SubprocessApi(Service, namespace=10):
@@ -135,6 +140,19 @@ def _pump_in(stream: Stream, fd: int) -> None:
         stream.close()
 
 
+def _check_closed(spec: SpawnSpec) -> None:
+    """``spec.closed`` names stdio that nothing else in ``spec`` claims."""
+    claimed = {
+        "stdin": spec.stdin is not None,
+        "stdout": spec.stdout is not None or spec.lazy_stdout,
+        "stderr": spec.stderr is not None or spec.lazy_stderr or spec.stderr_to_stdout,
+    }
+    for name in spec.closed:
+        if claimed.get(name, True):
+            raise BadArguments(f"closed: {name!r} is not stdin, stdout or stderr, or was given another way too")
+        claimed[name] = True
+
+
 class Subprocesses(SubprocessApi):
     """The agent's implementation."""
 
@@ -159,6 +177,7 @@ class Subprocesses(SubprocessApi):
         owner = self._router.caller()
         if not spec.argv:
             raise BadArguments("argv must not be empty")
+        _check_closed(spec)
         key = (owner, spec.handle)
         with self._lock:
             if self._closed:
@@ -178,6 +197,8 @@ class Subprocesses(SubprocessApi):
         for name in [*streams, *lazy]:
             read_fd, write_fd = os.pipe()
             ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
+        for name in spec.closed:
+            theirs[name] = os.open(os.devnull, os.O_WRONLY if name == "stdin" else os.O_RDONLY)
         try:
             try:
                 process = LocalPopen(spec.argv, **self._popen_kwargs(spec, theirs))
