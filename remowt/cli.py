@@ -229,7 +229,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     command = _argv(args, parser, after)
     stdio = plug_closed_stdio()
     with SignalForwarder() as signals:
-        sys.exit(_run(args, command, signals, stdio))
+        try:
+            status = _run(args, command, signals, stdio)
+        except Interrupted as e:
+            status = 128 + e.signum
+    sys.exit(status)
 
 
 def _run(args: argparse.Namespace, command: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
@@ -237,8 +241,6 @@ def _run(args: argparse.Namespace, command: List[str], signals: SignalForwarder,
     try:
         with _connection(args) as connection:
             return run_attached(connection, command, signals, stdio)
-    except Interrupted as e:
-        return 128 + e.signum
     except FileNotFoundError as e:
         print(f"remowt: {command[0]}: {e.strerror}", file=sys.stderr)
         return 127

@@ -112,7 +112,7 @@ Choice = Union[int, PipeEnd]
 
 
 def _resolve_stdio(name: str, value: Any) -> Choice:
-    """What one stdio argument means here: PIPE, DEVNULL, STDOUT, a local fd, or another child's pipe.
+    """What one stdio argument means here: PIPE, DEVNULL, STDOUT, CLOSED, a local fd, or another child's pipe.
 
     A local fd is checked to be open (``OSError`` EBADF, as subprocess raises);
     an inherited one that is closed becomes CLOSED, stdin that is /dev/null

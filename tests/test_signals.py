@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = ["sh", "-c", "echo $$; exec sleep 100"]
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TRIES = 50
-AT_ONCE = 5
+AT_ONCE = 3
 
 
 @pytest.fixture(params=["loopback", "local", "ssh"])

@@ -192,7 +192,6 @@ class ChildTransport(FdTransport):
         write_fd = dup_above_stdio(process.stdin.fileno())
         process.stdout.close()
         process.stdin.close()
-        _move_stderr_above_stdio(process)
         super().__init__(read_fd, write_fd)
         self.process = process
         self.exit_timeout = exit_timeout
@@ -229,14 +228,6 @@ class ChildTransport(FdTransport):
             self.process.wait()
         if self._stderr_thread is not None:
             self._stderr_thread.join(timeout=self.exit_timeout)
-
-
-def _move_stderr_above_stdio(process: subprocess.Popen[bytes]) -> None:
-    """Renumber the pipe of the child's stderr if it landed on fd 0, 1 or 2 (see :func:`dup_above_stdio`)."""
-    stderr = process.stderr
-    if stderr is not None and stderr.fileno() <= 2:
-        process.stderr = os.fdopen(dup_above_stdio(stderr.fileno()), "rb", buffering=0)
-        stderr.close()
 
 
 def spawn_framed_child(
