@@ -442,6 +442,15 @@ class Popen:
         if self.returncode is None and self._process is not None:
             self._process.send_signal(sig)
 
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the child's process group, as a terminal signals its foreground job (remowt only).
+
+        The child leads a group of its own unless ``process_group`` put it in another.
+        """
+        self.poll()
+        if self.returncode is None and self._process is not None:
+            self._process.signal_group(sig)
+
     def terminate(self) -> None:
         self.send_signal(15)
 

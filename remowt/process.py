@@ -98,6 +98,11 @@ class RemoteProcess:
         if self.returncode is None:
             self._api.send_signal(self.handle, int(signum))
 
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to the child's process group (as a terminal does); nothing happens if it exited."""
+        if self.returncode is None:
+            self._api.signal_group(self.handle, int(signum))
+
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 

@@ -16,10 +16,10 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import pytest
-from _util import kill_quietly, proc_alive, proc_gone, wait_until
+from _util import children_of, kill_quietly, proc_alive, proc_gone, wait_until
 from sshd import SshServer
 
 import remowt
@@ -175,6 +175,30 @@ def test_cli_child_that_ignores_signals_is_killed_by_the_third() -> None:
     finally:
         kill_quietly(child)
         kill_quietly(cli.pid)
+        cli.wait()
+
+
+@pytest.mark.timeout(30)
+def test_cli_signals_the_childs_process_group() -> None:
+    """As a terminal does: a shell waiting for ``sleep`` would otherwise wait 100 s before it dies of the SIGINT."""
+    cli = subprocess.Popen(
+        ["remowt", "local", "--", "sh", "-c", "echo $$; sleep 100; echo after"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        process_group=0,
+    )
+    assert cli.stdout is not None
+    shell = int(cli.stdout.readline())
+    sleeps: Set[int] = set()
+    try:
+        assert wait_until(lambda: bool(sleeps.update(children_of(shell)) or sleeps), 10)
+        os.kill(cli.pid, signal.SIGINT)
+        assert cli.wait(timeout=1) == 128 + signal.SIGINT
+        assert cli.stdout.read() == b""
+        assert proc_gone(shell) and all(proc_gone(pid) for pid in sleeps)
+    finally:
+        for pid in (shell, *sleeps, cli.pid):
+            kill_quietly(pid)
         cli.wait()
 
 

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -94,6 +94,11 @@ class SubprocessApi(Service, namespace=10):
         """Forget an exited child."""
         raise NotImplementedError
 
+    @rpc(6, inline=True)
+    def signal_group(self, handle: int, signum: int) -> bool:
+        """Signal the child's process group, as a terminal signals its job; False if the child had exited."""
+        raise NotImplementedError
+
 
 class ProcessEventsApi(Service, namespace=11):
     """Served by whoever spawns children: exits are pushed here."""
@@ -151,6 +156,15 @@ def _check_closed(spec: SpawnSpec) -> None:
         if claimed.get(name, True):
             raise BadArguments(f"closed: {name!r} is not stdin, stdout or stderr, or was given another way too")
         claimed[name] = True
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process group of ``process``; only ``process`` if it shares the agent's own group."""
+    group = os.getpgid(process.pid)
+    if group == os.getpgrp():
+        process.send_signal(sig)
+    else:
+        os.killpg(group, sig)
 
 
 class Subprocesses(SubprocessApi):
@@ -300,6 +314,13 @@ class Subprocesses(SubprocessApi):
         return self._child(handle).returncode
 
     def send_signal(self, handle: int, signum: int) -> bool:
+        return self._signal(handle, signum, lambda process, sig: process.send_signal(sig))
+
+    def signal_group(self, handle: int, signum: int) -> bool:
+        return self._signal(handle, signum, _signal_group)
+
+    def _signal(self, handle: int, signum: int, send: Callable[[subprocess.Popen[bytes], int], None]) -> bool:
+        """``send`` the signal about the child unless it exited (its pid is not reaped meanwhile)."""
         try:
             sig = signal.Signals(signum)
         except ValueError:
@@ -309,7 +330,7 @@ class Subprocesses(SubprocessApi):
             if child.returncode is not None:
                 return False
             try:
-                child.process.send_signal(sig)
+                send(child.process, sig)
             except ProcessLookupError:
                 return False
         return True
