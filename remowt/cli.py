@@ -231,7 +231,8 @@ class SignalForwarder:
             process = self.process
             if process is None:
                 return None if starting else self._signals[0]
-            process.signal_group(self._signals.pop(0))
+            with contextlib.suppress(RemowtError):  # a lost connection is the work's to tell
+                process.signal_group(self._signals.pop(0))
         return None
 
 

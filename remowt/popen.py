@@ -446,9 +446,10 @@ class Popen:
         """Send ``sig`` to the child's process group, as a terminal signals its foreground job (remowt only).
 
         The child leads a group of its own unless ``process_group`` put it in another.
+        Nothing happens once the child has exited (unlike :meth:`send_signal`, this
+        does not poll, so it may be called while another thread waits).
         """
-        self.poll()
-        if self.returncode is None and self._process is not None:
+        if self._process is not None:
             self._process.signal_group(sig)
 
     def terminate(self) -> None:

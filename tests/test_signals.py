@@ -74,6 +74,17 @@ def test_handler_terminates_the_child_during_wait(any_conn: remowt.Remowt) -> No
     assert any_conn.ping() < 5
 
 
+@pytest.mark.timeout(30)
+def test_signal_group_spares_the_agent(local_conn: remowt.Remowt) -> None:
+    """A child put in the agent's own process group gets the signal alone: the agent is not in its job."""
+    agent = local_conn.info().pid
+    assert os.getpgid(agent) == agent  # the local agent leads a session (and group) of its own
+    shell = local_conn.Popen(["sleep", "100"], process_group=agent)
+    shell.signal_group(signal.SIGTERM)
+    assert shell.wait(timeout=10) == -signal.SIGTERM
+    assert local_conn.ping() < 5
+
+
 # --- a library program interrupted: the connection still answers ---------------------
 
 
