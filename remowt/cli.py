@@ -6,13 +6,17 @@ import argparse
 import contextlib
 import errno
 import os
+import select
 import signal
 import sys
+import threading
 from types import FrameType
-from typing import List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 from . import client
 from .errors import ConnectionLost, RemowtError
+from .popen import CLOSED, Popen
+from .transports.stdio import pipe_above_stdio
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -123,23 +127,135 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_attached(connection: client.Remowt, argv: List[str]) -> int:
-    """Run ``argv`` with this process's stdio wired through; return the shell-style exit status."""
-    with connection.Popen(argv) as process:
+class Interrupted(BaseException):
+    """The third SIGINT, SIGTERM or SIGHUP: the CLI ends at once."""
 
-        def forward(signum: int, frame: Optional[FrameType]) -> None:
-            process.send_signal(signum)
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
-        previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+
+class SignalForwarder:
+    """What SIGINT, SIGTERM and SIGHUP do to the CLI.
+
+    The work (connect, start the child, wait, close) runs on a thread of its
+    own; the main thread waits in ``select`` on a pipe that both the work and
+    the signals (``signal.set_wakeup_fd``, whichever thread the kernel picked)
+    write to. The handlers only note the signal: they take no lock and call
+    nothing, so nothing is ever interrupted half-way. The main thread sends each
+    signal on to the child's process group, as a terminal sends it to its
+    foreground job (a shell running ``sleep`` waits for it before it dies of a
+    SIGINT), and the CLI exits with the child's status: 128+N when the signal
+    killed it. A signal that comes while the child is being started waits for
+    it (the child may already run, and print). One that comes while connecting,
+    or after the child exited, ends the CLI at once with 128+N: the connection
+    ends with this process, and the agent kills a child it had started.
+
+    The third signal ends the CLI at once too, after killing the child's group
+    (a fourth stops waiting for that). It takes three, not two, because
+    ``timeout`` and others signal the CLI and then its whole process group, so
+    one request can arrive twice.
+    """
+
+    ENOUGH = 3
+
+    def __init__(self) -> None:
+        self.process: Optional[Popen] = None
+        self.starting = False
+        self.received = 0
+        self._signals: List[int] = []
+        self._status: Optional[int] = None
+        self._error: Optional[BaseException] = None
+        self._wake_r, self._wake_w = pipe_above_stdio()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def __enter__(self) -> SignalForwarder:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in FORWARDED_SIGNALS}
+        self._previous_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.set_wakeup_fd(self._previous_wakeup)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.received += 1
+        if self.received >= self.ENOUGH:
+            raise Interrupted(signum)
+        self._signals.append(signum)
+
+    def wake(self) -> None:
+        """Look again: the child was started, or has exited (any thread)."""
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+            os.write(self._wake_w, b"w")
+
+    def run(self, work: Callable[[], int]) -> int:
+        """Run ``work`` on a thread and handle signals here meanwhile; its status, or 128+N if a signal ended it."""
+        threading.Thread(target=self._work, args=(work,), name="remowt-cli", daemon=True).start()
         try:
-            return exit_status(process.wait())
-        except ConnectionLost:
-            raise
-        except OSError as e:  # its output could not be written here, and it exited 0 regardless
-            return output_failed(e)
+            return self._serve()
+        except Interrupted as e:
+            process = self.process
+            if process is not None:
+                with contextlib.suppress(RemowtError):
+                    process.signal_group(signal.SIGKILL)
+            return 128 + e.signum
+
+    def _work(self, work: Callable[[], int]) -> None:
+        try:
+            self._status = work()
+        except BaseException as e:
+            self._error = e
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.wake()
+
+    def _serve(self) -> int:
+        while True:
+            select.select([self._wake_r], [], [])
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake_r, 512):
+                    pass
+            if self._error is not None:
+                raise self._error
+            if self._status is not None:
+                return self._status
+            ending = self._forward()
+            if ending is not None:
+                return 128 + ending
+
+    def _forward(self) -> Optional[int]:
+        """Send the signals noted on to the child; the one that ends the CLI (no child to send it to), if any."""
+        while self._signals:
+            starting = self.starting  # before the process: the work sets the process, then clears starting
+            process = self.process
+            if process is None:
+                return None if starting else self._signals[0]
+            with contextlib.suppress(RemowtError):  # a lost connection is the work's to tell
+                process.signal_group(self._signals.pop(0))
+        return None
+
+
+def run_attached(connection: client.Remowt, argv: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
+    """Run ``argv`` with this process's stdio (or ``stdio``) wired through; return the shell-style exit status."""
+    signals.starting = True
+    try:
+        signals.process = connection.Popen(
+            argv, stdin=stdio.get("stdin"), stdout=stdio.get("stdout"), stderr=stdio.get("stderr")
+        )
+    finally:
+        signals.starting = False
+        signals.wake()
+    try:
+        return exit_status(signals.process.wait())
+    except ConnectionLost:
+        raise
+    except OSError as e:  # its output could not be written here, and it exited 0 regardless
+        return output_failed(e)
+    finally:
+        signals.process = None
+        signals.wake()
 
 
 def output_failed(error: OSError) -> int:
@@ -153,6 +269,22 @@ def output_failed(error: OSError) -> int:
     with contextlib.suppress(OSError):  # stderr may be the file that failed
         print(f"remowt: {error.strerror}", file=sys.stderr)
     return 255
+
+
+def plug_closed_stdio() -> Dict[str, int]:
+    """Open /dev/null on each of fds 0, 1 and 2 that is closed; the child gets that one CLOSED.
+
+    Otherwise the next fd this process opens (an agent's pipe, the ssh socket)
+    would land there and be taken for its stdin, stdout or stderr.
+    """
+    stdio: Dict[str, int] = {}
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            stdio[name] = CLOSED
+    return stdio
 
 
 def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser, after: Optional[List[str]]) -> List[str]:
@@ -188,16 +320,26 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.command == "bundle":
         sys.exit(_bundle_main(args))
     command = _argv(args, parser, after)
+    stdio = plug_closed_stdio()
+    with SignalForwarder() as signals:
+        try:
+            status = signals.run(lambda: _run(args, command, signals, stdio))
+        except Interrupted as e:  # a fourth signal while the third's kill was on its way
+            status = 128 + e.signum
+    sys.exit(status)
+
+
+def _run(args: argparse.Namespace, command: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
+    """Connect, run ``command`` and return the exit status; errors are told on stderr."""
     try:
         with _connection(args) as connection:
-            status = run_attached(connection, command)
+            return run_attached(connection, command, signals, stdio)
     except FileNotFoundError as e:
         print(f"remowt: {command[0]}: {e.strerror}", file=sys.stderr)
-        status = 127
+        return 127
     except PermissionError as e:
         print(f"remowt: {command[0]}: {e.strerror}", file=sys.stderr)
-        status = 126
+        return 126
     except RemowtError as e:
         print(f"remowt: {e}", file=sys.stderr)
-        status = 255
-    sys.exit(status)
+        return 255

@@ -46,6 +46,8 @@ _SIGNAL = SubprocessApi.methods["send_signal"]
 PIPE = _popen.PIPE
 DEVNULL = _popen.DEVNULL
 STDOUT = _popen.STDOUT
+CLOSED = _popen.CLOSED
+STDIO = ("stdin", "stdout", "stderr")
 
 
 class _ProcessEvents(ProcessEventsApi):
@@ -224,8 +226,9 @@ class Remowt:
 
         ``env`` replaces the agent's environment (as in :mod:`subprocess`),
         ``extra_env`` extends it. Each of ``stdin``/``stdout``/``stderr`` is
-        ``PIPE`` (a :class:`~remowt.streams.Stream` on the result) or
-        ``DEVNULL``; ``stderr`` may also be ``STDOUT``. Each child gets its own
+        ``PIPE`` (a :class:`~remowt.streams.Stream` on the result),
+        ``DEVNULL`` or ``CLOSED`` (see :data:`remowt.popen.CLOSED`); ``stderr``
+        may also be ``STDOUT``. Each child gets its own
         process group unless ``start_new_session`` or ``process_group`` say
         otherwise; ``user``, ``group``, ``extra_groups``, ``umask`` and
         ``restore_signals`` are applied on the target as :mod:`subprocess`
@@ -246,9 +249,9 @@ class Remowt:
             raise ValueError("argv must not be empty")
         if env is not None and extra_env is not None:
             raise ValueError("give env (replace) or extra_env (extend), not both")
-        _check_mode("stdin", stdin, (PIPE, DEVNULL))
-        _check_mode("stdout", stdout, (PIPE, DEVNULL))
-        _check_mode("stderr", stderr, (PIPE, DEVNULL, STDOUT))
+        _check_mode("stdin", stdin, (PIPE, DEVNULL, CLOSED))
+        _check_mode("stdout", stdout, (PIPE, DEVNULL, CLOSED))
+        _check_mode("stderr", stderr, (PIPE, DEVNULL, STDOUT, CLOSED))
         lazy = dict(outputs or {})
         if not set(lazy) <= {"stdout", "stderr"}:
             raise ValueError(f"outputs may name stdout and stderr, got {sorted(lazy)}")
@@ -301,6 +304,7 @@ class Remowt:
                     keep_on_disconnect=keep_on_disconnect,
                     lazy_stdout="stdout" in lazy,
                     lazy_stderr="stderr" in lazy,
+                    closed=[name for name, mode in zip(STDIO, (stdin, stdout, stderr)) if mode == CLOSED],
                 )
                 try:
                     pending = self.router.call(
@@ -402,7 +406,7 @@ def _unsend(streams: List[Stream], mark: Dict[Link, int]) -> None:
 
 def _check_mode(name: str, mode: int, allowed: Sequence[int]) -> None:
     if mode not in allowed:
-        names = {PIPE: "PIPE", DEVNULL: "DEVNULL", STDOUT: "STDOUT"}
+        names = {PIPE: "PIPE", DEVNULL: "DEVNULL", STDOUT: "STDOUT", CLOSED: "CLOSED"}
         raise ValueError(f"{name} must be one of {', '.join(names[m] for m in allowed)}, got {mode!r}")
 
 

@@ -34,6 +34,11 @@ PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
 CompletedProcess = subprocess.CompletedProcess
+CLOSED = -4
+"""remowt's own stdio value: the child gets that fd as if closed (reads or writes fail with ``EBADF``).
+
+A closed fd 0, 1 or 2 of this process, inherited, is passed on so: subprocess's child would find it closed.
+"""
 INHERIT_GRACE = 2.0
 
 StrOrBytesPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -109,21 +114,23 @@ Choice = Union[int, PipeEnd]
 
 
 def _resolve_stdio(name: str, value: Any) -> Choice:
-    """What one stdio argument means here: PIPE, DEVNULL, STDOUT, a local fd, or another child's pipe.
+    """What one stdio argument means here: PIPE, DEVNULL, STDOUT, CLOSED, a local fd, or another child's pipe.
 
     A local fd is checked to be open (``OSError`` EBADF, as subprocess raises);
-    an inherited one that is closed, or stdin that is /dev/null, becomes
+    an inherited one that is closed becomes CLOSED, stdin that is /dev/null
     DEVNULL. Another remowt child's pipe comes back as its :class:`PipeEnd`,
     already held for the relay that will copy it.
     """
     if value is None:
         fd = _STD_FDS[name]
-        return DEVNULL if not _is_open(fd) or (name == "stdin" and is_devnull(fd)) else fd
+        if not _is_open(fd):
+            return CLOSED
+        return DEVNULL if name == "stdin" and is_devnull(fd) else fd
     if isinstance(value, int):
-        if value in (PIPE, DEVNULL) or (value == STDOUT and name == "stderr"):
+        if value in (PIPE, DEVNULL, CLOSED) or (value == STDOUT and name == "stderr"):
             return value
         if value < 0:
-            raise ValueError(f"{name}={value} is neither PIPE, DEVNULL, STDOUT nor a file descriptor")
+            raise ValueError(f"{name}={value} is neither PIPE, DEVNULL, STDOUT, CLOSED nor a file descriptor")
         fd = value
     else:
         pipe = remowt_pipe(value)
@@ -157,8 +164,8 @@ def _is_open(fd: int) -> bool:
 
 
 def _mode(choice: Choice) -> int:
-    """What the agent does with one stdio: DEVNULL, STDOUT, or a pipe to us."""
-    if isinstance(choice, int) and choice in (DEVNULL, STDOUT):
+    """What the agent does with one stdio: DEVNULL, STDOUT, CLOSED, or a pipe to us."""
+    if isinstance(choice, int) and choice in (DEVNULL, STDOUT, CLOSED):
         return choice
     return PIPE
 
@@ -293,7 +300,7 @@ class Popen:
                 name: self._copy_output(name, choice)
                 for name in ("stdout", "stderr")
                 for choice in (choices[name],)
-                if isinstance(choice, int) and choice not in (PIPE, DEVNULL, STDOUT)
+                if isinstance(choice, int) and choice not in (PIPE, DEVNULL, STDOUT, CLOSED)
             }
             process = conn.spawn(
                 argv,
@@ -471,6 +478,16 @@ class Popen:
         self.poll()
         if self.returncode is None and self._process is not None:
             self._process.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the child's process group, as a terminal signals its foreground job (remowt only).
+
+        The child leads a group of its own unless ``process_group`` put it in another.
+        Nothing happens once the child has exited (unlike :meth:`send_signal`, this
+        does not poll, so it may be called while another thread waits).
+        """
+        if self._process is not None:
+            self._process.signal_group(sig)
 
     def terminate(self) -> None:
         self.send_signal(15)

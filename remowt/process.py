@@ -105,6 +105,11 @@ class RemoteProcess:
             api = self._api if timeout is None else timed(self._api, timeout)
             api.send_signal(self.handle, int(signum))
 
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to the child's process group (as a terminal does); nothing happens if it exited."""
+        if self.returncode is None:
+            self._api.signal_group(self.handle, int(signum))
+
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 

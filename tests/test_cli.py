@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
-from typing import List
+from typing import List, Tuple
 
 import pytest
+from _util import kill_quietly, proc_gone
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -111,3 +113,56 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
     result = remowt("elsewhere", "--", "true")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr.decode()
+
+
+def test_timeout_leaves_no_child() -> None:
+    """``timeout`` signals the CLI (and then its process group): the child goes with it."""
+    command = ["timeout", "2", *REMOWT, "local", "--", "sh", "-c", "echo $$; exec sleep 100"]
+    result = subprocess.run(command, capture_output=True, timeout=25)
+    child = int(result.stdout)
+    try:
+        assert (result.returncode, result.stderr) == (124, b"")
+        assert proc_gone(child)
+    finally:
+        kill_quietly(child)
+
+
+CLOSING = {"stdin": "<&-", "stdout": ">&-", "stderr": "2>&-", "all": "<&- >&- 2>&-"}
+# Which of reading stdin, writing stdout and writing stderr failed ("1"), told in the file "report".
+PROBE = "cat >/dev/null 2>&1; r=$?; echo out; o=$?; echo err >&2; e=$?; echo $((r>0)) $((o>0)) $((e>0)) >report; exit 3"
+
+
+def probe(command: List[str], closing: str, directory: str) -> Tuple[int, bytes, bytes, str]:
+    """Run ``command`` + the probe in ``directory`` with stdio closed by ``closing``: its status, output and report."""
+    os.mkdir(directory)
+    line = " ".join(shlex.quote(word) for word in [*command, "sh", "-c", PROBE])
+    result = subprocess.run(
+        ["sh", "-c", f"exec {line} {closing}"], stdin=subprocess.DEVNULL, capture_output=True, cwd=directory, timeout=10
+    )
+    with open(os.path.join(directory, "report")) as f:
+        return result.returncode, result.stdout, result.stderr, f.read()
+
+
+@pytest.mark.parametrize("closed", list(CLOSING))
+def test_closed_stdio_is_closed_for_the_child(closed: str, tmp_path: os.PathLike[str]) -> None:
+    """A closed fd 0, 1 or 2 does not hang the CLI; reading or writing there fails for the child as for a local one."""
+    here = probe([], CLOSING[closed], os.path.join(tmp_path, "local"))
+    there = probe([*REMOWT, "local", "--"], CLOSING[closed], os.path.join(tmp_path, "remote"))
+    assert there == here
+
+
+def test_cat_with_stdin_closed() -> None:
+    """The issue's ``remowt local -- cat <&-``: cat fails to read (EBADF), as it does locally."""
+    line = " ".join(shlex.quote(word) for word in [*REMOWT, "local", "--", "cat"])
+    result = subprocess.run(["sh", "-c", f"exec {line} <&-"], capture_output=True, timeout=10)
+    assert (result.returncode, result.stdout) == (1, b"")
+    assert b"Bad file descriptor" in result.stderr
+
+
+def test_library_with_stdin_closed_does_not_read_the_agent_pipe() -> None:
+    """The local agent's pipes never land on fds 0-2: a closed stdin is not taken for one of them (it stays closed)."""
+    program = "import remowt; print(remowt.connect_local().run(['sh', '-c', 'cat; echo ran']).returncode)"
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$@" <&-', "sh", sys.executable, "-c", program], capture_output=True, timeout=10
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"ran\n0\n", b"cat: -: Bad file descriptor\n")

@@ -14,6 +14,7 @@ from remowt import wire
 from remowt.endpoints.control import Control, ControlApi
 from remowt.endpoints.subprocess import SubprocessApi
 from remowt.errors import BadArguments, InternalError, RemoteError, UnknownMethod
+from remowt.popen import CLOSED
 from remowt.router import Router
 from remowt.service import Service, proxy, rpc
 
@@ -280,3 +281,20 @@ def test_agent_refuses_bad_spawn_arguments(conn: remowt.Remowt) -> None:
     assert proc.stdout is not None
     assert proc.stdout.readall(timeout=10) == b"still here\n"
     assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.timeout(30)
+def test_closed_stdio(conn: remowt.Remowt) -> None:
+    """CLOSED: the child's fd is there, but reading or writing it fails with EBADF, as on a closed fd."""
+    script = "cat 2>&1; echo $?; echo x >&2 || echo stderr failed"
+    proc = conn.spawn(["sh", "-c", script], stdin=CLOSED, stdout=remowt.PIPE, stderr=CLOSED)
+    assert proc.stdout is not None
+    assert proc.stdout.readall(timeout=10) == b"cat: -: Bad file descriptor\n1\nstderr failed\n"
+    assert proc.wait(timeout=10) == 0
+    for closed in (["stdin", "stdin"], ["fd3"]):
+        spec = {"handle": 10**6, "argv": ["true"], "closed": closed}
+        with pytest.raises(BadArguments, match="closed"):
+            conn.router.call(conn.agent, SubprocessApi.namespace, 1, wire.encode_value([spec])).result(10)
+    with pytest.raises(ValueError, match="CLOSED"):
+        conn.spawn(["true"], stdin=remowt.STDOUT)
+    assert conn.ping() < 5

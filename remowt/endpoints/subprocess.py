@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -38,6 +38,10 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pipe all the same, and the agent opens a one-way stream for it only once
     there is output, or the child exits with the pipe still open; it announces
     the stream with :meth:`ProcessEventsApi.output` before any of its data.
+
+    ``closed`` names stdio the child gets as if closed: /dev/null opened the
+    wrong way round, so every read (stdin) or write (stdout, stderr) fails with
+    ``EBADF`` as on a closed fd, and nothing the child opens lands there.
     """
 
     handle: int
@@ -60,6 +64,7 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keep_on_disconnect: bool = False
     lazy_stdout: bool = False
     lazy_stderr: bool = False
+    closed: List[str] = []
 
 
 class SubprocessApi(Service, namespace=10):
@@ -88,6 +93,11 @@ class SubprocessApi(Service, namespace=10):
     @rpc(5, inline=True, oneway=True)
     def release(self, handle: int) -> None:
         """Forget an exited child."""
+        raise NotImplementedError
+
+    @rpc(6, inline=True)
+    def signal_group(self, handle: int, signum: int) -> bool:
+        """Signal the child's process group, as a terminal signals its job; False if the child had exited."""
         raise NotImplementedError
 
 
@@ -136,6 +146,28 @@ def _pump_in(stream: Stream, fd: int) -> None:
         stream.close()
 
 
+def _check_closed(spec: SpawnSpec) -> None:
+    """``spec.closed`` names stdio that nothing else in ``spec`` claims."""
+    claimed = {
+        "stdin": spec.stdin is not None,
+        "stdout": spec.stdout is not None or spec.lazy_stdout,
+        "stderr": spec.stderr is not None or spec.lazy_stderr or spec.stderr_to_stdout,
+    }
+    for name in spec.closed:
+        if claimed.get(name, True):
+            raise BadArguments(f"closed: {name!r} is not stdin, stdout or stderr, or was given another way too")
+        claimed[name] = True
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process group of ``process``; only ``process`` if it shares the agent's own group."""
+    group = os.getpgid(process.pid)
+    if group == os.getpgrp():
+        process.send_signal(sig)
+    else:
+        os.killpg(group, sig)
+
+
 class Subprocesses(SubprocessApi):
     """The agent's implementation. ``watchdog`` kills the children :meth:`kill_all` would if the agent dies first."""
 
@@ -161,6 +193,7 @@ class Subprocesses(SubprocessApi):
         owner = self._router.caller()
         if not spec.argv:
             raise BadArguments("argv must not be empty")
+        _check_closed(spec)
         key = (owner, spec.handle)
         with self._lock:
             if self._closed:
@@ -180,6 +213,8 @@ class Subprocesses(SubprocessApi):
         for name in [*streams, *lazy]:
             read_fd, write_fd = os.pipe()
             ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
+        for name in spec.closed:
+            theirs[name] = os.open(os.devnull, os.O_WRONLY if name == "stdin" else os.O_RDONLY)
         try:
             try:
                 process = LocalPopen(spec.argv, **self._popen_kwargs(spec, theirs))
@@ -283,6 +318,13 @@ class Subprocesses(SubprocessApi):
         return self._child(handle).returncode
 
     def send_signal(self, handle: int, signum: int) -> bool:
+        return self._signal(handle, signum, lambda process, sig: process.send_signal(sig))
+
+    def signal_group(self, handle: int, signum: int) -> bool:
+        return self._signal(handle, signum, _signal_group)
+
+    def _signal(self, handle: int, signum: int, send: Callable[[subprocess.Popen[bytes], int], None]) -> bool:
+        """``send`` the signal about the child unless it exited (its pid is not reaped meanwhile)."""
         try:
             sig = signal.Signals(signum)
         except ValueError:
@@ -292,7 +334,7 @@ class Subprocesses(SubprocessApi):
             if child.returncode is not None:
                 return False
             try:
-                child.process.send_signal(sig)
+                send(child.process, sig)
             except ProcessLookupError:
                 return False
         return True

@@ -16,7 +16,7 @@ import select
 import stat
 import subprocess
 import threading
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from .._real import Popen as LocalPopen
 from .base import Transport
@@ -26,6 +26,25 @@ IOV_MAX = 1024
 _splice: Optional[Callable[..., int]] = getattr(os, "splice", None)  # Linux, Python 3.10+
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 log = logging.getLogger("remowt.transport")
+
+
+def dup_above_stdio(fd: int) -> int:
+    """A close-on-exec copy of ``fd`` numbered above 2, so that it can never pass for stdin, stdout or stderr.
+
+    A process started with fd 0, 1 or 2 closed gets its next fds there: an
+    agent's pipe on fd 0 would be taken for the caller's stdin and copied to a child.
+    """
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+
+
+def pipe_above_stdio() -> Tuple[int, int]:
+    """``os.pipe()`` whose ends are numbered above 2."""
+    read_fd, write_fd = os.pipe()
+    try:
+        return dup_above_stdio(read_fd), dup_above_stdio(write_fd)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> None:
@@ -46,7 +65,7 @@ class FdTransport(Transport):
         self._wfd = write_fd
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = pipe_above_stdio()
         self._read_poller = select.poll()  # the link's reader is the only thread that waits to read
         self._read_poller.register(read_fd, select.POLLIN)
         self._read_poller.register(self._wake_r, select.POLLIN)
@@ -180,8 +199,8 @@ class ChildTransport(FdTransport):
 
     def __init__(self, process: subprocess.Popen[bytes], exit_timeout: float = 5.0) -> None:
         assert process.stdout is not None and process.stdin is not None
-        read_fd = os.dup(process.stdout.fileno())
-        write_fd = os.dup(process.stdin.fileno())
+        read_fd = dup_above_stdio(process.stdout.fileno())
+        write_fd = dup_above_stdio(process.stdin.fileno())
         process.stdout.close()
         process.stdin.close()
         super().__init__(read_fd, write_fd)
@@ -229,7 +248,12 @@ def spawn_framed_child(
     cwd: Optional[str] = None,
     capture_stderr: bool = True,
 ) -> ChildTransport:
-    """Start ``argv`` with framed stdio and return the transport that talks to it."""
+    """Start ``argv`` with framed stdio and return the transport that talks to it.
+
+    The child runs in a session of its own: a terminal's Ctrl-C (or hangup), sent
+    to the caller's whole process group, is for the caller to handle, not a way to
+    kill its link.
+    """
     process = LocalPopen(
         list(argv),
         stdin=subprocess.PIPE,
@@ -239,6 +263,7 @@ def spawn_framed_child(
         cwd=cwd,
         bufsize=0,
         close_fds=True,
+        start_new_session=True,
     )
     assert process.stdin is not None and process.stdout is not None
     enlarge_pipe(process.stdin.fileno())
