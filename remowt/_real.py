@@ -2,8 +2,26 @@
 
 remowt starts its own local processes (agents, children on the agent)
 through this, so patching ``subprocess`` never makes remowt call itself.
+A child starts with the signal mask of the thread that forked it, and
+remowt's threads block the asynchronous signals (:mod:`remowt.interrupts`):
+they are unblocked around the fork, so no child begins deaf to SIGTERM.
 """
 
-from subprocess import Popen
+import signal
+import subprocess
+from typing import Any
+
+from .interrupts import ASYNCHRONOUS
 
 __all__ = ["Popen"]
+
+
+class Popen(subprocess.Popen):  # type: ignore[type-arg]
+    """``subprocess.Popen``, forking with the asynchronous signals unblocked."""
+
+    def _execute_child(self, *args: Any, **kwargs: Any) -> None:
+        before = signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNCHRONOUS)
+        try:
+            super()._execute_child(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -24,6 +24,7 @@ from .endpoints.control import Control, ControlApi, NodeInfo
 from .endpoints.escalate import check_tool
 from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
 from .errors import ConnectionLost, MessageTooLarge, RemoteError, RemowtError, Unreachable
+from .interrupts import start
 from .link import Link, held_mark, held_sends, held_undo, holding_sends
 from .pipes import FdWriter
 from .process import OutputHandler, RemoteProcess
@@ -490,8 +491,7 @@ def loopback(
         except BaseException as e:
             failure.append(e)
 
-    thread = threading.Thread(target=serve, name="remowt-loopback-agent", daemon=True)
-    thread.start()
+    thread = start(threading.Thread(target=serve, name="remowt-loopback-agent", daemon=True))
     connection = _connect(
         _user_router(),
         user_end,

@@ -44,6 +44,7 @@ import msgspec
 from .bundle import AgentBundle
 from .deadline import Deadline
 from .errors import RemowtError
+from .interrupts import start
 from .transports.base import Transport
 
 log = logging.getLogger("remowt.deploy")
@@ -338,7 +339,7 @@ class _Session:
         # a blocked write has no timeout of its own: closing the transport ends it
         self._timer = threading.Timer(timeout, self._expire)
         self._timer.daemon = True
-        self._timer.start()
+        start(self._timer)
 
     def _expire(self) -> None:
         with self._lock:

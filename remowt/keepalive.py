@@ -19,6 +19,7 @@ import threading
 from typing import Callable, Optional
 
 from .errors import ConnectionLost, Unreachable
+from .interrupts import start
 from .link import Link
 
 log = logging.getLogger("remowt.keepalive")
@@ -54,7 +55,7 @@ class Sender:
 
     def start(self) -> None:
         self._send()
-        self._thread.start()
+        start(self._thread)
 
     def stop(self) -> None:
         self._stop.set()
@@ -114,7 +115,7 @@ class SilenceWatch:
     def _start_locked(self) -> None:
         if self._thread is None and self._link is not None and self._interval > 0 and not self._stopped:
             self._thread = threading.Thread(target=self._run, args=(self._link,), name="remowt-silence", daemon=True)
-            self._thread.start()
+            start(self._thread)
 
     def _run(self, link: Link) -> None:
         silent = 0

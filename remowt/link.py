@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Union
 
 from . import wire
 from .errors import ProtocolError
+from .interrupts import start
 from .transports.base import Transport
 from .waiting import Gate, wait_on
 
@@ -136,8 +137,8 @@ class Link:
 
     def start(self) -> None:
         """Start the reader and writer threads."""
-        self._writer.start()
-        self._reader.start()
+        start(self._writer)
+        start(self._reader)
 
     @property
     def closed(self) -> bool:

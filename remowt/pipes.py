@@ -21,6 +21,7 @@ import threading
 from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from .errors import ConnectionLost
+from .interrupts import start, without_interrupts
 from .streams import MAX_CHUNK, Chunk, Stream, as_bytes
 from .transports.stdio import enlarge_pipe
 from .waiting import Flag, Gate, wait_on
@@ -112,13 +113,15 @@ class _PipeFile(io.RawIOBase):
                 # the copying thread holds the stream too: the OS pipe may outlive this file (a local child has it)
                 if not self.end.hold():
                     raise ValueError("I/O operation on closed file")
-                read_fd, write_fd = os.pipe()
-                enlarge_pipe(write_fd)
-                mine, theirs = (write_fd, read_fd) if self.end.writable else (read_fd, write_fd)
-                thread = threading.Thread(target=self._copy, args=(theirs,), name=f"remowt{self.name}", daemon=True)
-                thread.start()
-                self._fd = mine
+                without_interrupts(self._make_pipe)
             return self._fd
+
+    def _make_pipe(self) -> None:
+        read_fd, write_fd = os.pipe()
+        enlarge_pipe(write_fd)
+        mine, theirs = (write_fd, read_fd) if self.end.writable else (read_fd, write_fd)
+        start(threading.Thread(target=self._copy, args=(theirs,), name=f"remowt{self.name}", daemon=True))
+        self._fd = mine
 
     @abc.abstractmethod
     def _copy(self, fd: int) -> None:
@@ -255,8 +258,7 @@ class Relay:
     def __init__(self, source: PipeEnd, sink: PipeEnd) -> None:
         self.source = source
         self.sink = sink
-        self._thread = threading.Thread(target=self._run, name="remowt-relay", daemon=True)
-        self._thread.start()
+        self._thread = start(threading.Thread(target=self._run, name="remowt-relay", daemon=True))
 
     def _run(self) -> None:
         try:
@@ -287,8 +289,7 @@ class FdToStream:
         self._stopping = False
         self._writable = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=f"remowt-fd{fd}-in", daemon=True)
-        self._thread.start()
+        self._thread = start(threading.Thread(target=self._run, name=f"remowt-fd{fd}-in", daemon=True))
 
     def _room(self) -> int:
         """How much the stream takes now, after waiting for credit; 0 once it failed or we stop."""
@@ -365,6 +366,9 @@ class FdSink:
 
     def open(self) -> None:
         """Take the copy of the writer's fd (after the caller registered the sink, to close it on failure)."""
+        without_interrupts(self._take_copy)
+
+    def _take_copy(self) -> None:
         self.fd = os.dup(self._writer.fd)
 
     def take(self, stream: Stream) -> bool:
@@ -471,8 +475,7 @@ class FdWriter:
             if data or self._queue or self._thread is not None:
                 self._queue.append((sink, data))
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name=f"remowt-fd{self.fd}", daemon=True)
-                    self._thread.start()
+                    self._thread = start(threading.Thread(target=self._run, name=f"remowt-fd{self.fd}", daemon=True))
                 self._gate.open()
                 return
         sink.release()

@@ -9,7 +9,6 @@ subclass subprocess's so ``except subprocess.CalledProcessError`` still works.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import io
 import locale
@@ -22,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Option
 
 from .deadline import KILL_GRACE, Deadline
 from .errors import ConnectionLost
+from .interrupts import start, without_interrupts
 from .pipes import FdSink, FdToStream, PipeEnd, Relay, StreamReader, StreamWriter, is_devnull, remowt_pipe
 from .waiting import Gate, wait_on
 
@@ -372,7 +372,8 @@ class Popen:
                         line_buffering=line_buffering,
                     )
             else:
-                self._in_pump = FdToStream(choice, process.stdin)
+                fd, stdin = choice, process.stdin
+                without_interrupts(lambda: setattr(self, "_in_pump", FdToStream(fd, stdin)))
         for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
             choice = choices[name]
             if stream is None:
@@ -568,16 +569,13 @@ class Popen:
                 self._start_io(_read_all, binary, read, collected)
 
     def _start_io(self, target: Callable[..., None], *args: Any) -> None:
-        """Run ``target(*args)`` on a communicate thread; communicate() raises what it raises.
+        """Run ``target(*args)`` on a communicate thread; communicate() raises what it raises."""
+        without_interrupts(lambda: self._start_io_now(target, args))
 
-        A plain ``_thread`` thread: ``threading.Thread.start`` interrupted at the
-        wrong moment leaves a thread that never runs listed as alive for good.
-        Counting it and starting it hold one lock with no call in between, so an
-        interrupt cannot separate them.
-        """
+    def _start_io_now(self, target: Callable[..., None], args: Tuple[Any, ...]) -> None:
         with self._io_lock:
             self._io_running += 1
-            _thread.start_new_thread(self._run_io, (target, *args))
+        start(threading.Thread(target=self._run_io, args=(target, *args), name="remowt-communicate", daemon=True))
 
     def _wait_io(self, deadline: Deadline) -> bool:
         """Wait until every communicate thread ended or one failed; False if ``deadline`` passed first."""

@@ -7,6 +7,8 @@ import logging
 import threading
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
+from .interrupts import start
+
 log = logging.getLogger("remowt.workers")
 Job = Tuple[Callable[..., Any], Tuple[Any, ...]]
 
@@ -36,7 +38,7 @@ class WorkerPool:
             elif len(self._threads) < self.max_workers:
                 thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
-                thread.start()
+                start(thread)
 
     def _work(self) -> None:
         while True:

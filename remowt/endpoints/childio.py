@@ -23,6 +23,7 @@ import threading
 from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 from ..errors import ConnectionLost, Unreachable
+from ..interrupts import start
 from ..link import held_sends
 from ..streams import MAX_CHUNK, Stream
 
@@ -103,7 +104,7 @@ class ChildIO:
                     output.open()
             thread = threading.Thread(target=self._wait_one, args=(child,), name="remowt-wait", daemon=True)
             self._fallback.append(thread)
-            thread.start()
+            start(thread)
             return
         with self._lock:
             self._exits[fd] = child
@@ -150,7 +151,7 @@ class ChildIO:
     def _ensure_thread(self) -> None:
         if self._thread is None and not self._stopped:
             self._thread = threading.Thread(target=self._run, name="remowt-childio", daemon=True)
-            self._thread.start()
+            start(self._thread)
 
     def _wait_one(self, child: Child) -> None:
         child.wait()

@@ -22,6 +22,7 @@ import msgspec
 from .._real import Popen as LocalPopen
 from ..agent.watchdog import Watchdog
 from ..errors import BadArguments, ConnectionLost, Unreachable
+from ..interrupts import start
 from ..router import Router
 from ..service import Service, proxy, rpc
 from ..streams import MAX_CHUNK, Stream
@@ -290,7 +291,7 @@ class Subprocesses(SubprocessApi):
             with self._lock:
                 self._pumps = [pump for pump in self._pumps if pump.is_alive()]
                 self._pumps.append(thread)
-            thread.start()
+            start(thread)
 
     def _open_output(self, owner: str, handle: int, name: str) -> Stream:
         """Open the stream of a lazy output and announce it to ``owner`` (before anything is sent on it)."""

@@ -20,7 +20,7 @@ import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST
 
-from .. import hostkeys
+from .. import hostkeys, interrupts
 from ..deadline import Deadline
 from ..errors import AuthenticationError, SshError
 from ..sshconfig import SshTarget, jump_target
@@ -74,6 +74,10 @@ class ParamikoTransport(paramiko.Transport):
         MSG_CHANNEL_REQUEST: _deferred_during_kex(vars(paramiko.Channel)["_handle_request"]),
     }
 
+    def start(self) -> None:
+        """Start paramiko's thread with the asynchronous signals blocked in it (see :mod:`remowt.interrupts`)."""
+        interrupts.without_interrupts(super().start)
+
     def __init__(self, sock: Any) -> None:
         super().__init__(sock)
         self._deferred: Deque[Tuple[Callable[..., None], paramiko.Channel, paramiko.Message]] = collections.deque()
@@ -97,7 +101,7 @@ class ParamikoTransport(paramiko.Transport):
         if direct:
             handler(channel, message)
         elif start:
-            threading.Thread(target=self._run_deferred, name="remowt-ssh-deferred", daemon=True).start()
+            interrupts.start(threading.Thread(target=self._run_deferred, name="remowt-ssh-deferred", daemon=True))
 
     def _run_deferred(self) -> None:
         while True:
@@ -213,7 +217,7 @@ class ChannelTransport(Transport):
         self._stderr_lock = threading.Lock()
         self._closed = False
         self._stderr_thread = threading.Thread(target=self._drain_stderr, name="remowt-ssh-stderr", daemon=True)
-        self._stderr_thread.start()
+        interrupts.start(self._stderr_thread)
 
     def _drain_stderr(self) -> None:
         while True:
@@ -292,7 +296,7 @@ class SshSession:
         self._keepalive: Optional[threading.Thread] = None
         if target.keepalive_interval > 0:
             self._keepalive = threading.Thread(target=self._send_keepalives, name="remowt-ssh-keepalive", daemon=True)
-            self._keepalive.start()
+            interrupts.start(self._keepalive)
 
     def __repr__(self) -> str:
         return f"<SshSession {self.target}>"

@@ -19,6 +19,7 @@ import threading
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from .._real import Popen as LocalPopen
+from ..interrupts import start
 from .base import Transport
 
 PIPE_SIZE = 1024 * 1024
@@ -212,7 +213,7 @@ class ChildTransport(FdTransport):
             self._stderr_thread = threading.Thread(
                 target=self._drain_stderr, name=f"remowt-stderr-{process.pid}", daemon=True
             )
-            self._stderr_thread.start()
+            start(self._stderr_thread)
 
     def _drain_stderr(self) -> None:
         assert self.process.stderr is not None

@@ -1,0 +1,61 @@
+"""Keeping signal handlers out of the few places where an interrupt would lose something.
+
+Python runs signal handlers in the main thread, between any two bytecodes: a
+KeyboardInterrupt can strike right after ``os.dup`` returned and before its
+result was stored, and the fd is lost for good. Such steps run in
+:func:`without_interrupts`, with the asynchronous signals blocked in the
+calling thread. A signal that comes meanwhile waits in the kernel and its
+handler runs as soon as they are unblocked.
+
+That holds only if no other thread takes the signal instead (the kernel gives
+a process's signal to any thread that does not block it, and the handler then
+runs in the main thread all the same). So every thread remowt starts is
+started by :func:`start`, with those signals blocked for good: they go to the
+main thread, where Python handles them anyway.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+# Signals the kernel raises for the faulting thread itself are left alone.
+_SYNCHRONOUS = {
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+    signal.SIGABRT,
+    signal.SIGKILL,
+    signal.SIGSTOP,
+}
+ASYNCHRONOUS = frozenset(signal.valid_signals()) - _SYNCHRONOUS
+
+
+def without_interrupts(action: Callable[[], T]) -> T:
+    """Run ``action()`` with the asynchronous signals blocked in this thread; their handlers run after it.
+
+    ``action`` must not wait for long: a Ctrl-C waits for it.
+    """
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # only asks
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, ASYNCHRONOUS)
+        return action()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def start(thread: threading.Thread) -> threading.Thread:
+    """Start ``thread`` with the asynchronous signals blocked in it for good (it inherits this thread's mask).
+
+    Starting it cannot be interrupted either: ``Thread.start`` interrupted at
+    the wrong moment leaves a thread that never runs listed as alive.
+    """
+    without_interrupts(thread.start)
+    return thread
+
