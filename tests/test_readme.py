@@ -40,3 +40,10 @@ def test_shell_example_exits_with_the_commands_status() -> None:
     line = next(code for lang, code in BLOCKS if lang == "sh" and "remowt local" in code and "exit 7" in code)
     out = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=50)
     assert out.stdout == "piped in\nexit status 7\n", out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_shell_example_ctrl_c_reaches_the_remote_child() -> None:
+    line = next(code for lang, code in BLOCKS if lang == "sh" and "timeout --preserve-status" in code)
+    out = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=50)
+    assert out.stdout == "exit status 130\n", out.stderr
