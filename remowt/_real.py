@@ -11,7 +11,7 @@ import signal
 import subprocess
 from typing import Any
 
-from .interrupts import ASYNCHRONOUS
+from .interrupts import ASYNCHRONOUS, sigmask
 
 __all__ = ["Popen"]
 
@@ -20,8 +20,8 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
     """``subprocess.Popen``, forking with the asynchronous signals unblocked."""
 
     def _execute_child(self, *args: Any, **kwargs: Any) -> None:
-        before = signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNCHRONOUS)
+        before = sigmask(signal.SIG_UNBLOCK, ASYNCHRONOUS)
         try:
             super()._execute_child(*args, **kwargs)  # type: ignore[misc]
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+            sigmask(signal.SIG_SETMASK, before)
