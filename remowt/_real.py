@@ -7,11 +7,10 @@ remowt's threads block the asynchronous signals (:mod:`remowt.interrupts`):
 they are unblocked around the fork, so no child begins deaf to SIGTERM.
 """
 
-import signal
 import subprocess
 from typing import Any
 
-from .interrupts import ASYNCHRONOUS, sigmask
+from .interrupts import with_interrupts
 
 __all__ = ["Popen"]
 
@@ -20,8 +19,4 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
     """``subprocess.Popen``, forking with the asynchronous signals unblocked."""
 
     def _execute_child(self, *args: Any, **kwargs: Any) -> None:
-        before = sigmask(signal.SIG_UNBLOCK, ASYNCHRONOUS)
-        try:
-            super()._execute_child(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            sigmask(signal.SIG_SETMASK, before)
+        with_interrupts(lambda: super(Popen, self)._execute_child(*args, **kwargs))  # type: ignore[misc]

@@ -45,9 +45,18 @@ def without_interrupts(action: Callable[[], T]) -> T:
 
     ``action`` must not wait for long: a Ctrl-C waits for it.
     """
-    before = sigmask(signal.SIG_BLOCK, ())  # only asks
+    return _with_mask(signal.SIG_BLOCK, action)
+
+
+def with_interrupts(action: Callable[[], T]) -> T:
+    """Run ``action()`` with the asynchronous signals unblocked in this thread (a child forked now inherits that)."""
+    return _with_mask(signal.SIG_UNBLOCK, action)
+
+
+def _with_mask(how: int, action: Callable[[], T]) -> T:
+    before = sigmask(signal.SIG_BLOCK, ())  # only asks: an interrupt before the change leaves nothing to undo
     try:
-        sigmask(signal.SIG_BLOCK, ASYNCHRONOUS)
+        sigmask(how, ASYNCHRONOUS)
         return action()
     finally:
         sigmask(signal.SIG_SETMASK, before)
@@ -61,4 +70,3 @@ def start(thread: threading.Thread) -> threading.Thread:
     """
     without_interrupts(thread.start)
     return thread
-
