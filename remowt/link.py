@@ -154,10 +154,9 @@ class Link:
             held.setdefault(self, []).extend(parts)
             return
         self.sent = True
-        if len(parts) == 1 and not isinstance(parts[0], Spliced):
-            items: List[_Item] = [memoryview(parts[0])]  # the usual case, made short
-        else:
-            items = [part if isinstance(part, Spliced) else memoryview(part) for part in parts if len(part)]
+        if len(parts) == 1 and not isinstance(parts[0], Spliced) and self._send_whole(parts[0]):
+            return
+        items = [part if isinstance(part, Spliced) else memoryview(part) for part in parts if len(part)]
         sent: List[Spliced] = []
         dropped: List[_Item] = []
         failed = False
@@ -180,6 +179,23 @@ class Link:
         if failed:
             self.transport.close()
         _report(sent, dropped)
+
+    def _send_whole(self, data: Buffer) -> bool:
+        """The usual case made short: one buffer written here at once; False to take the general way."""
+        if threading.get_ident() == _MAIN_THREAD and not len(data) <= self.transport.atomic_write:
+            return False
+        with self._lock:
+            if self._closed or self._backlog or self._writer_busy:
+                return False
+            view = memoryview(data)
+            try:
+                written = self.transport.writev((view,), False)
+            except OSError:
+                return False  # nothing left: the general way meets the error again and fails the link
+            if written < len(view):
+                self._writer_gate.open()
+                self._backlog = [view[written:]]
+            return True
 
     def _may_write_here(self, items: List[_Item]) -> bool:
         """Whether the sending thread may write ``items`` to the transport itself.

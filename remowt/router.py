@@ -82,7 +82,7 @@ class Pending:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) for the answer; whether it came."""
-        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+        if not self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
             return False
         self._lock.release()
         return True

@@ -53,7 +53,7 @@ class Gate:
 
 def wait_on(waiter: threading.Lock, timeout: Optional[float] = None) -> bool:
     """Wait until ``waiter`` is released (its gate opened); False if ``timeout`` seconds passed first."""
-    return waiter.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
+    return waiter.acquire(True, -1 if timeout is None else max(timeout, 0.0))
 
 
 class Flag:
