@@ -40,26 +40,38 @@ ASYNCHRONOUS = frozenset(signal.valid_signals()) - _SYNCHRONOUS
 sigmask: Callable[[int, Iterable[int]], AbstractSet[int]] = importlib.import_module("_signal").pthread_sigmask
 
 
+# Held by a thread of remowt's while it has the asynchronous signals unblocked (a fork, so that the child has them
+# unblocked too): a signal taken by such a thread still has its handler run in the main thread, so the main thread
+# must not be in a critical section meanwhile.
+_unblocked = threading.RLock()
+
+
 def without_interrupts(action: Callable[[], T]) -> T:
     """Run ``action()`` with the asynchronous signals blocked in this thread; their handlers run after it.
 
     ``action`` must not wait for long: a Ctrl-C waits for it.
     """
-    return _with_mask(signal.SIG_BLOCK, action)
+    before = sigmask(signal.SIG_BLOCK, ())  # only asks: an interrupt before the change leaves nothing to undo
+    try:
+        sigmask(signal.SIG_BLOCK, ASYNCHRONOUS)
+        with _unblocked:
+            # pthread_sigmask runs the handlers of signals that came before (taken by a thread that had them
+            # unblocked): they raise here, before the action, never inside it.
+            sigmask(signal.SIG_BLOCK, ())
+            return action()
+    finally:
+        sigmask(signal.SIG_SETMASK, before)
 
 
 def with_interrupts(action: Callable[[], T]) -> T:
     """Run ``action()`` with the asynchronous signals unblocked in this thread (a child forked now inherits that)."""
-    return _with_mask(signal.SIG_UNBLOCK, action)
-
-
-def _with_mask(how: int, action: Callable[[], T]) -> T:
-    before = sigmask(signal.SIG_BLOCK, ())  # only asks: an interrupt before the change leaves nothing to undo
-    try:
-        sigmask(how, ASYNCHRONOUS)
-        return action()
-    finally:
-        sigmask(signal.SIG_SETMASK, before)
+    with _unblocked:
+        before = sigmask(signal.SIG_BLOCK, ())
+        try:
+            sigmask(signal.SIG_UNBLOCK, ASYNCHRONOUS)
+            return action()
+        finally:
+            sigmask(signal.SIG_SETMASK, before)
 
 
 def start(thread: threading.Thread) -> threading.Thread:

@@ -1,7 +1,7 @@
 """A library program for tests/test_signals.py: Ctrl-C it while it waits for a remote child.
 
 ``python3 interrupted_client.py wait|run local|SSH_CONFIG``: starts ``sh -c 'echo $$;
-exec sleep 100'`` (its pid reaches our stdout), then ``Popen.wait()`` or ``run()``.
+exec sleep 100'`` (its pid reaches our stdout), then ``Popen.wait()`` (saying "waiting" first) or ``run()``.
 When the KeyboardInterrupt comes it says whether the connection still answers and
 whether the child still runs, kills the child, and prints what ``wait()`` returns.
 """
@@ -28,6 +28,7 @@ def main() -> None:
         try:
             if how == "wait":
                 process = conn.Popen(CHILD)
+                print("waiting", flush=True)  # the child's pid may come first: it is copied by another thread
                 process.wait()
             else:
                 conn.run(CHILD)

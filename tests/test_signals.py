@@ -89,7 +89,7 @@ def test_signal_group_spares_the_agent(local_conn: remowt.Remowt) -> None:
 
 
 def start_client(how: str, where: str) -> Tuple[subprocess.Popen[str], int]:
-    """The client program in a process group of its own, and the pid of its remote child."""
+    """The client program in a process group of its own, and the pid of its remote child (once it waits for it)."""
     program = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "interrupted_client.py"), how, where],
         stdin=subprocess.DEVNULL,
@@ -99,9 +99,12 @@ def start_client(how: str, where: str) -> Tuple[subprocess.Popen[str], int]:
         process_group=0,
     )
     assert program.stdout is not None
-    line = program.stdout.readline()
-    assert line.strip().isdigit(), (line, program.communicate(timeout=10))
-    return program, int(line)
+    lines = [program.stdout.readline()]
+    if how == "wait":
+        lines.append(program.stdout.readline())
+    pids = [line for line in lines if line.strip().isdigit()]
+    assert len(pids) == 1 and set(lines) - set(pids) <= {"waiting\n"}, (lines, program.communicate(timeout=10))
+    return program, int(pids[0])
 
 
 @pytest.mark.parametrize("how", ["wait", "run"])
@@ -235,8 +238,9 @@ def tmux() -> Iterator[Tmux]:
         subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, timeout=10)
 
 
-def ctrl_c_in_pane(tmux: Tmux, argv: List[str], until: str) -> Tuple[int, str]:
-    """Run ``argv`` in a pane, type Ctrl-C once its child printed its pid, and wait for ``until``: (pid, screen)."""
+def ctrl_c_in_pane(tmux: Tmux, argv: List[str], until: str, ready: str = "") -> Tuple[int, str]:
+    """Run ``argv`` in a pane, type Ctrl-C once its child printed its pid (and ``ready`` is on the screen too),
+    and wait for ``until``: (pid, screen)."""
     line = " ".join(shlex.quote(word) for word in argv)
     environment = f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))}"
     tmux("new-session", "-d", "-s", "t", "-x", "200", "-y", "50", f"env {environment} {line}; echo exit=$?; sleep 60")
@@ -244,8 +248,12 @@ def ctrl_c_in_pane(tmux: Tmux, argv: List[str], until: str) -> Tuple[int, str]:
     def screen() -> str:
         return tmux("capture-pane", "-p", "-t", "t")
 
-    assert wait_until(lambda: screen().split("\n", 1)[0].strip().isdigit(), 20), screen()
-    child = int(screen().split("\n", 1)[0])
+    def child_pid() -> int:
+        pids = [int(line) for line in screen().splitlines()[:2] if line.strip().isdigit()]
+        return pids[0] if pids and ready in screen() else 0
+
+    assert wait_until(lambda: child_pid() > 0, 20), screen()
+    child = child_pid()
     try:
         tmux("send-keys", "-t", "t", "C-c")
         assert wait_until(lambda: until in screen(), 10), screen()
@@ -264,7 +272,7 @@ def test_ctrl_c_typed_at_the_cli(tmux: Tmux) -> None:
 @pytest.mark.timeout(60)
 def test_ctrl_c_typed_at_a_library_program(tmux: Tmux) -> None:
     argv = [sys.executable, os.path.join(HERE, "interrupted_client.py"), "wait", "local"]
-    child, screen = ctrl_c_in_pane(tmux, argv, "exit=")
+    child, screen = ctrl_c_in_pane(tmux, argv, "exit=", ready="waiting")
     lines = [line for line in screen.splitlines() if line.strip()]
     assert "interrupted" in screen and "running True" in lines and f"returncode {-signal.SIGKILL}" in lines, screen
     assert "done" in lines and "exit=0" in lines, screen
