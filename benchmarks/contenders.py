@@ -135,7 +135,7 @@ def remowt_run_true() -> Iterator[Operation]:
     try:
         yield run
     finally:
-        from remowt.default import close_default_connection
+        from remowt.user.default import close_default_connection
 
         close_default_connection()
 

@@ -15,9 +15,6 @@ import importlib
 from typing import TYPE_CHECKING, Any, Dict
 
 if TYPE_CHECKING:
-    from .client import Remowt, connect, connect_local, loopback
-    from .command import Command
-    from .default import default_connection
     from .errors import (
         BadArguments,
         ConnectionLost,
@@ -31,8 +28,11 @@ if TYPE_CHECKING:
         UnknownMethod,
         Unreachable,
     )
-    from .patching import patch
-    from .popen import (
+    from .user.command import Command
+    from .user.connection import Remowt, connect, connect_local, loopback
+    from .user.default import default_connection
+    from .user.patching import patch
+    from .user.popen import (
         DEVNULL,
         PIPE,
         STDOUT,
@@ -48,14 +48,14 @@ if TYPE_CHECKING:
         getstatusoutput,
         run,
     )
-    from .process import RemoteProcess
+    from .user.process import RemoteProcess
 
 __version__ = "0.1.0"
 
 _HOMES: Dict[str, str] = {
-    **dict.fromkeys(["Remowt", "connect", "connect_local", "loopback"], "client"),
-    "Command": "command",
-    "default_connection": "default",
+    **dict.fromkeys(["Remowt", "connect", "connect_local", "loopback"], "user.connection"),
+    "Command": "user.command",
+    "default_connection": "user.default",
     **dict.fromkeys(
         [
             "BadArguments",
@@ -72,7 +72,7 @@ _HOMES: Dict[str, str] = {
         ],
         "errors",
     ),
-    "patch": "patching",
+    "patch": "user.patching",
     **dict.fromkeys(
         [
             "DEVNULL",
@@ -90,9 +90,9 @@ _HOMES: Dict[str, str] = {
             "getstatusoutput",
             "run",
         ],
-        "popen",
+        "user.popen",
     ),
-    "RemoteProcess": "process",
+    "RemoteProcess": "user.process",
 }
 
 __all__ = [

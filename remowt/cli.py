@@ -13,10 +13,10 @@ import threading
 from types import FrameType
 from typing import Callable, Dict, List, Mapping, Optional
 
-from . import client
 from .errors import ConnectionLost, RemowtError
-from .popen import CLOSED, Popen
 from .transports.stdio import pipe_above_stdio
+from .user import connection as client
+from .user.popen import CLOSED, Popen
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -99,7 +99,7 @@ def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 def _bundle_main(args: argparse.Namespace) -> int:
     """``remowt bundle build|add|list``: print what was done; exit 1 with the reason when it fails."""
-    from . import bundle
+    from .deploy import bundle
 
     directory = os.path.abspath(args.dir) if args.dir else bundle.default_bundle_dir()
     try:

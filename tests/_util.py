@@ -10,8 +10,8 @@ import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import remowt
-from remowt import wire
-from remowt.router import Router
+from remowt.protocol import wire
+from remowt.rpc.router import Router
 
 TRANSPORTS = ["loopback", "local"]
 
@@ -83,7 +83,7 @@ def children_of(pid: int) -> Set[int]:
 
 
 def is_watchdog(pid: int) -> bool:
-    """Whether ``pid`` is an agent's watchdog (remowt.agent.watchdog), which lives as long as its agent."""
+    """Whether ``pid`` is an agent's watchdog (remowt.endpoints.watchdog), which lives as long as its agent."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"\0remowt-watchdog\0" in f.read()

@@ -15,8 +15,8 @@ from typing import Iterator, List
 import pytest
 from _util import pypi_reachable, run_together
 
-from remowt import bundle
-from remowt.bundle import AgentBundle, BundleError, artifact_name, local_platform
+from remowt.deploy import bundle
+from remowt.deploy.bundle import AgentBundle, BundleError, artifact_name, local_platform
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -189,7 +189,7 @@ def test_artifact_is_deterministic_and_normalised(built: str, tmp_path: os.PathL
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == "" for m in entries)
     assert all(m.mode == 0o755 for m in entries if m.isdir())
     assert {m.mode for m in entries if m.isfile()} == {0o644, 0o755}
-    assert {"agent.py", "remowt/agent/main.py", "remowt/wire.py", "msgspec/__init__.py"} <= set(names)
+    assert {"agent.py", "remowt/agent/main.py", "remowt/protocol/wire.py", "msgspec/__init__.py"} <= set(names)
     assert any(n.startswith("msgspec/_core.") and n.endswith(".so") for n in names)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert not [n for n in names if n.split("/")[0] not in ("agent.py", "remowt", "msgspec")]
@@ -245,13 +245,13 @@ def test_refresh_builds_once_then_only_when_sources_change(package_copy: str, tm
     bundle.refresh(directory)
     after = os.stat(artifact)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "rebuilt with nothing changed"
-    with open(os.path.join(package_copy, "wire.py"), "a") as f:
+    with open(os.path.join(package_copy, "protocol", "wire.py"), "a") as f:
         f.write("\n# changed\n")
     bundle.refresh(directory)
     second = AgentBundle.from_dir(directory).hashes[LOCAL]
     assert second != first
     with tarfile.open(artifact) as tar:
-        member = tar.extractfile("remowt/wire.py")
+        member = tar.extractfile("remowt/protocol/wire.py")
         assert member is not None and member.read().endswith(b"# changed\n")
 
 
@@ -267,7 +267,7 @@ def test_default_uses_the_environment_and_builds(
 
 def test_default_bundle_dir_checkout_then_cache(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REMOWT_BUNDLE_DIR", raising=False)
-    package = os.path.dirname(os.path.abspath(bundle.__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(bundle.__file__)))  # the remowt package
     monkeypatch.setattr(bundle, "_package_dir", lambda: package)
     checkout = os.path.join(os.path.dirname(package), "agent_bundle")
     assert os.path.isfile(os.path.join(checkout, "README.md")), "this checkout has agent_bundle/README.md"
@@ -329,7 +329,7 @@ def test_add_platform_from_pip_and_rebuild_from_the_kept_wheel(
     assert info["aarch64-cp39"].current and info["aarch64-cp39"].source == f"wheels/{os.path.basename(added.wheel)}"
     # the sources change: both platforms are rebuilt, without pip (which would fail now)
     monkeypatch.setattr(bundle, "fetch_msgspec_wheel", None)
-    with open(os.path.join(package_copy, "router.py"), "a") as f:
+    with open(os.path.join(package_copy, "rpc", "router.py"), "a") as f:
         f.write("\n# changed\n")
     assert not any(i.current for i in bundle.describe(copy))
     bundle.refresh(copy)
@@ -385,5 +385,3 @@ def test_cli_help(action: List[str]) -> None:
     assert result.stdout.startswith("usage: remowt bundle")
     if action == ["add"]:
         assert "--platform PLATFORM" in result.stdout and "aarch64-cp39" in result.stdout
-
-

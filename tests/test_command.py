@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 import remowt
-from remowt.command import Command
+from remowt.user.command import Command
 
 PIPE = subprocess.PIPE
 PY = sys.executable

@@ -22,10 +22,9 @@ from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from _util import pypi_reachable, run_together
 
-from remowt import bundle
-from remowt.bundle import AgentBundle, BundleError, artifact_name, local_platform
-from remowt.client import Remowt, _connect, _user_router
-from remowt.deploy import (
+from remowt.deploy import bundle
+from remowt.deploy.bundle import AgentBundle, BundleError, artifact_name, local_platform
+from remowt.deploy.remote import (
     BOOT,
     BOOT_FAILED_EXIT,
     MAGIC,
@@ -36,6 +35,7 @@ from remowt.deploy import (
     start_agent,
 )
 from remowt.transports.stdio import ChildTransport, spawn_framed_child
+from remowt.user.connection import Remowt, _connect, _user_router
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -469,9 +469,7 @@ def root_connect(request: pytest.FixtureRequest) -> Callable[..., remowt.Remowt]
     """``loopback`` or ``connect_local``, for tests whose agent must run as root."""
     if os.geteuid() != 0:
         pytest.skip("needs to run as root")
-    connect: Callable[..., remowt.Remowt] = {"loopback": remowt.loopback, "local": remowt.connect_local}[
-        request.param
-    ]
+    connect: Callable[..., remowt.Remowt] = {"loopback": remowt.loopback, "local": remowt.connect_local}[request.param]
     return connect
 
 

@@ -43,7 +43,7 @@ def stall(conn: remowt.Remowt) -> tuple[remowt.RemoteProcess, int]:
     proc = conn.spawn(["head", "-c", str(GIB), "/dev/zero"], stdout=PIPE)
     assert proc.stdout is not None
     window = proc.stdout.window
-    assert window == remowt.streams.DEFAULT_WINDOW
+    assert window == remowt.rpc.streams.DEFAULT_WINDOW
     assert wait_until(lambda: proc.stdout is not None and proc.stdout.buffered >= window, 30), (
         f"only {proc.stdout.buffered} of a {window} byte window arrived"
     )

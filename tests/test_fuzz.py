@@ -21,12 +21,12 @@ from _util import RawPeer, handshake_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from remowt import wire
 from remowt.agent.main import Agent
 from remowt.endpoints.control import Control, ControlApi
 from remowt.errors import ProtocolError
-from remowt.router import Router
-from remowt.service import proxy
+from remowt.protocol import wire
+from remowt.protocol.service import proxy
+from remowt.rpc.router import Router
 from remowt.transports import loopback
 
 FUZZ = wire.plugin(7)

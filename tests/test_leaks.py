@@ -37,8 +37,7 @@ def test_connect_close_cycles_leak_nothing(kind: str) -> None:
         one_cycle(kind)
 
     assert wait_until(lambda: threading.active_count() <= threads, 10), (
-        f"{threading.active_count() - threads} threads more than before: "
-        f"{sorted(set(thread_names()) - set(names))}"
+        f"{threading.active_count() - threads} threads more than before: {sorted(set(thread_names()) - set(names))}"
     )
     assert threading.active_count() == threads
 

@@ -20,8 +20,8 @@ import remowt
 from remowt import PIPE
 from remowt.endpoints.control import Control, ControlApi
 from remowt.errors import ConnectionLost
-from remowt.keepalive import Sender
-from remowt.router import Router
+from remowt.rpc.keepalive import Sender
+from remowt.rpc.router import Router
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(remowt.__file__)))
 
@@ -278,7 +278,7 @@ def test_bad_keepalive_settings_are_refused() -> None:
 
 @pytest.mark.timeout(30)
 def test_watchdog_counts_each_group_as_often_as_it_was_watched() -> None:
-    from remowt.agent.watchdog import start_watchdog
+    from remowt.endpoints.watchdog import start_watchdog
 
     watchdog = start_watchdog()
     assert watchdog is not None

@@ -19,15 +19,15 @@ import pytest
 from _util import RawPeer, connect_routers, handshake_raw, rss_bytes, wait_until
 
 import remowt
-from remowt import wire
-from remowt.bundle import AgentBundle, artifact_name, local_platform
-from remowt.deploy import MAGIC, DeployError, start_agent
+from remowt.deploy.bundle import AgentBundle, artifact_name, local_platform
+from remowt.deploy.local import start_local_agent
+from remowt.deploy.remote import MAGIC, DeployError, start_agent
 from remowt.endpoints.control import Control, ControlApi
 from remowt.errors import BadArguments, MessageTooLarge, ProtocolError, ResultTooLarge, Unreachable
-from remowt.router import Router
-from remowt.service import Service, proxy, rpc
+from remowt.protocol import wire
+from remowt.protocol.service import Service, proxy, rpc
+from remowt.rpc.router import Router
 from remowt.transports import loopback
-from remowt.transports.local import start_local_agent
 from remowt.transports.stdio import spawn_framed_child
 
 HOSTILE = wire.plugin(7)

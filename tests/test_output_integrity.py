@@ -26,8 +26,8 @@ from test_cli import REMOWT
 
 import remowt
 from remowt.errors import ConnectionLost
-from remowt.popen import INHERIT_GRACE
 from remowt.transports.loopback import LoopbackTransport
+from remowt.user.popen import INHERIT_GRACE
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -224,7 +224,5 @@ MEMORY_SCRIPT = textwrap.dedent(
 def test_memory_error_in_communicate_reaches_the_caller() -> None:
     # 100 MiB more address space than connected: collecting 1000 MB of output fails, in a reader thread
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=25, env=env
-    )
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=25, env=env)
     assert result.stdout == "MemoryError\n", result.stderr

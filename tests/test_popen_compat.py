@@ -371,9 +371,7 @@ def test_input_the_child_does_not_read(sp: Any) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_communicate_timeout_keeps_partial_output_then_retry_collects_the_rest(
-    sp: Any, tmp_path: pathlib.Path
-) -> None:
+def test_communicate_timeout_keeps_partial_output_then_retry_collects_the_rest(sp: Any, tmp_path: pathlib.Path) -> None:
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     proc = sp.Popen(["sh", "-c", 'echo first; cat "$1"; echo last', "sh", str(gate)], stdout=PIPE, stderr=PIPE)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 import remowt
-from remowt.default import close_default_connection, default_connection
+from remowt.user.default import close_default_connection, default_connection
 
 PIPE = subprocess.PIPE
 ENV = shutil.which("env") or "/usr/bin/env"
@@ -411,7 +411,7 @@ def test_connect_local_while_patched_uses_the_real_popen(local: remowt.Remowt) -
         inner = remowt.connect_local()
         try:
             agent = inner.link.transport.process  # type: ignore[attr-defined]
-            assert isinstance(agent, real_popen) and not isinstance(agent, remowt.Popen)  # remowt._real's
+            assert isinstance(agent, real_popen) and not isinstance(agent, remowt.Popen)  # the real one
             assert parent_of(inner.info().pid) == os.getpid()
             assert inner.info().pid != local.info().pid
             assert inner.check_output(PPID) == ppid_line(inner.info().pid)

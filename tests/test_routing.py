@@ -10,11 +10,11 @@ import msgspec
 import pytest
 from _util import connect_routers, handshake_raw
 
-from remowt import wire
 from remowt.endpoints.control import Control, ControlApi
 from remowt.errors import ConnectionLost, Unreachable
-from remowt.router import Router, _error_from_fail
-from remowt.service import Service, proxy, rpc
+from remowt.protocol import wire
+from remowt.protocol.service import Service, proxy, rpc
+from remowt.rpc.router import Router, _error_from_fail
 
 P1, P2 = wire.plugin(1), wire.plugin(2)
 

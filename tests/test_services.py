@@ -10,13 +10,13 @@ import pytest
 from _util import connect_routers
 
 import remowt
-from remowt import wire
 from remowt.endpoints.control import Control, ControlApi
 from remowt.endpoints.subprocess import SubprocessApi
 from remowt.errors import BadArguments, InternalError, RemoteError, UnknownMethod
-from remowt.popen import CLOSED
-from remowt.router import Router
-from remowt.service import Service, proxy, rpc
+from remowt.protocol import wire
+from remowt.protocol.service import Service, proxy, rpc
+from remowt.rpc.router import Router
+from remowt.user.popen import CLOSED
 
 
 class CalcApi(Service, namespace=200):

@@ -284,8 +284,23 @@ def test_cli_ssh(sshd: SshServer, tmp_path: Path) -> None:
     config = tmp_path / "ssh_config"
     config.write_text(f"Host *\n    UserKnownHostsFile {sshd.known_hosts}\n")
     direct = subprocess.run(
-        ["remowt", "ssh", "127.0.0.1", "-p", str(sshd.port), "-l", sshd.test_user, "-i", sshd.client_key,
-         "-F", str(config), "--", "sh", "-c", "kill -TERM $$"],
+        [
+            "remowt",
+            "ssh",
+            "127.0.0.1",
+            "-p",
+            str(sshd.port),
+            "-l",
+            sshd.test_user,
+            "-i",
+            sshd.client_key,
+            "-F",
+            str(config),
+            "--",
+            "sh",
+            "-c",
+            "kill -TERM $$",
+        ],
         capture_output=True,
         timeout=30,
     )
@@ -318,9 +333,10 @@ def test_unusable_cache_falls_back_to_a_temporary_dir(
     cache.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=0777", "tmpfs", str(cache)], check=True)
     try:
-        with caplog.at_level("WARNING", logger="remowt"), remowt.connect(
-            "remowt-test-host", ssh_config=sshd.ssh_config
-        ) as connection:
+        with (
+            caplog.at_level("WARNING", logger="remowt"),
+            remowt.connect("remowt-test-host", ssh_config=sshd.ssh_config) as connection,
+        ):
             assert connection.check_output(["echo", "ok"], text=True) == "ok\n"
         assert any("temporary" in record.getMessage() for record in caplog.records), caplog.text
     finally:

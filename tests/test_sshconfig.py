@@ -9,9 +9,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from remowt import hostkeys
 from remowt.errors import HostKeyError, SshError
-from remowt.sshconfig import Jump, jump_target, load_config, parse_jumps, resolve
+from remowt.transports import hostkeys
+from remowt.transports.sshconfig import Jump, jump_target, load_config, parse_jumps, resolve
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -22,9 +22,9 @@ from sshd import SshServer
 from test_ssh import sshd_in_netns  # noqa: F401  (a fixture)
 
 import remowt
-from remowt.deadline import KILL_GRACE, Deadline
-from remowt.deploy import DeployError
+from remowt.deploy.remote import DeployError
 from remowt.errors import SshError
+from remowt.runtime.deadline import KILL_GRACE, Deadline
 
 pytestmark = pytest.mark.timeout(60)
 MARGIN = 1.5  # what a loaded two-CPU machine may add to a timeout

@@ -12,9 +12,10 @@ from _util import RawPeer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from remowt import streams, wire
 from remowt.errors import ProtocolError
-from remowt.router import Router
+from remowt.protocol import wire
+from remowt.rpc import streams
+from remowt.rpc.router import Router
 from remowt.transports import loopback
 
 SAMPLES: List[wire.Message] = [

@@ -2,10 +2,10 @@
 
 The agent speaks the framed protocol on its stdin/stdout, serves its
 endpoints, and when its link to the user side is gone (or silent past the
-keepalive the user set, :mod:`remowt.keepalive`) it kills the children it
-started and exits. A watchdog process (:mod:`remowt.agent.watchdog`) kills
+keepalive the user set, :mod:`remowt.rpc.keepalive`) it kills the children it
+started and exits. A watchdog process (:mod:`remowt.endpoints.watchdog`) kills
 them if the agent is killed before it can. In ``askpass`` mode it is sudo's
-password helper for the agent that started sudo (:mod:`remowt.agent.askpass`).
+password helper for the agent that started sudo (:mod:`remowt.endpoints.askpass`).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import sys
 import threading
 from typing import List, Optional
 
-from .. import wire
 from ..endpoints.control import Control
 from ..endpoints.escalate import Escalator
 from ..endpoints.subprocess import Subprocesses
-from ..keepalive import SilenceWatch
-from ..router import Router
+from ..endpoints.watchdog import Watchdog, start_watchdog
+from ..protocol import wire
+from ..rpc.keepalive import SilenceWatch
+from ..rpc.router import Router
 from ..transports.base import Transport
 from ..transports.stdio import FdTransport, enlarge_pipe
-from .watchdog import Watchdog, start_watchdog
 
 log = logging.getLogger("remowt.agent")
 
@@ -104,7 +104,7 @@ real-agent serves the remowt protocol on stdin/stdout (--local: the user side is
 def main(argv: Optional[List[str]] = None) -> None:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["askpass"]:  # the prompt is sudo's text: no option parsing
-        from .askpass import main as askpass
+        from ..endpoints.askpass import main as askpass
 
         sys.exit(askpass(args_list[1] if len(args_list) > 1 else "Password: "))
     if args_list[:1] in (["--help"], ["-h"]):

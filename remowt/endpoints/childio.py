@@ -23,9 +23,9 @@ import threading
 from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 from ..errors import ConnectionLost, Unreachable
-from ..interrupts import start
-from ..link import held_sends
-from ..streams import MAX_CHUNK, Stream
+from ..rpc.link import held_sends
+from ..rpc.streams import MAX_CHUNK, Stream
+from ..runtime.interrupts import start
 
 log = logging.getLogger("remowt.childio")
 _OUTPUT = select.EPOLLIN | select.EPOLLONESHOT

@@ -9,8 +9,8 @@ from typing import Callable, Optional
 
 import msgspec
 
-from ..keepalive import check
-from ..service import Service, rpc
+from ..protocol.service import Service, rpc
+from ..rpc.keepalive import check
 
 log = logging.getLogger("remowt.control")
 
@@ -40,7 +40,7 @@ class ControlApi(Service, namespace=1):
 
     @rpc(3, inline=True, oneway=True)
     def keepalive(self, interval: float, count: int) -> None:
-        """The caller is there, and sends something at least every ``interval`` seconds (see :mod:`remowt.keepalive`).
+        """The caller is there, and sends something every ``interval`` seconds at least (:mod:`remowt.rpc.keepalive`).
 
         An agent ends itself once it heard nothing for ``count`` intervals in a row.
         """

@@ -7,7 +7,7 @@ reaches it through this agent. One per agent, started on the first
 ``elevate`` and reused.
 
 Passwords come from the prompt service of whoever asked
-(:class:`remowt.prompt.PromptApi`) and reach the tool through a pipe (sudo
+(:class:`remowt.endpoints.prompt.PromptApi`) and reach the tool through a pipe (sudo
 runs the agent's ``askpass`` mode, which asks this agent over a private unix
 socket) or through a pty this agent owns (doas and run0 read from their
 controlling terminal): never argv, the environment or a file. The tool's own
@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import msgspec
 
-from .. import wire
-from .._real import Popen as LocalPopen
-from ..agent.askpass import SOCKET_ENV, TOKEN_ENV, AskpassReply, AskpassRequest, read_message
-from ..deadline import Deadline
 from ..errors import BadArguments, ConnectionLost, EscalationError, ProtocolError, RemoteError, Unreachable
-from ..link import Link
-from ..prompt import PromptApi
-from ..router import Router
-from ..service import Service, proxy, rpc
+from ..protocol import wire
+from ..protocol.service import Service, proxy, rpc
+from ..rpc.link import Link
+from ..rpc.router import Router
+from ..runtime.deadline import Deadline
+from ..runtime.real_subprocess import Popen as LocalPopen
 from ..transports.stdio import ChildTransport, enlarge_pipe
+from .askpass import SOCKET_ENV, TOKEN_ENV, AskpassReply, AskpassRequest, read_message
+from .prompt import PromptApi
 
 if TYPE_CHECKING:
     import socket
@@ -74,7 +74,7 @@ class EscalateApi(Service, namespace=20):
         """Start the privileged agent unless it runs; returns the tool used ("" when already root).
 
         ``tool`` is one of :data:`TOOLS`, or None to take the first one found.
-        Prompts go to the caller's :class:`~remowt.prompt.PromptApi`.
+        Prompts go to the caller's :class:`~remowt.endpoints.prompt.PromptApi`.
         """
         raise NotImplementedError
 
@@ -125,7 +125,7 @@ def agent_command(*args: str) -> List[str]:
     """Start this agent's code again (``-I -S``, only remowt's and msgspec's directories on the path)."""
     if not sys.executable:
         raise EscalationError("cannot start the agent again: the path of its Python (sys.executable) is unknown")
-    from ..transports.local import agent_pythonpath
+    from ..deploy.local import agent_pythonpath
 
     bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.agent.main import main; main()"
     return [sys.executable, "-I", "-S", "-c", bootstrap, *args]

@@ -19,15 +19,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
-from .._real import Popen as LocalPopen
-from ..agent.watchdog import Watchdog
 from ..errors import BadArguments, ConnectionLost, Unreachable
-from ..interrupts import start
-from ..router import Router
-from ..service import Service, proxy, rpc
-from ..streams import MAX_CHUNK, Stream
+from ..protocol.service import Service, proxy, rpc
+from ..rpc.router import Router
+from ..rpc.streams import MAX_CHUNK, Stream
+from ..runtime.interrupts import start
+from ..runtime.real_subprocess import Popen as LocalPopen
 from ..transports.stdio import enlarge_pipe
 from .childio import Child, ChildIO, LazyOutput
+from .watchdog import Watchdog
 
 log = logging.getLogger("remowt.subprocess")
 
@@ -368,4 +368,3 @@ class Subprocesses(SubprocessApi):
             pumps = list(self._pumps)
         for pump in pumps:
             pump.join(timeout)
-

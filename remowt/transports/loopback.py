@@ -7,7 +7,7 @@ import sys
 import threading
 from typing import Deque, Optional, Tuple
 
-from ..waiting import Gate, wait_on
+from ..runtime.waiting import Gate, wait_on
 from .base import Transport
 
 

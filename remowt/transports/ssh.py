@@ -20,11 +20,12 @@ import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST
 
-from .. import hostkeys, interrupts
-from ..deadline import Deadline
 from ..errors import AuthenticationError, SshError
-from ..sshconfig import SshTarget, jump_target
+from ..runtime import interrupts
+from ..runtime.deadline import Deadline
+from . import hostkeys
 from .base import Transport
+from .sshconfig import SshTarget, jump_target
 
 log = logging.getLogger("remowt.ssh")
 
@@ -75,7 +76,7 @@ class ParamikoTransport(paramiko.Transport):
     }
 
     def start(self) -> None:
-        """Start paramiko's thread with the asynchronous signals blocked in it (see :mod:`remowt.interrupts`)."""
+        """Start paramiko's thread with the asynchronous signals blocked in it (:mod:`remowt.runtime.interrupts`)."""
         interrupts.without_interrupts(super().start)
 
     def __init__(self, sock: Any) -> None:

@@ -18,8 +18,8 @@ import subprocess
 import threading
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
-from .._real import Popen as LocalPopen
-from ..interrupts import start
+from ..runtime.interrupts import start
+from ..runtime.real_subprocess import Popen as LocalPopen
 from .base import Transport
 
 PIPE_SIZE = 1024 * 1024

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Tuple, Type, TypeVar
 
 import msgspec
 
-from . import wire
+from ..protocol import wire
 from .popen import PIPE, CalledProcessError, CompletedProcess, Popen, run
 
 if TYPE_CHECKING:
-    from .client import Remowt
+    from .connection import Remowt
 
 T = TypeVar("T")
 

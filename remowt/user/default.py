@@ -8,7 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from .client import Remowt
+    from .connection import Remowt
 
 _lock = threading.Lock()
 _connection: Optional[Remowt] = None
@@ -23,7 +23,7 @@ def default_connection() -> Remowt:
     global _connection
     with _lock:
         if _connection is None or _connection.closed:
-            from .client import connect, connect_local
+            from .connection import connect, connect_local
 
             host = os.environ.get("REMOWT_HOST")
             _connection = connect(host) if host else connect_local()

@@ -8,19 +8,17 @@ from typing import List, Optional
 
 import msgspec
 
-from .stdio import ChildTransport, spawn_framed_child
+from ..transports.stdio import ChildTransport, spawn_framed_child
 
 
 def agent_pythonpath() -> List[str]:
     """The directories that hold remowt and msgspec: all the agent may import from."""
-    import remowt
-
-    dirs: List[str] = []
-    for module in (remowt, msgspec):
-        assert module.__file__ is not None
-        parent = os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
-        if parent not in dirs:
-            dirs.append(parent)
+    assert msgspec.__file__ is not None
+    remowt_package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this module is in remowt/deploy
+    dirs = [os.path.dirname(remowt_package)]
+    msgspec_parent = os.path.dirname(os.path.dirname(os.path.abspath(msgspec.__file__)))
+    if msgspec_parent not in dirs:
+        dirs.append(msgspec_parent)
     return dirs
 
 

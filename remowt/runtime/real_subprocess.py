@@ -3,7 +3,7 @@
 remowt starts its own local processes (agents, children on the agent)
 through this, so patching ``subprocess`` never makes remowt call itself.
 A child starts with the signal mask of the thread that forked it, and
-remowt's threads block the asynchronous signals (:mod:`remowt.interrupts`):
+remowt's threads block the asynchronous signals (:mod:`remowt.runtime.interrupts`):
 they are unblocked around the fork, so no child begins deaf to SIGTERM.
 """
 

@@ -35,8 +35,8 @@ import tempfile
 import zipfile
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from ._real import Popen as LocalPopen
-from .errors import RemowtError
+from ..errors import RemowtError
+from ..runtime.real_subprocess import Popen as LocalPopen
 
 BUNDLE_DIR_ENV = "REMOWT_BUNDLE_DIR"
 HASHES = "hashes"
@@ -107,7 +107,8 @@ def artifact_name(platform: str) -> str:
 
 
 def _package_dir() -> str:
-    return os.path.dirname(os.path.abspath(__file__))
+    """The ``remowt`` package's directory (this module is in its ``deploy`` package)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def default_bundle_dir() -> str:
@@ -333,9 +334,10 @@ def build_artifact(files: Sequence[Tuple[str, bytes]]) -> bytes:
             entries.setdefault("/".join(parts[:depth]), None)
         entries[name] = data
     raw = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz, tarfile.open(
-        fileobj=gz, mode="w", format=tarfile.PAX_FORMAT
-    ) as tar:
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for name, content in sorted(entries.items()):
             info = tarfile.TarInfo(name)
             info.mtime = 0

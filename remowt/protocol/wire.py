@@ -12,7 +12,7 @@ from typing import Annotated, List, Optional, Tuple, Union
 
 import msgspec
 
-from .errors import MessageTooLarge, ProtocolError
+from ..errors import MessageTooLarge, ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024

@@ -2,9 +2,9 @@
 
 It sends calls and returns futures, dispatches incoming calls to services,
 forwards what is addressed to others along learned routes, and carries the
-stream messages for :mod:`remowt.streams`. The route decisions themselves are
-in :mod:`remowt.routing`; threads live in :mod:`remowt.link` and
-:mod:`remowt.workers`.
+stream messages for :mod:`remowt.rpc.streams`. The route decisions themselves are
+in :mod:`remowt.protocol.routing`; threads live in :mod:`remowt.rpc.link` and
+:mod:`remowt.runtime.workers`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tupl
 
 import msgspec
 
-from . import wire
-from .errors import (
+from ..errors import (
     REMOTE_ERRORS,
     BadArguments,
     ConnectionLost,
@@ -31,15 +30,16 @@ from .errors import (
     Unreachable,
     remote_os_error,
 )
+from ..protocol import wire
+from ..protocol.routing import RouteTable
+from ..runtime.waiting import Flag, Gate, wait_on
+from ..runtime.workers import WorkerPool
+from ..transports.base import Transport
 from .link import Link, Part
-from .routing import RouteTable
 from .streams import DEFAULT_WINDOW, MAX_WINDOW, Stream, StreamKey
-from .transports.base import Transport
-from .waiting import Flag, Gate, wait_on
-from .workers import WorkerPool
 
 if TYPE_CHECKING:
-    from .service import MethodSpec
+    from ..protocol.service import MethodSpec
 
 log = logging.getLogger("remowt.router")
 HANDSHAKE_TIMEOUT = 30.0
@@ -232,7 +232,7 @@ class Router:
 
     def register(self, implementation: object) -> None:
         """Serve a service implementation (an instance of a declared service)."""
-        from .service import bind_methods
+        from ..protocol.service import bind_methods
 
         namespace, name, methods = bind_methods(implementation)
         with self._lock:
@@ -306,7 +306,7 @@ class Router:
         return True
 
     def splices_to(self, dst: str) -> bool:
-        """Whether frames towards ``dst`` may carry :class:`~remowt.link.Spliced` parts."""
+        """Whether frames towards ``dst`` may carry :class:`~remowt.rpc.link.Spliced` parts."""
         with self._lock:
             link = self._routes.next_hop(dst)
         return link is not None and link.transport.splices

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import paramiko
 
-from .errors import HostKeyError
+from ..errors import HostKeyError
 
 log = logging.getLogger("remowt.ssh")
 

@@ -13,8 +13,8 @@ import os
 import threading
 from typing import Callable, Optional
 
-from .errors import EscalationError
-from .service import Service, rpc
+from ..errors import EscalationError
+from ..protocol.service import Service, rpc
 
 Prompter = Callable[[str], str]
 

@@ -3,7 +3,7 @@
 On first use the connection's agent starts a privileged copy of itself
 through run0, sudo or doas (:mod:`remowt.endpoints.escalate`); it becomes the
 address ``agent-privileged``, reached through the same connection. Password
-prompts come back to the connection's prompter (:mod:`remowt.prompt`).
+prompts come back to the connection's prompter (:mod:`remowt.endpoints.prompt`).
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ import contextlib
 import threading
 from typing import Any, Iterator, Optional, Sequence
 
-from . import wire
-from .client import Remowt
-from .deadline import Deadline
-from .endpoints.control import ControlApi, NodeInfo
-from .endpoints.escalate import START_TIMEOUT as AGENT_START_TIMEOUT
-from .endpoints.escalate import EscalateApi, PrivilegedEventsApi
-from .endpoints.subprocess import SubprocessApi
-from .errors import ConnectionLost
+from ..endpoints.control import ControlApi, NodeInfo
+from ..endpoints.escalate import START_TIMEOUT as AGENT_START_TIMEOUT
+from ..endpoints.escalate import EscalateApi, PrivilegedEventsApi
+from ..endpoints.prompt import Prompter, PromptService, terminal_prompter
+from ..endpoints.subprocess import SubprocessApi
+from ..errors import ConnectionLost
+from ..protocol import wire
+from ..protocol.service import proxy
+from ..rpc.router import Router
+from ..runtime.deadline import Deadline
+from .connection import Remowt
 from .process import RemoteProcess
-from .prompt import Prompter, PromptService, terminal_prompter
-from .router import Router
-from .service import proxy
 
 START_TIMEOUT = AGENT_START_TIMEOUT + 15.0
 """How long :meth:`Privileged.start` waits by default (the user's time at a password prompt not counted)."""

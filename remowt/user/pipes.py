@@ -20,11 +20,11 @@ import stat
 import threading
 from typing import Any, Callable, Deque, Optional, Tuple, Union
 
-from .errors import ConnectionLost
-from .interrupts import start, without_interrupts
-from .streams import MAX_CHUNK, Chunk, Stream, as_bytes
-from .transports.stdio import enlarge_pipe
-from .waiting import Flag, Gate, wait_on
+from ..errors import ConnectionLost
+from ..rpc.streams import MAX_CHUNK, Chunk, Stream, as_bytes
+from ..runtime.interrupts import start, without_interrupts
+from ..runtime.waiting import Flag, Gate, wait_on
+from ..transports.stdio import enlarge_pipe
 
 
 class PipeEnd:

@@ -19,16 +19,16 @@ import threading
 import warnings
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .deadline import KILL_GRACE, Deadline
-from .errors import ConnectionLost
-from .interrupts import start, without_interrupts
+from ..errors import ConnectionLost
+from ..runtime.deadline import KILL_GRACE, Deadline
+from ..runtime.interrupts import start, without_interrupts
+from ..runtime.waiting import Gate, wait_on
 from .pipes import FdSink, FdToStream, PipeEnd, Relay, StreamReader, StreamWriter, is_devnull, remowt_pipe
-from .waiting import Gate, wait_on
 
 if TYPE_CHECKING:
-    from .client import Remowt
+    from ..rpc.streams import Stream
+    from .connection import Remowt
     from .process import RemoteProcess
-    from .streams import Stream
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL

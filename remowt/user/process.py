@@ -5,14 +5,14 @@ from __future__ import annotations
 import signal
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
-from .endpoints.subprocess import SubprocessApi
-from .errors import ConnectionLost
-from .service import timed
-from .streams import Stream
-from .waiting import Flag
+from ..endpoints.subprocess import SubprocessApi
+from ..errors import ConnectionLost
+from ..protocol.service import timed
+from ..rpc.streams import Stream
+from ..runtime.waiting import Flag
 
 if TYPE_CHECKING:
-    from .client import Remowt
+    from .connection import Remowt
 
 
 OutputHandler = Callable[[Optional[Stream]], None]
@@ -21,7 +21,7 @@ OutputHandler = Callable[[Optional[Stream]], None]
 class RemoteProcess:
     """A child running where the connection points.
 
-    ``stdin``, ``stdout`` and ``stderr`` are :class:`~remowt.streams.Stream`
+    ``stdin``, ``stdout`` and ``stderr`` are :class:`~remowt.rpc.streams.Stream`
     objects for the pipes that were asked for, else None. ``returncode`` is
     None while the child runs, then its exit status (negative: the signal
     that killed it), as in :mod:`subprocess`.

@@ -13,11 +13,11 @@ import functools
 import threading
 from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Tuple, Union
 
-from . import wire
-from .deadline import Deadline
-from .errors import ConnectionLost, ProtocolError
+from ..errors import ConnectionLost, ProtocolError
+from ..protocol import wire
+from ..runtime.deadline import Deadline
+from ..runtime.waiting import Gate, wait_on
 from .link import Spliced
-from .waiting import Gate, wait_on
 
 if TYPE_CHECKING:
     from .router import PeerBudget, Router

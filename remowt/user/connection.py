@@ -14,31 +14,31 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 import msgspec
 
-from . import keepalive as _keepalive
+from ..agent.main import Agent
+from ..deploy import local as local_transport
+from ..endpoints.control import Control, ControlApi, NodeInfo
+from ..endpoints.escalate import check_tool
+from ..endpoints.prompt import Prompter, check_prompter, has_terminal, terminal_prompter
+from ..endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
+from ..errors import ConnectionLost, MessageTooLarge, RemoteError, RemowtError, Unreachable
+from ..protocol import wire
+from ..protocol.service import proxy, timed
+from ..rpc import keepalive as _keepalive
+from ..rpc.link import Link, held_mark, held_sends, held_undo, holding_sends
+from ..rpc.router import HANDSHAKE_TIMEOUT, Pending, Router
+from ..rpc.streams import Stream
+from ..runtime.deadline import CALL_TIMEOUT, Deadline
+from ..runtime.interrupts import start
+from ..transports import loopback as loopback_transport
+from ..transports.base import Transport
 from . import popen as _popen
-from . import wire
-from .agent.main import Agent
 from .command import Command
-from .deadline import CALL_TIMEOUT, Deadline
-from .endpoints.control import Control, ControlApi, NodeInfo
-from .endpoints.escalate import check_tool
-from .endpoints.subprocess import ProcessEventsApi, SpawnSpec, SubprocessApi
-from .errors import ConnectionLost, MessageTooLarge, RemoteError, RemowtError, Unreachable
-from .interrupts import start
-from .link import Link, held_mark, held_sends, held_undo, holding_sends
 from .pipes import FdWriter
 from .process import OutputHandler, RemoteProcess
-from .prompt import Prompter, check_prompter, has_terminal, terminal_prompter
-from .router import HANDSHAKE_TIMEOUT, Pending, Router
-from .service import proxy, timed
-from .streams import Stream
-from .transports import local as local_transport
-from .transports import loopback as loopback_transport
-from .transports.base import Transport
 
 if TYPE_CHECKING:
-    from .bundle import AgentBundle
-    from .escalation import Privileged
+    from ..deploy.bundle import AgentBundle
+    from .privileged import Privileged
 
 _SPAWN = SubprocessApi.methods["spawn"]
 _KEEPALIVE = ControlApi.methods["keepalive"]
@@ -145,9 +145,9 @@ class Remowt:
         The agent starts itself again through ``self.escalation`` (run0, sudo
         or doas; None: the first one found on the target); password prompts
         go to ``self.prompter`` (None: the terminal). Both may be changed
-        before first use. See :class:`remowt.escalation.Privileged`.
+        before first use. See :class:`remowt.user.privileged.Privileged`.
         """
-        from .escalation import Privileged
+        from .privileged import Privileged
 
         with self._lock:
             if self._privileged is None:
@@ -196,7 +196,7 @@ class Remowt:
             return writer
 
     def cmd(self, program: str) -> Command:
-        """A :class:`~remowt.command.Command` builder for ``program`` on this connection."""
+        """A :class:`~remowt.user.command.Command` builder for ``program`` on this connection."""
         return Command(self, program)
 
     # --- processes ------------------------------------------------------
@@ -227,8 +227,8 @@ class Remowt:
 
         ``env`` replaces the agent's environment (as in :mod:`subprocess`),
         ``extra_env`` extends it. Each of ``stdin``/``stdout``/``stderr`` is
-        ``PIPE`` (a :class:`~remowt.streams.Stream` on the result),
-        ``DEVNULL`` or ``CLOSED`` (see :data:`remowt.popen.CLOSED`); ``stderr``
+        ``PIPE`` (a :class:`~remowt.rpc.streams.Stream` on the result),
+        ``DEVNULL`` or ``CLOSED`` (see :data:`remowt.user.popen.CLOSED`); ``stderr``
         may also be ``STDOUT``. Each child gets its own
         process group unless ``start_new_session`` or ``process_group`` say
         otherwise; ``user``, ``group``, ``extra_groups``, ``umask`` and
@@ -450,14 +450,14 @@ def _connect(
         call_timeout=call_timeout,
     )
     router.register(_ProcessEvents(connection))
-    from .escalation import serve_user_side
+    from .privileged import serve_user_side
 
     serve_user_side(router, connection)
     return connection
 
 
 def _start_keepalives(router: Router, link: Link, interval: float, count: int) -> _keepalive.Sender:
-    """Keep the agent told that this side is there (:mod:`remowt.keepalive`); the first notice goes now."""
+    """Keep the agent told that this side is there (:mod:`remowt.rpc.keepalive`); the first notice goes now."""
     args = _KEEPALIVE.encode_args((interval, count), {})
     sender = _keepalive.Sender(
         link, interval, lambda: router.notify(wire.AGENT, ControlApi.namespace, _KEEPALIVE.number, args)
@@ -590,10 +590,10 @@ def connect(
     for ``agent_keepalive_count`` intervals in a row (default: 3 times 15 s) ends
     itself and its children, as if the connection had closed (0: never).
     """
-    from . import sshconfig
-    from .bundle import AgentBundle
-    from .deploy import remote_start_command, start_agent
-    from .transports import ssh as ssh_transport
+    from ..deploy.bundle import AgentBundle
+    from ..deploy.remote import remote_start_command, start_agent
+    from ..transports import ssh as ssh_transport
+    from ..transports import sshconfig
 
     check_prompter(prompter)
     check_tool(escalation)

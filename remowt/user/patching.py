@@ -8,7 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, TypeVar
 
 if TYPE_CHECKING:
-    from .client import Remowt
+    from .connection import Remowt
 
 F = TypeVar("F", bound=Callable[..., Any])
 PATCHED = ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput")

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Union
 
 import paramiko
 
-from .errors import SshError
+from ..errors import SshError
 
 PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")

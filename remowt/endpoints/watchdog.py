@@ -103,10 +103,10 @@ def _exited(pid: int, timeout: float) -> bool:
 
 def start_watchdog() -> Optional[Watchdog]:
     """Start the watchdog; None (said in the log) if that fails."""
-    from .._real import Popen as LocalPopen
-    from ..transports.local import agent_pythonpath
+    from ..deploy.local import agent_pythonpath
+    from ..runtime.real_subprocess import Popen as LocalPopen
 
-    killer = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.agent.watchdog import main; main()"
+    killer = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.endpoints.watchdog import main; main()"
     try:
         table_fd = os.memfd_create("remowt-watchdog")
         try:

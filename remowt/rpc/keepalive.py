@@ -18,8 +18,8 @@ import math
 import threading
 from typing import Callable, Optional
 
-from .errors import ConnectionLost, Unreachable
-from .interrupts import start
+from ..errors import ConnectionLost, Unreachable
+from ..runtime.interrupts import start
 from .link import Link
 
 log = logging.getLogger("remowt.keepalive")

@@ -14,11 +14,11 @@ import logging
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
-from . import wire
-from .errors import ProtocolError
-from .interrupts import start
-from .transports.base import Transport
-from .waiting import Gate, wait_on
+from ..errors import ProtocolError
+from ..protocol import wire
+from ..runtime.interrupts import start
+from ..runtime.waiting import Gate, wait_on
+from ..transports.base import Transport
 
 log = logging.getLogger("remowt.link")
 # Read what is there, up to a window: a paramiko channel moves what a read leaves to its buffer's front.
@@ -130,7 +130,7 @@ class Link:
         self._eof = False
         self.close_reason: Optional[BaseException] = None
         self._deferred: List[Callable[[], None]] = []
-        self.sent = False  # set by every send, cleared by a keepalive sender (remowt.keepalive)
+        self.sent = False  # set by every send, cleared by a keepalive sender (remowt.rpc.keepalive)
         self.heard = False  # set by every read that brought bytes, cleared by a silence watch
         self._reader = threading.Thread(target=self._read_loop, name=f"remowt-read-{name}", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"remowt-write-{name}", daemon=True)
@@ -207,8 +207,10 @@ class Link:
         if threading.get_ident() != _MAIN_THREAD:
             return True
         atomic = self.transport.atomic_write
-        return bool(atomic) and sum(len(item) for item in items) <= atomic and not any(
-            isinstance(item, Spliced) for item in items
+        return (
+            bool(atomic)
+            and sum(len(item) for item in items) <= atomic
+            and not any(isinstance(item, Spliced) for item in items)
         )
 
     def _put(self, items: List[_Item], block: bool, sent: List[Spliced]) -> None:

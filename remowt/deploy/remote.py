@@ -41,11 +41,11 @@ from typing import Any, Dict, Optional, Type, TypeVar
 
 import msgspec
 
+from ..errors import RemowtError
+from ..runtime.deadline import Deadline
+from ..runtime.interrupts import start
+from ..transports.base import Transport
 from .bundle import AgentBundle
-from .deadline import Deadline
-from .errors import RemowtError
-from .interrupts import start
-from .transports.base import Transport
 
 log = logging.getLogger("remowt.deploy")
 
@@ -79,7 +79,7 @@ exec(compile(r(int.from_bytes(r(4), "big")), "remowt-boot", "exec"))
 """.replace("MAGIC", repr(MAGIC))
 
 # Sent by the client and run by the stub on Python >= 3.9; ``r`` reads exactly n bytes of stdin.
-BOOT = r'''
+BOOT = r"""
 import json, struct
 want = dict(arg.split("=", 1) for arg in sys.argv[1:])
 impl = sys.implementation.name
@@ -246,7 +246,7 @@ finally:
     if fallback:
         import shutil
         shutil.rmtree(final, ignore_errors=True)
-'''
+"""
 
 
 class DeployError(RemowtError):
@@ -467,7 +467,7 @@ def start_agent(transport: Transport, bundle: AgentBundle, *, timeout: float = D
     Returns once the agent has taken over the stream: the next bytes are the
     agent's protocol (``router.add_link(transport)``). On failure the
     transport is closed and a :class:`DeployError` (or a
-    :class:`~remowt.bundle.BundleError` for a broken local bundle) says why.
+    :class:`~remowt.deploy.bundle.BundleError` for a broken local bundle) says why.
     """
     started = time.monotonic()
     session = _Session(transport, timeout)

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import msgspec
 
+from ..errors import RemoteError
 from . import wire
-from .errors import RemoteError
 
 if TYPE_CHECKING:
-    from .router import Router
+    from ..rpc.router import Router
 
 F = TypeVar("F", bound=Callable[..., Any])
 _VARARGS, _VARKEYWORDS = 0x04, 0x08  # code object flags: *args, **kwargs

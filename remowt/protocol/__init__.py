@@ -1,0 +1,1 @@
+"""remowt.protocol"""
