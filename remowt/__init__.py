@@ -29,8 +29,10 @@ if TYPE_CHECKING:
         Unreachable,
     )
     from .user.command import Command
-    from .user.connection import Remowt, connect, connect_local, loopback
+    from .user.connect import connect, connect_command, connect_local, connect_transport, loopback
+    from .user.connection import Remowt
     from .user.default import default_connection
+    from .user.node import Node
     from .user.patching import patch
     from .user.popen import (
         DEVNULL,
@@ -53,7 +55,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _HOMES: Dict[str, str] = {
-    **dict.fromkeys(["Remowt", "connect", "connect_local", "loopback"], "user.connection"),
+    "Remowt": "user.connection",
+    "Node": "user.node",
+    **dict.fromkeys(["connect", "connect_command", "connect_local", "connect_transport", "loopback"], "user.connect"),
     "Command": "user.command",
     "default_connection": "user.default",
     **dict.fromkeys(
@@ -107,6 +111,7 @@ __all__ = [
     "EscalationError",
     "InternalError",
     "MessageTooLarge",
+    "Node",
     "Popen",
     "ProtocolError",
     "RemoteError",
@@ -122,7 +127,9 @@ __all__ = [
     "check_call",
     "check_output",
     "connect",
+    "connect_command",
     "connect_local",
+    "connect_transport",
     "default_connection",
     "getoutput",
     "getstatusoutput",

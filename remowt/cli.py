@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 from .errors import ConnectionLost, RemowtError
 from .transports.stdio import pipe_above_stdio
-from .user import connection as client
+from .user import connect as client
+from .user.connection import Remowt
 from .user.popen import CLOSED, Popen
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -237,7 +238,7 @@ class SignalForwarder:
         return None
 
 
-def run_attached(connection: client.Remowt, argv: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
+def run_attached(connection: Remowt, argv: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
     """Run ``argv`` with this process's stdio (or ``stdio``) wired through; return the shell-style exit status."""
     signals.starting = True
     try:
@@ -296,7 +297,7 @@ def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser, after: Opti
     return argv
 
 
-def _connection(args: argparse.Namespace) -> client.Remowt:
+def _connection(args: argparse.Namespace) -> Remowt:
     if args.command == "local":
         return client.connect_local()
     return client.connect(

@@ -10,6 +10,7 @@ import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import remowt
+from remowt.endpoints.subprocess import SpawnOptions
 from remowt.protocol import wire
 from remowt.rpc.router import Router
 
@@ -276,7 +277,7 @@ class Family:
     def __init__(self, conn: remowt.Remowt, timeout: float = 30.0) -> None:
         plain = conn.spawn(["sleep", "1000"])
         group = conn.spawn(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=remowt.PIPE)
-        self.kept = conn.spawn(["sleep", "1000"], keep_on_disconnect=True).pid
+        self.kept = conn.spawn(["sleep", "1000"], SpawnOptions(keep_on_disconnect=True)).pid
         assert group.stdout is not None
         line = b""
         while not line.endswith(b"\n"):

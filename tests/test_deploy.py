@@ -22,6 +22,8 @@ from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from _util import pypi_reachable, run_together
 
+import remowt
+from remowt import Remowt
 from remowt.deploy import bundle
 from remowt.deploy.bundle import AgentBundle, BundleError, artifact_name, local_platform
 from remowt.deploy.remote import (
@@ -35,7 +37,6 @@ from remowt.deploy.remote import (
     start_agent,
 )
 from remowt.transports.stdio import ChildTransport, spawn_framed_child
-from remowt.user.connection import Remowt, _connect, _user_router
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,7 +81,7 @@ class Target:
     def deploy(self, agent_bundle: AgentBundle, **kwargs: str) -> Tuple[DeployReport, Remowt]:
         transport = self.start(agent_bundle, **kwargs)
         report = start_agent(transport, agent_bundle, timeout=TIMEOUT)
-        return report, _connect(_user_router(), transport, "deploy test", [])
+        return report, remowt.connect_transport(transport, description="deploy test", agent_keepalive=0)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from _util import Family, connect_routers, kill_quietly, proc_alive, proc_gone, 
 import remowt
 from remowt import PIPE
 from remowt.endpoints.control import Control, ControlApi
+from remowt.endpoints.subprocess import SpawnOptions
 from remowt.errors import ConnectionLost
 from remowt.rpc.keepalive import Sender
 from remowt.rpc.router import Router
@@ -29,10 +30,11 @@ CLIENT = textwrap.dedent(
     """
     import json, sys, threading
     import remowt
+    from remowt.endpoints.subprocess import SpawnOptions
 
     conn = remowt.connect_local(**json.loads(sys.argv[1]))
     plain = conn.spawn(["sleep", "1000"])
-    kept = conn.spawn(["sleep", "1000"], keep_on_disconnect=True)
+    kept = conn.spawn(["sleep", "1000"], SpawnOptions(keep_on_disconnect=True))
     group = conn.spawn(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=remowt.PIPE)
     line = b""
     while not line.endswith(b"\\n"):
@@ -107,7 +109,7 @@ def test_killing_the_client_kills_agent_and_children() -> None:
 
 @pytest.mark.timeout(60)
 def test_keep_on_disconnect(conn: remowt.Remowt) -> None:
-    kept = conn.spawn(["sleep", "1000"], keep_on_disconnect=True)
+    kept = conn.spawn(["sleep", "1000"], SpawnOptions(keep_on_disconnect=True))
     dropped = conn.spawn(["sleep", "1000"])
     group = conn.spawn(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=PIPE)
     assert group.stdout is not None

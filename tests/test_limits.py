@@ -23,6 +23,7 @@ from remowt.deploy.bundle import AgentBundle, artifact_name, local_platform
 from remowt.deploy.local import start_local_agent
 from remowt.deploy.remote import MAGIC, DeployError, start_agent
 from remowt.endpoints.control import Control, ControlApi
+from remowt.endpoints.subprocess import SpawnOptions
 from remowt.errors import BadArguments, MessageTooLarge, ProtocolError, ResultTooLarge, Unreachable
 from remowt.protocol import wire
 from remowt.protocol.service import Service, proxy, rpc
@@ -73,7 +74,7 @@ def test_oversize_spawn_is_e2big_and_the_connection_stays(conn: remowt.Remowt, w
         if where == "argv":
             conn.spawn(["true", huge], stdin=remowt.PIPE, stdout=remowt.PIPE)
         elif where == "env":
-            conn.spawn(["true"], extra_env={"HUGE": huge}, stderr=remowt.PIPE)
+            conn.spawn(["true"], SpawnOptions(env={"HUGE": huge}), stderr=remowt.PIPE)
         else:
             remowt.Popen(["echo", huge], stdout=remowt.PIPE, connection=conn)
     assert e.value.errno == errno.E2BIG, e.value

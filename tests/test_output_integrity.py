@@ -145,7 +145,7 @@ def test_link_lost_during_spawns_with_copied_outputs(
         for thread in threads:
             thread.start()
         try:  # every spawn waits for its answer
-            assert wait_until(lambda: len(agent_connection._processes) == spawns, 10)
+            assert wait_until(lambda: agent_connection.children.count() == spawns, 10)
         finally:
             os.kill(agent, signal.SIGKILL)
         for thread in threads:

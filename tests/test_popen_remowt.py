@@ -82,7 +82,7 @@ def test_local_only_arguments_are_refused(connection: remowt.Remowt, kwargs: Dic
         with pytest.raises(ValueError, match=name):
             call()
     # nothing was started: the connection has no children to wait for
-    assert connection._processes == {}
+    assert connection.children.count() == 0
 
 
 def test_local_only_arguments_with_their_defaults_are_fine(connection: remowt.Remowt) -> None:
@@ -287,7 +287,7 @@ def test_bad_strings_are_refused_here(
     kwargs = {"args": ["cat"], **kwargs}
     with pytest.raises(ValueError, match=message):
         connection.Popen(**kwargs)
-    assert connection._processes == {}
+    assert connection.children.count() == 0
     assert caplog.records == []
 
 

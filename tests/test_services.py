@@ -247,9 +247,9 @@ def test_register_checks(pair: Tuple[Router, Router, Calc]) -> None:
 @pytest.mark.timeout(30)
 def test_agent_unknown_namespace_and_method(conn: remowt.Remowt) -> None:
     with pytest.raises(UnknownMethod):
-        conn.router.call(conn.agent, 999, 1, wire.encode_value([])).result(10)
+        conn.router.call(conn.address, 999, 1, wire.encode_value([])).result(10)
     with pytest.raises(UnknownMethod):
-        conn.router.call(conn.agent, SubprocessApi.namespace, 99, wire.encode_value([])).result(10)
+        conn.router.call(conn.address, SubprocessApi.namespace, 99, wire.encode_value([])).result(10)
     conn.ping()
 
 
@@ -257,17 +257,17 @@ def test_agent_unknown_namespace_and_method(conn: remowt.Remowt) -> None:
 def test_agent_bad_arguments(conn: remowt.Remowt) -> None:
     # send_signal(handle: int, signum: int) with strings
     with pytest.raises(BadArguments):
-        conn.router.call(conn.agent, SubprocessApi.namespace, 4, wire.encode_value(["a", "b"])).result(10)
+        conn.router.call(conn.address, SubprocessApi.namespace, 4, wire.encode_value(["a", "b"])).result(10)
     # spawn with a spec missing its required fields
     with pytest.raises(BadArguments):
-        conn.router.call(conn.agent, SubprocessApi.namespace, 1, wire.encode_value([{"argv": ["true"]}])).result(10)
+        conn.router.call(conn.address, SubprocessApi.namespace, 1, wire.encode_value([{"argv": ["true"]}])).result(10)
     # a spec with an unknown field
     spec = {"handle": 10**6, "argv": ["true"], "bogus": 1}
     with pytest.raises(BadArguments):
-        conn.router.call(conn.agent, SubprocessApi.namespace, 1, wire.encode_value([spec])).result(10)
+        conn.router.call(conn.address, SubprocessApi.namespace, 1, wire.encode_value([spec])).result(10)
     # args that are not even an array
     with pytest.raises(BadArguments):
-        conn.router.call(conn.agent, SubprocessApi.namespace, 3, msgspec.msgpack.encode("x")).result(10)
+        conn.router.call(conn.address, SubprocessApi.namespace, 3, msgspec.msgpack.encode("x")).result(10)
     conn.ping()
 
 
@@ -294,7 +294,7 @@ def test_closed_stdio(conn: remowt.Remowt) -> None:
     for closed in (["stdin", "stdin"], ["fd3"]):
         spec = {"handle": 10**6, "argv": ["true"], "closed": closed}
         with pytest.raises(BadArguments, match="closed"):
-            conn.router.call(conn.agent, SubprocessApi.namespace, 1, wire.encode_value([spec])).result(10)
+            conn.router.call(conn.address, SubprocessApi.namespace, 1, wire.encode_value([spec])).result(10)
     with pytest.raises(ValueError, match="CLOSED"):
         conn.spawn(["true"], stdin=remowt.STDOUT)
     assert conn.ping() < 5

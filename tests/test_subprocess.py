@@ -8,19 +8,24 @@ import os
 import shutil
 import signal
 import threading
-from typing import List
+from typing import Any, List
 
 import pytest
 
 import remowt
 from remowt import PIPE, STDOUT
+from remowt.endpoints.subprocess import SpawnOptions
 
 ENV = shutil.which("env") or "/usr/bin/env"
 
 
-def run(conn: remowt.Remowt, argv: List[str], timeout: float = 30, **kwargs: object) -> tuple[int, bytes]:
-    """Spawn with stdout piped, read everything, wait: (returncode, output)."""
-    proc = conn.spawn(argv, stdout=PIPE, **kwargs)  # type: ignore[arg-type]
+def run(conn: remowt.Remowt, argv: List[str], timeout: float = 30, **options: Any) -> tuple[int, bytes]:
+    """Spawn with stdout piped (and ``options``; ``extra_env`` extends the environment), read everything, wait."""
+    if "extra_env" in options:
+        options["env"] = options.pop("extra_env")
+    elif "env" in options:
+        options["replace_env"] = True
+    proc = conn.spawn(argv, SpawnOptions(**options), stdout=PIPE)
     assert proc.stdout is not None
     out = proc.stdout.readall(timeout=timeout)
     return proc.wait(timeout=timeout), out
@@ -113,8 +118,8 @@ def test_extra_env_extends(conn: remowt.Remowt) -> None:
 
 @pytest.mark.timeout(30)
 def test_env_and_extra_env_exclusive(conn: remowt.Remowt) -> None:
-    with pytest.raises(ValueError):
-        conn.spawn(["true"], env={"A": "1"}, extra_env={"B": "2"})
+    with pytest.raises(ValueError, match="not both"):
+        conn.Popen(["true"], env={"A": "1"}, extra_env={"B": "2"})
 
 
 @pytest.mark.timeout(30)
@@ -128,7 +133,7 @@ def test_cwd(conn: remowt.Remowt, tmp_path: os.PathLike[str]) -> None:
 def test_bad_cwd(conn: remowt.Remowt, tmp_path: os.PathLike[str]) -> None:
     missing = os.path.join(tmp_path, "no", "such", "dir")
     with pytest.raises(FileNotFoundError) as info:
-        conn.spawn(["true"], cwd=missing, stdout=PIPE)
+        conn.spawn(["true"], SpawnOptions(cwd=missing), stdout=PIPE)
     assert info.value.errno == errno.ENOENT
     assert info.value.filename == missing
     # the connection is still fine

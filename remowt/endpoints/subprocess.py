@@ -32,8 +32,31 @@ from .watchdog import Watchdog
 log = logging.getLogger("remowt.subprocess")
 
 
+class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How a child starts, in :class:`subprocess.Popen`'s terms: one set, from ``Popen`` through the node to the agent.
+
+    ``env`` replaces the agent's environment when ``replace_env``, else
+    extends it. Each child gets its own process group unless
+    ``start_new_session`` or ``process_group`` say otherwise; children die
+    with the connection unless ``keep_on_disconnect``.
+    """
+
+    executable: Optional[str] = None
+    cwd: Optional[str] = None
+    env: Optional[Dict[str, str]] = None
+    replace_env: bool = False
+    start_new_session: bool = False
+    process_group: Optional[int] = None
+    umask: int = -1
+    restore_signals: bool = True
+    user: Union[int, str, None] = None
+    group: Union[int, str, None] = None
+    extra_groups: Optional[List[Union[int, str]]] = None
+    keep_on_disconnect: bool = False
+
+
 class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How to start a child. Stdio fields name streams the caller opened; None is /dev/null.
+    """A child to start: its handle, argv, options and stdio. Stdio fields name streams the caller opened.
 
     ``lazy_stdout`` / ``lazy_stderr`` (with no stream named): the child gets a
     pipe all the same, and the agent opens a one-way stream for it only once
@@ -43,26 +66,16 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``closed`` names stdio the child gets as if closed: /dev/null opened the
     wrong way round, so every read (stdin) or write (stdout, stderr) fails with
     ``EBADF`` as on a closed fd, and nothing the child opens lands there.
+    Stdio that is none of these is /dev/null.
     """
 
     handle: int
     argv: List[str]
-    executable: Optional[str] = None
-    cwd: Optional[str] = None
-    env: Optional[Dict[str, str]] = None
-    replace_env: bool = False
+    options: SpawnOptions = SpawnOptions()
     stdin: Optional[int] = None
     stdout: Optional[int] = None
     stderr: Optional[int] = None
     stderr_to_stdout: bool = False
-    start_new_session: bool = False
-    process_group: Optional[int] = None
-    umask: int = -1
-    restore_signals: bool = True
-    user: Union[int, str, None] = None
-    group: Union[int, str, None] = None
-    extra_groups: Optional[List[Union[int, str]]] = None
-    keep_on_disconnect: bool = False
     lazy_stdout: bool = False
     lazy_stderr: bool = False
     closed: List[str] = []
@@ -230,7 +243,7 @@ class Subprocesses(SubprocessApi):
         finally:
             for fd in theirs.values():
                 os.close(fd)
-        child = _Child(owner, spec.handle, process, spec.keep_on_disconnect)
+        child = _Child(owner, spec.handle, process, spec.options.keep_on_disconnect)
         if self._watchdog is not None and not child.keep:
             self._watchdog.watch(process.pid)
         with self._lock:
@@ -246,32 +259,33 @@ class Subprocesses(SubprocessApi):
 
     def _popen_kwargs(self, spec: SpawnSpec, fds: Dict[str, int]) -> Dict[str, Any]:
         """Popen's arguments; ``fds`` are the child's ends of its stdio pipes (the rest is /dev/null)."""
+        options = spec.options
         stderr = subprocess.STDOUT if spec.stderr_to_stdout else fds.get("stderr", subprocess.DEVNULL)
         env: Optional[Dict[str, str]] = None
-        if spec.replace_env:
-            env = dict(spec.env or {})
-        elif spec.env:
-            env = {**os.environ, **spec.env}
+        if options.replace_env:
+            env = dict(options.env or {})
+        elif options.env:
+            env = {**os.environ, **options.env}
         kwargs: Dict[str, Any] = dict(
-            executable=spec.executable,
+            executable=options.executable,
             stdin=fds.get("stdin", subprocess.DEVNULL),
             stdout=fds.get("stdout", subprocess.DEVNULL),
             stderr=stderr,
-            cwd=spec.cwd,
+            cwd=options.cwd,
             env=env,
             close_fds=True,
             bufsize=0,
-            umask=spec.umask,
-            restore_signals=spec.restore_signals,
-            user=spec.user,
-            group=spec.group,
-            extra_groups=spec.extra_groups,
-            start_new_session=spec.start_new_session,
+            umask=options.umask,
+            restore_signals=options.restore_signals,
+            user=options.user,
+            group=options.group,
+            extra_groups=options.extra_groups,
+            start_new_session=options.start_new_session,
         )
         if sys.version_info >= (3, 11):
-            if not spec.start_new_session:
-                kwargs["process_group"] = 0 if spec.process_group is None else spec.process_group
-        elif spec.process_group is not None:
+            if not options.start_new_session:
+                kwargs["process_group"] = 0 if options.process_group is None else options.process_group
+        elif options.process_group is not None:
             raise BadArguments("process_group needs Python 3.11 or later on the target")
         else:
             kwargs["start_new_session"] = True

@@ -11,7 +11,7 @@ from ..protocol import wire
 from .popen import PIPE, CalledProcessError, CompletedProcess, Popen, run
 
 if TYPE_CHECKING:
-    from .connection import Remowt
+    from .node import Node
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ class Command:
 
     def __init__(
         self,
-        connection: Remowt,
+        connection: Node,
         program: str,
         arguments: Tuple[str, ...] = (),
         environment: Tuple[Tuple[str, str], ...] = (),
@@ -77,7 +77,7 @@ class Command:
     @property
     def privileged(self) -> bool:
         """Whether the command runs through the privileged agent (:meth:`sudo`)."""
-        return getattr(self.connection, "agent", None) == wire.AGENT_PRIVILEGED
+        return self.connection.address == wire.AGENT_PRIVILEGED
 
     @property
     def argv(self) -> list[str]:

@@ -23,7 +23,7 @@ def default_connection() -> Remowt:
     global _connection
     with _lock:
         if _connection is None or _connection.closed:
-            from .connection import connect, connect_local
+            from .connect import connect, connect_local
 
             host = os.environ.get("REMOWT_HOST")
             _connection = connect(host) if host else connect_local()

@@ -18,7 +18,7 @@ import os
 import select
 import stat
 import threading
-from typing import Any, Callable, Deque, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
 from ..errors import ConnectionLost
 from ..rpc.streams import MAX_CHUNK, Chunk, Stream, as_bytes
@@ -504,3 +504,26 @@ class FdWriter:
             self._gate.open()
         if thread is not None:
             thread.join()
+
+
+class FdWriters:
+    """The writers of one connection's children's outputs, one per local fd."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._writers: Dict[int, FdWriter] = {}
+
+    def get(self, fd: int) -> FdWriter:
+        """The writer that copies children's output to local fd ``fd``, made on first use."""
+        with self._lock:
+            writer = self._writers.get(fd)
+            if writer is None:
+                writer = self._writers[fd] = FdWriter(fd)
+            return writer
+
+    def close(self) -> None:
+        """Finish what every writer queued, then stop them."""
+        with self._lock:
+            writers = list(self._writers.values())
+        for writer in writers:
+            writer.close()

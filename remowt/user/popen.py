@@ -19,6 +19,7 @@ import threading
 import warnings
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..endpoints.subprocess import SpawnOptions
 from ..errors import ConnectionLost
 from ..runtime.deadline import KILL_GRACE, Deadline
 from ..runtime.interrupts import start, without_interrupts
@@ -27,7 +28,7 @@ from .pipes import FdSink, FdToStream, PipeEnd, Relay, StreamReader, StreamWrite
 
 if TYPE_CHECKING:
     from ..rpc.streams import Stream
-    from .connection import Remowt
+    from .node import Node
     from .process import RemoteProcess
 
 PIPE = subprocess.PIPE
@@ -199,7 +200,7 @@ class Popen:
       fail with EPIPE; if it exits 0 regardless, ``wait()`` raises the error.
     """
 
-    _bound_connection: Optional[Remowt] = None
+    _bound_connection: Optional[Node] = None
 
     def __init__(
         self,
@@ -230,7 +231,7 @@ class Popen:
         umask: int = -1,
         pipesize: int = -1,
         process_group: Optional[int] = None,
-        connection: Optional[Remowt] = None,
+        connection: Optional[Node] = None,
         extra_env: Optional[Mapping[str, str]] = None,
         sudo: bool = False,
         spawn_timeout: Optional[float] = None,
@@ -282,7 +283,21 @@ class Popen:
         argv, exe = _argv(args, shell, executable)
         environment = _environment("env", env)
         extra_environment = _environment("extra_env", extra_env)
-        directory = None if cwd is None else _no_nul(os.fsdecode(cwd), "cwd")
+        if environment is not None and extra_environment is not None:
+            raise ValueError("give env (replace) or extra_env (extend), not both")
+        options = SpawnOptions(
+            executable=exe,
+            cwd=None if cwd is None else _no_nul(os.fsdecode(cwd), "cwd"),
+            env=environment if environment is not None else extra_environment or None,
+            replace_env=environment is not None,
+            start_new_session=start_new_session,
+            process_group=process_group,
+            umask=umask,
+            restore_signals=restore_signals,
+            user=user,
+            group=group,
+            extra_groups=None if extra_groups is None else list(extra_groups),
+        )
         choices: Dict[str, Choice] = {}
         try:
             for name, value in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
@@ -304,20 +319,10 @@ class Popen:
             }
             process = conn.spawn(
                 argv,
-                executable=exe,
-                cwd=directory,
-                env=environment,
-                extra_env=extra_environment,
+                options,
                 stdin=_mode(choices["stdin"]),
                 stdout=_mode(choices["stdout"]),
                 stderr=_mode(choices["stderr"]),
-                start_new_session=start_new_session,
-                process_group=process_group,
-                umask=umask,
-                restore_signals=restore_signals,
-                user=user,
-                group=group,
-                extra_groups=extra_groups,
                 outputs=outputs,
                 timeout=spawn_timeout,
             )

@@ -10,55 +10,50 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
-from ..endpoints.control import ControlApi, NodeInfo
 from ..endpoints.escalate import START_TIMEOUT as AGENT_START_TIMEOUT
 from ..endpoints.escalate import EscalateApi, PrivilegedEventsApi
 from ..endpoints.prompt import Prompter, PromptService, terminal_prompter
-from ..endpoints.subprocess import SubprocessApi
 from ..errors import ConnectionLost
 from ..protocol import wire
 from ..protocol.service import proxy
 from ..rpc.router import Router
 from ..runtime.deadline import Deadline
 from .connection import Remowt
-from .process import RemoteProcess
+from .node import Node
 
 START_TIMEOUT = AGENT_START_TIMEOUT + 15.0
 """How long :meth:`Privileged.start` waits by default (the user's time at a password prompt not counted)."""
 _ELEVATE = EscalateApi.methods["elevate"]
 
 
-class Privileged(Remowt):
-    """``conn.privileged``: the same connection, with its calls going to the privileged agent.
+class Privileged(Node):
+    """``conn.privileged``: the privileged agent's node, reached through the same connection.
 
-    It has the connection's face (``Popen``, ``run``, ``check_output``,
-    ``cmd``, ``spawn``, ``ping``, ``info`` …). The privileged agent is started
-    on first use, asking the connection's prompter if the tool wants a
-    password, and then reused. Closing the view ends the privileged agent and
-    its children, not the connection; the next use starts it again.
+    It has every node's face (``Popen``, ``run``, ``check_output``, ``cmd``,
+    ``spawn``, ``ping``, ``info`` …). The privileged agent is started on first
+    use, asking the connection's prompter if the tool wants a password, and
+    then reused. Closing the node ends the privileged agent and its children,
+    not the connection; the next use starts it again.
     """
 
     def __init__(self, connection: Remowt) -> None:
-        self._connection = connection
-        self.agent = wire.AGENT_PRIVILEGED
-        self.description = f"{connection.description}, privileged"
+        super().__init__(
+            connection.router,
+            wire.AGENT_PRIVILEGED,
+            description=f"{connection.description}, privileged",
+            children=connection.children,
+            fd_writers=connection.fd_writers,
+            call_timeout=connection.call_timeout,
+        )
+        self.connection = connection
         self.tool: Optional[str] = None
-        self._popen_class = None
-        self._control = proxy(ControlApi, connection.router, self.agent, connection.call_timeout)
-        self._subprocess = proxy(SubprocessApi, connection.router, self.agent, connection.call_timeout)
-        self._escalate = proxy(EscalateApi, connection.router, connection.agent, connection.call_timeout)
+        self._escalate = proxy(EscalateApi, connection.router, connection.address, connection.call_timeout)
         self._start_lock = threading.Lock()
         self._starts = 0
         self._failure: Optional[BaseException] = None
         self._starting: Optional[Deadline] = None  # the deadline of the start in progress
-
-    def __getattr__(self, name: str) -> Any:
-        # The rest (router, link, processes, fd writers, lock, closed flag) is the connection's own.
-        if name == "_connection":
-            raise AttributeError(name)
-        return getattr(self._connection, name)
 
     @property
     def privileged(self) -> Privileged:
@@ -85,8 +80,8 @@ class Privileged(Remowt):
         if not self._start_lock.acquire(timeout=deadline.left() or 0.0):
             raise deadline.error()
         try:
-            if self._connection.closed:
-                raise ConnectionLost(f"{self._connection!r} is closed")
+            if self.connection.closed:
+                raise ConnectionLost(f"{self.connection!r} is closed")
             if self.running() and self.tool is not None:
                 return self.tool
             if self._starts != starts and self._failure is not None:
@@ -105,10 +100,10 @@ class Privileged(Remowt):
 
     def _elevate(self, deadline: Deadline) -> str:
         """Ask the agent to start the privileged agent; wait by ``deadline`` (paused while the user is asked)."""
-        args = _ELEVATE.encode_args((self._connection.escalation,), {})
+        args = _ELEVATE.encode_args((self.connection.escalation,), {})
         self._starting = deadline  # before the call: its prompt may come at once
         try:
-            pending = self.router.call(self._connection.agent, EscalateApi.namespace, _ELEVATE.number, args)
+            pending = self.router.call(self.connection.address, EscalateApi.namespace, _ELEVATE.number, args)
             while not pending.wait(deadline.left()):
                 if deadline.expired() and pending.abandon():
                     raise deadline.error()
@@ -127,7 +122,7 @@ class Privileged(Remowt):
             with deadline.paused():
                 yield
 
-    def _started(self, timeout: Optional[float]) -> Optional[float]:
+    def _ready(self, timeout: Optional[float]) -> Optional[float]:
         """Start the agent within ``timeout`` (None: the defaults); what is left of it for the call after.
 
         As for :meth:`start`, the user's time at a password prompt is not counted.
@@ -139,20 +134,10 @@ class Privileged(Remowt):
         self._start(deadline)
         return deadline.remaining()
 
-    def ping(self, timeout: Optional[float] = None) -> float:
-        return super().ping(self._started(timeout))
-
-    def info(self, timeout: Optional[float] = None) -> NodeInfo:
-        return super().info(self._started(timeout))
-
-    def spawn(self, argv: Sequence[str], **kwargs: Any) -> RemoteProcess:
-        kwargs["timeout"] = self._started(kwargs.get("timeout"))
-        return super().spawn(argv, **kwargs)
-
     def close(self) -> None:
         """End the privileged agent and its children; the connection stays open."""
         with self._start_lock:
-            if not self._connection.closed and self.running():
+            if not self.connection.closed and self.running():
                 self._escalate.drop()
 
 
@@ -161,14 +146,8 @@ class _PrivilegedEvents(PrivilegedEventsApi):
         self._connection = connection
 
     def lost(self, reason: str) -> None:
-        connection = self._connection
-        with connection._lock:
-            gone = [p for p in connection._processes.values() if p.connection.agent == wire.AGENT_PRIVILEGED]
-            for process in gone:
-                del connection._processes[process.handle]
-        error = ConnectionLost(f"privileged agent of {connection.description} lost: {reason}")
-        for process in gone:
-            process._set_lost(error)
+        error = ConnectionLost(f"privileged agent of {self._connection.description} lost: {reason}")
+        self._connection.children.lose(wire.AGENT_PRIVILEGED, error)
 
 
 class _ConnectionPrompts(PromptService):
@@ -182,7 +161,7 @@ class _ConnectionPrompts(PromptService):
         return self._connection.prompter or terminal_prompter
 
     def ask(self, prompt: str) -> str:
-        privileged = self._connection._privileged
+        privileged = self._connection.privileged_if_made()
         if privileged is None:
             return super().ask(prompt)
         with privileged.prompting():

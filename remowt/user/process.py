@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 from ..endpoints.subprocess import SubprocessApi
 from ..errors import ConnectionLost
 from ..protocol.service import timed
 from ..rpc.streams import Stream
 from ..runtime.waiting import Flag
-
-if TYPE_CHECKING:
-    from .connection import Remowt
-
 
 OutputHandler = Callable[[Optional[Stream]], None]
 
@@ -29,7 +25,6 @@ class RemoteProcess:
 
     def __init__(
         self,
-        connection: Remowt,
         api: SubprocessApi,
         handle: int,
         args: List[str],
@@ -38,7 +33,6 @@ class RemoteProcess:
         stderr: Optional[Stream],
         outputs: Optional[Mapping[str, OutputHandler]] = None,
     ) -> None:
-        self.connection = connection
         self.args = args
         self.handle = handle
         self.pid = -1
@@ -54,7 +48,7 @@ class RemoteProcess:
     def __repr__(self) -> str:
         return f"<RemoteProcess pid={self.pid} returncode={self.returncode} args={self.args!r}>"
 
-    def _output_opened(self, name: str, stream: Stream) -> bool:
+    def output_opened(self, name: str, stream: Stream) -> bool:
         """Give a lazy output's stream to its handler; False if none waits for it."""
         handler = self._outputs.pop(name, None)
         if handler is None:
@@ -68,12 +62,12 @@ class RemoteProcess:
         for handler in outputs.values():
             handler(None)
 
-    def _set_exited(self, returncode: int) -> None:
+    def set_exited(self, returncode: int) -> None:
         self._end_outputs()
         self.returncode = returncode
         self._exited.set()
 
-    def _set_lost(self, error: ConnectionLost) -> None:
+    def set_lost(self, error: ConnectionLost) -> None:
         if not self._exited.is_set():
             self._end_outputs()
             self._lost = error

@@ -1,0 +1,295 @@
+"""A node: one address on a connection (the agent, the privileged agent, later a plugin), with one face.
+
+Every node has the same face: ``ping`` and ``info``, ``spawn`` and the
+:mod:`subprocess` face bound to it (``Popen``, ``run``, ``check_output`` …,
+``cmd``), and typed proxies of the services it serves (:meth:`Node.service`).
+What differs between nodes is how they get ready (the privileged agent starts
+on first use: :meth:`Node._ready`) and what closing them means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import signal
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+
+import msgspec
+
+from ..endpoints.control import ControlApi, NodeInfo
+from ..endpoints.subprocess import SpawnOptions, SpawnSpec, SubprocessApi
+from ..errors import ConnectionLost, MessageTooLarge, RemoteError, Unreachable
+from ..protocol.service import Service, proxy, timed
+from ..rpc.link import Link, held_mark, held_sends, held_undo, holding_sends
+from ..rpc.router import Pending, Router
+from ..rpc.streams import Stream
+from . import popen as _popen
+from .children import Children
+from .command import Command
+from .pipes import FdWriter, FdWriters
+from .process import OutputHandler, RemoteProcess
+
+S = TypeVar("S", bound=Service)
+_SPAWN = SubprocessApi.methods["spawn"]
+_RELEASE = SubprocessApi.methods["release"]
+_SIGNAL = SubprocessApi.methods["send_signal"]
+PIPE = _popen.PIPE
+DEVNULL = _popen.DEVNULL
+STDOUT = _popen.STDOUT
+CLOSED = _popen.CLOSED
+STDIO = ("stdin", "stdout", "stderr")
+NO_OPTIONS = SpawnOptions()
+
+
+class Node:
+    """One address's face on a connection; see the module docstring.
+
+    ``call_timeout`` bounds each call that should answer at once (``ping``,
+    ``info``, ``spawn``, signals) when the caller gives no timeout: a stopped
+    agent or a dead network is then a ``TimeoutError``, not a hang.
+    """
+
+    PIPE = _popen.PIPE
+    DEVNULL = _popen.DEVNULL
+    STDOUT = _popen.STDOUT
+    CompletedProcess = _popen.CompletedProcess
+    SubprocessError = _popen.SubprocessError
+    CalledProcessError = _popen.CalledProcessError
+    TimeoutExpired = _popen.TimeoutExpired
+
+    def __init__(
+        self,
+        router: Router,
+        address: str,
+        *,
+        description: str,
+        children: Children,
+        fd_writers: FdWriters,
+        call_timeout: Optional[float],
+    ) -> None:
+        self.router = router
+        self.address = address
+        self.description = description
+        self.call_timeout = call_timeout
+        self.children = children
+        self.fd_writers = fd_writers
+        self._popen_class: Optional[Type[_popen.Popen]] = None
+        self._control = proxy(ControlApi, router, address, call_timeout)
+        self._subprocess = proxy(SubprocessApi, router, address, call_timeout)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}{' closed' if self.closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed."""
+        return self.children.closed
+
+    @property
+    def privileged(self) -> Node:
+        """The privileged agent's node, where this node has one (``Popen(..., sudo=True)`` goes there)."""
+        raise ValueError(f"{self.description} has no privileged agent")
+
+    def _ready(self, timeout: Optional[float]) -> Optional[float]:
+        """Get ready for a call that may take ``timeout`` seconds; what is left of it (the agent: all of it)."""
+        return timeout
+
+    def service(self, declaration: Type[S], timeout: Optional[float] = None) -> S:
+        """A typed proxy of the service ``declaration`` served here (``timeout`` per call; None: call_timeout)."""
+        self._ready(None)
+        return proxy(declaration, self.router, self.address, self.call_timeout if timeout is None else timeout)
+
+    # --- health ---------------------------------------------------------
+
+    def ping(self, timeout: Optional[float] = None) -> float:
+        """One no-op round trip; returns how long it took, in seconds.
+
+        ``TimeoutError`` after ``timeout`` seconds (None: :attr:`call_timeout`).
+        """
+        timeout = self._ready(timeout)
+        control = self._control if timeout is None else timed(self._control, timeout)
+        start = time.perf_counter()
+        control.ping()
+        return time.perf_counter() - start
+
+    def info(self, timeout: Optional[float] = None) -> NodeInfo:
+        """Who serves here: pid, uid, Python version and machine (``timeout`` as for :meth:`ping`)."""
+        timeout = self._ready(timeout)
+        return (self._control if timeout is None else timed(self._control, timeout)).info()
+
+    # --- the subprocess face ---------------------------------------------
+
+    @property
+    def Popen(self) -> Type[_popen.Popen]:
+        """:class:`remowt.Popen` bound to this node (a subclass, so isinstance works)."""
+        if self._popen_class is None:
+            self._popen_class = type("Popen", (_popen.Popen,), {"_bound_connection": self})
+        return self._popen_class
+
+    def run(self, *args: Any, **kwargs: Any) -> _popen.CompletedProcess[Any]:
+        """:func:`remowt.run` on this node."""
+        return _popen.run(*args, connection=self, **kwargs)
+
+    def call(self, *args: Any, **kwargs: Any) -> int:
+        """:func:`remowt.call` on this node."""
+        return _popen.call(*args, connection=self, **kwargs)
+
+    def check_call(self, *args: Any, **kwargs: Any) -> int:
+        """:func:`remowt.check_call` on this node."""
+        return _popen.check_call(*args, connection=self, **kwargs)
+
+    def check_output(self, *args: Any, **kwargs: Any) -> Any:
+        """:func:`remowt.check_output` on this node."""
+        return _popen.check_output(*args, connection=self, **kwargs)
+
+    def getoutput(self, cmd: Any, **kwargs: Any) -> str:
+        """:func:`remowt.getoutput` on this node."""
+        return _popen.getoutput(cmd, connection=self, **kwargs)
+
+    def getstatusoutput(self, cmd: Any, **kwargs: Any) -> Tuple[int, str]:
+        """:func:`remowt.getstatusoutput` on this node."""
+        return _popen.getstatusoutput(cmd, connection=self, **kwargs)
+
+    def cmd(self, program: str) -> Command:
+        """A :class:`~remowt.user.command.Command` builder for ``program`` on this node."""
+        return Command(self, program)
+
+    def fd_writer(self, fd: int) -> FdWriter:
+        """The writer that copies children's output to local fd ``fd`` (for inherited stdio)."""
+        return self.fd_writers.get(fd)
+
+    # --- processes ------------------------------------------------------
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        options: SpawnOptions = NO_OPTIONS,
+        *,
+        stdin: int = DEVNULL,
+        stdout: int = DEVNULL,
+        stderr: int = DEVNULL,
+        outputs: Optional[Mapping[str, OutputHandler]] = None,
+        timeout: Optional[float] = None,
+    ) -> RemoteProcess:
+        """Start ``argv`` here, as ``options`` say.
+
+        Each of ``stdin``/``stdout``/``stderr`` is ``PIPE`` (a
+        :class:`~remowt.rpc.streams.Stream` on the result), ``DEVNULL`` or
+        ``CLOSED`` (see :data:`remowt.user.popen.CLOSED`); ``stderr`` may also
+        be ``STDOUT``.
+
+        ``outputs`` maps ``"stdout"`` or ``"stderr"`` (whose mode is then
+        ignored) to a handler of an output opened only when needed: it gets the
+        stream once the child writes there, or exits with the pipe still open,
+        else None when the child exits. It runs on the thread reading the link,
+        before anything arrives on the stream, and must not block.
+
+        Without an answer within ``timeout`` seconds (None: :attr:`call_timeout`)
+        it raises ``TimeoutError``; a child the agent starts after that is
+        killed as soon as its start is reported.
+        """
+        args = [str(a) for a in argv]
+        if not args:
+            raise ValueError("argv must not be empty")
+        _check_mode("stdin", stdin, (PIPE, DEVNULL, CLOSED))
+        _check_mode("stdout", stdout, (PIPE, DEVNULL, CLOSED))
+        _check_mode("stderr", stderr, (PIPE, DEVNULL, STDOUT, CLOSED))
+        lazy = dict(outputs or {})
+        if not set(lazy) <= {"stdout", "stderr"}:
+            raise ValueError(f"outputs may name stdout and stderr, got {sorted(lazy)}")
+        if "stdout" in lazy:
+            stdout = DEVNULL
+        if "stderr" in lazy:
+            stderr = DEVNULL
+        timeout = self._ready(timeout)
+        opened: List[Stream] = []
+
+        def open_pipe(mode: int, reader: bool) -> Optional[Stream]:
+            if mode != PIPE:
+                return None
+            stream = self.router.open_stream(self.address)
+            opened.append(stream)
+            if reader:
+                stream.close_write()
+            return stream
+
+        handle = self.children.next_handle()
+        if holding_sends():  # the call must leave before its answer is awaited
+            raise RuntimeError("spawn cannot be called inside held_sends()")
+        try:
+            with held_sends():  # releases, stream opens and the call leave in one write
+                self._send_releases()
+                mark = held_mark()
+                streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
+                process = RemoteProcess(self._subprocess, handle, args, *streams, lazy)
+                self.children.add(self.address, process, repr(self))
+                spec = SpawnSpec(
+                    handle=handle,
+                    argv=args,
+                    options=options,
+                    stdin=None if streams[0] is None else streams[0].sid,
+                    stdout=None if streams[1] is None else streams[1].sid,
+                    stderr=None if streams[2] is None else streams[2].sid,
+                    stderr_to_stdout=stderr == STDOUT,
+                    lazy_stdout="stdout" in lazy,
+                    lazy_stderr="stderr" in lazy,
+                    closed=[name for name, mode in zip(STDIO, (stdin, stdout, stderr)) if mode == CLOSED],
+                )
+                try:
+                    pending = self.router.call(
+                        self.address, SubprocessApi.namespace, _SPAWN.number, _SPAWN.encode_args((spec,), {})
+                    )
+                except MessageTooLarge as e:
+                    _unsend(opened, mark)
+                    why = f"the spawn request is {e.size} bytes, over the agent's frame limit of {e.limit}"
+                    program = options.executable or args[0]
+                    raise OSError(errno.E2BIG, f"{os.strerror(errno.E2BIG)} ({why})", program) from None
+            try:
+                process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))
+            except msgspec.ValidationError as e:
+                raise RemoteError(f"{_SPAWN.name} returned a malformed result: {e}") from None
+        except BaseException:
+            self.children.discard(handle)
+            for stream in opened:
+                stream.close()
+            raise
+        return process
+
+    def _spawned(self, pending: Pending, process: RemoteProcess, timeout: Optional[float]) -> bytes:
+        """The spawn's answer; on a timeout, the call is left to :meth:`_spawned_late` and ``TimeoutError`` raised."""
+        timeout = self.call_timeout if timeout is None else timeout
+        if pending.wait(timeout) or not pending.abandon(functools.partial(self._spawned_late, process)):
+            return pending.result()
+        raise TimeoutError(f"{self.address} did not answer the spawn of {process.args[0]!r} within {timeout:g} s")
+
+    def _spawned_late(self, process: RemoteProcess, result: Optional[bytes], error: Optional[BaseException]) -> None:
+        """A spawn answered after its caller gave up: kill the child (its exit, as any, lets the agent forget it)."""
+        if error is not None or self.closed:
+            return
+        with contextlib.suppress(ConnectionLost, Unreachable):
+            args = _SIGNAL.encode_args((process.handle, signal.SIGKILL), {})
+            self.router.notify(self.address, SubprocessApi.namespace, _SIGNAL.number, args)
+
+    def _send_releases(self) -> None:
+        """Let the nodes forget the children whose exits arrived (sent with the next spawn, off the exit path)."""
+        for address, handle in self.children.take_releases():
+            with contextlib.suppress(ConnectionLost, Unreachable):  # else that node is gone, its children too
+                args = _RELEASE.encode_args((handle,), {})
+                self.router.notify(address, SubprocessApi.namespace, _RELEASE.number, args)
+
+
+def _unsend(streams: List[Stream], mark: Dict[Link, int]) -> None:
+    """Close ``streams`` and drop their held opens (and what followed): the peer never hears of them."""
+    for stream in streams:
+        stream.close()
+    streams.clear()
+    held_undo(mark)
+
+
+def _check_mode(name: str, mode: int, allowed: Sequence[int]) -> None:
+    if mode not in allowed:
+        names = {PIPE: "PIPE", DEVNULL: "DEVNULL", STDOUT: "STDOUT", CLOSED: "CLOSED"}
+        raise ValueError(f"{name} must be one of {', '.join(names[m] for m in allowed)}, got {mode!r}")
