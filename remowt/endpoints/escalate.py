@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import msgspec
 
+from ..deploy.local import AGENT, python_command
 from ..errors import BadArguments, ConnectionLost, EscalationError, ProtocolError, RemoteError, Unreachable
 from ..protocol import wire
 from ..protocol.service import Service, proxy, rpc
@@ -122,13 +123,10 @@ def find_tool(choice: Optional[str]) -> Tuple[str, str]:
 
 
 def agent_command(*args: str) -> List[str]:
-    """Start this agent's code again (``-I -S``, only remowt's and msgspec's directories on the path)."""
+    """Start this agent's code again with ``args`` (see :func:`~remowt.deploy.local.python_command`)."""
     if not sys.executable:
         raise EscalationError("cannot start the agent again: the path of its Python (sys.executable) is unknown")
-    from ..deploy.local import agent_pythonpath
-
-    bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.agent.main import main; main()"
-    return [sys.executable, "-I", "-S", "-c", bootstrap, *args]
+    return python_command(AGENT, *args)
 
 
 def _runtime_dir() -> Optional[str]:

@@ -103,10 +103,9 @@ def _exited(pid: int, timeout: float) -> bool:
 
 def start_watchdog() -> Optional[Watchdog]:
     """Start the watchdog; None (said in the log) if that fails."""
-    from ..deploy.local import agent_pythonpath
+    from ..deploy.local import python_command  # here: the killer, which imports this module, needs none of it
     from ..runtime.real_subprocess import Popen as LocalPopen
 
-    killer = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.endpoints.watchdog import main; main()"
     try:
         table_fd = os.memfd_create("remowt-watchdog")
         try:
@@ -118,7 +117,7 @@ def start_watchdog() -> Optional[Watchdog]:
             raise
         try:
             process = LocalPopen(
-                ["/bin/sh", "-c", _SCRIPT, "remowt-watchdog", sys.executable, "-I", "-S", "-c", killer, str(table_fd)],
+                ["/bin/sh", "-c", _SCRIPT, "remowt-watchdog", *python_command(__name__, str(table_fd))],
                 stdin=read_fd,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(table_fd,),
