@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import re
 import select
@@ -37,7 +36,7 @@ from ..protocol import wire
 from ..protocol.service import Service, proxy, rpc
 from ..rpc.link import Link
 from ..rpc.router import Router
-from ..runtime.deadline import Deadline
+from ..runtime.deadline import Deadline, poll_timeout
 from ..runtime.real_subprocess import Popen as LocalPopen
 from ..transports.stdio import ChildTransport, enlarge_pipe
 from .askpass import SOCKET_ENV, TOKEN_ENV, AskpassReply, AskpassRequest, read_message
@@ -275,15 +274,14 @@ class _Attempt:
             poller.register(self.master, select.POLLIN)
         deadline = Deadline(START_TIMEOUT)
         while True:
-            left = deadline.left() or 0.0
-            if left <= 0:
+            if deadline.expired():
                 self.abort()
                 said = self._tty_text()
                 raise EscalationError(
                     f"{self.name} did not start the privileged agent within {START_TIMEOUT:g} s"
                     + (f": {said}" if said else "")
                 )
-            ready = {fd for fd, _ in poller.poll(math.ceil(left * 1000))}
+            ready = {fd for fd, _ in poller.poll(poll_timeout(deadline.left()))}
             if watch in ready:
                 return
             if listener is not None and listener.fileno() in ready:

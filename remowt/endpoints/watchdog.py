@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import mmap
 import os
 import re
@@ -34,6 +33,8 @@ import subprocess
 import sys
 import threading
 from typing import Iterator, List, Optional, Tuple
+
+from ..runtime.deadline import poll_timeout
 
 log = logging.getLogger("remowt.watchdog")
 #: One counter per possible process group id: Linux's pids stay below 2**22 (PID_MAX_LIMIT).
@@ -96,7 +97,7 @@ def _exited(pid: int, timeout: float) -> bool:
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        return bool(poller.poll(math.ceil(timeout * 1000)))
+        return bool(poller.poll(poll_timeout(timeout)))
     finally:
         os.close(fd)
 
