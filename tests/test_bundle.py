@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from _util import pypi_reachable, run_together
 
 from remowt.deploy import bundle
 from remowt.deploy.bundle import AgentBundle, BundleError, artifact_name, local_platform
+from remowt.deploy.local import AGENT, agent_pythonpath, python_command
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -222,6 +224,36 @@ def test_agent_runs_from_an_unpacked_artifact_without_site_packages(built: str, 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
     assert "real-agent" in result.stdout
+
+
+def run_isolated(argv: List[str]) -> str:
+    """Run ``argv`` with a PYTHONPATH that an isolated interpreter must ignore; its stdout."""
+    env = dict(os.environ, PYTHONPATH="/nonexistent")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, cwd="/")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_python_command_runs_the_entrys_main_isolated() -> None:
+    argv = python_command(AGENT, "--help")
+    assert argv[:4] == [sys.executable, "-I", "-S", "-c"] and repr(agent_pythonpath()) in argv[4]
+    assert "real-agent" in run_isolated(argv)
+
+
+def test_an_agent_run_from_an_unpacked_artifact_starts_remowt_code_from_there(
+    built: str, tmp_path: os.PathLike[str]
+) -> None:
+    """What a deployed agent starts (the privileged agent, askpass, the killer) imports only from its directory."""
+    with tarfile.open(os.path.join(built, artifact_name(LOCAL))) as tar:
+        tar.extractall(str(tmp_path))
+    probe = (
+        "import json, sys; sys.path.insert(0, sys.argv[1])\n"
+        "from remowt.deploy.local import AGENT, python_command\n"
+        "print(json.dumps(python_command(AGENT, '--help')))"
+    )
+    argv = json.loads(run_isolated([sys.executable, "-I", "-S", "-c", probe, str(tmp_path)]))
+    assert argv[:4] == [sys.executable, "-I", "-S", "-c"] and repr([str(tmp_path)]) in argv[4]
+    assert "real-agent" in run_isolated(argv)
 
 
 # --- refresh -----------------------------------------------------------------

@@ -24,7 +24,7 @@ from test_ssh import sshd_in_netns  # noqa: F401  (a fixture)
 import remowt
 from remowt.deploy.remote import DeployError
 from remowt.errors import SshError
-from remowt.runtime.deadline import KILL_GRACE, Deadline
+from remowt.runtime.deadline import KILL_GRACE, Deadline, lock_timeout, poll_timeout
 
 pytestmark = pytest.mark.timeout(60)
 MARGIN = 1.5  # what a loaded two-CPU machine may add to a timeout
@@ -71,6 +71,12 @@ def test_deadline() -> None:
         time.sleep(0.06)
         assert not paused.expired()
     assert not paused.expired()
+
+
+def test_lock_and_poll_timeouts() -> None:
+    assert lock_timeout(None) == -1 and lock_timeout(-2.0) == 0.0 and lock_timeout(0.25) == 0.25
+    assert poll_timeout(None) is None and poll_timeout(-2.0) == 0 and poll_timeout(0.0) == 0
+    assert poll_timeout(0.0001) == 1 and poll_timeout(0.25) == 250  # rounded up: no wait ends early
 
 
 # --- a stopped agent ---------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""The local transport: the agent as a child process of this one, on framed stdio."""
+"""Starting remowt code in a fresh interpreter on this machine; the local transport is one such process.
+
+Every remowt process that this one starts here (the local agent, the
+privileged agent, sudo's askpass helper, the watchdog's killer) is started by
+:func:`python_command`, from a checkout, an installed package or an unpacked
+agent bundle alike.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,9 @@ from typing import List, Optional
 import msgspec
 
 from ..transports.stdio import ChildTransport, spawn_framed_child
+
+AGENT = "remowt.agent.main"
+"""The agent's entry module: ``real-agent [--local] [--privileged]`` or ``askpass [PROMPT]``."""
 
 
 def agent_pythonpath() -> List[str]:
@@ -22,13 +31,20 @@ def agent_pythonpath() -> List[str]:
     return dirs
 
 
-def agent_argv(python: Optional[str] = None, *, privileged: bool = False) -> List[str]:
-    """The command that starts a local agent: isolated (``-I -S``) with only what it needs on its path."""
-    bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.agent.main import main; main()"
-    argv = [python or sys.executable, "-I", "-S", "-c", bootstrap, "real-agent", "--local"]
-    if privileged:
-        argv.append("--privileged")
-    return argv
+def python_command(entry: str, *args: str, python: Optional[str] = None) -> List[str]:
+    """The command that runs module ``entry``'s ``main()`` with ``args`` as its ``sys.argv[1:]``.
+
+    The interpreter (``python``, default this one) is isolated (``-I -S``: no
+    environment, no user or site directories) and imports only from
+    :func:`agent_pythonpath`.
+    """
+    bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from {entry} import main; main()"
+    return [python or sys.executable, "-I", "-S", "-c", bootstrap, *args]
+
+
+def agent_argv(python: Optional[str] = None) -> List[str]:
+    """The command that starts a local agent (``remowt.connect_local`` runs it through ``connect_command``)."""
+    return python_command(AGENT, "real-agent", "--local", python=python)
 
 
 def start_local_agent(python: Optional[str] = None) -> ChildTransport:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import re
 import select
@@ -31,12 +30,13 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import msgspec
 
+from ..deploy.local import AGENT, python_command
 from ..errors import BadArguments, ConnectionLost, EscalationError, ProtocolError, RemoteError, Unreachable
 from ..protocol import wire
 from ..protocol.service import Service, proxy, rpc
 from ..rpc.link import Link
 from ..rpc.router import Router
-from ..runtime.deadline import Deadline
+from ..runtime.deadline import Deadline, poll_timeout
 from ..runtime.real_subprocess import Popen as LocalPopen
 from ..transports.stdio import ChildTransport, enlarge_pipe
 from .askpass import SOCKET_ENV, TOKEN_ENV, AskpassReply, AskpassRequest, read_message
@@ -122,13 +122,10 @@ def find_tool(choice: Optional[str]) -> Tuple[str, str]:
 
 
 def agent_command(*args: str) -> List[str]:
-    """Start this agent's code again (``-I -S``, only remowt's and msgspec's directories on the path)."""
+    """Start this agent's code again with ``args`` (see :func:`~remowt.deploy.local.python_command`)."""
     if not sys.executable:
         raise EscalationError("cannot start the agent again: the path of its Python (sys.executable) is unknown")
-    from ..deploy.local import agent_pythonpath
-
-    bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.agent.main import main; main()"
-    return [sys.executable, "-I", "-S", "-c", bootstrap, *args]
+    return python_command(AGENT, *args)
 
 
 def _runtime_dir() -> Optional[str]:
@@ -277,15 +274,14 @@ class _Attempt:
             poller.register(self.master, select.POLLIN)
         deadline = Deadline(START_TIMEOUT)
         while True:
-            left = deadline.left() or 0.0
-            if left <= 0:
+            if deadline.expired():
                 self.abort()
                 said = self._tty_text()
                 raise EscalationError(
                     f"{self.name} did not start the privileged agent within {START_TIMEOUT:g} s"
                     + (f": {said}" if said else "")
                 )
-            ready = {fd for fd, _ in poller.poll(math.ceil(left * 1000))}
+            ready = {fd for fd, _ in poller.poll(poll_timeout(deadline.left()))}
             if watch in ready:
                 return
             if listener is not None and listener.fileno() in ready:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import mmap
 import os
 import re
@@ -34,6 +33,8 @@ import subprocess
 import sys
 import threading
 from typing import Iterator, List, Optional, Tuple
+
+from ..runtime.deadline import poll_timeout
 
 log = logging.getLogger("remowt.watchdog")
 #: One counter per possible process group id: Linux's pids stay below 2**22 (PID_MAX_LIMIT).
@@ -96,17 +97,16 @@ def _exited(pid: int, timeout: float) -> bool:
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        return bool(poller.poll(math.ceil(timeout * 1000)))
+        return bool(poller.poll(poll_timeout(timeout)))
     finally:
         os.close(fd)
 
 
 def start_watchdog() -> Optional[Watchdog]:
     """Start the watchdog; None (said in the log) if that fails."""
-    from ..deploy.local import agent_pythonpath
+    from ..deploy.local import python_command  # here: the killer, which imports this module, needs none of it
     from ..runtime.real_subprocess import Popen as LocalPopen
 
-    killer = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from remowt.endpoints.watchdog import main; main()"
     try:
         table_fd = os.memfd_create("remowt-watchdog")
         try:
@@ -118,7 +118,7 @@ def start_watchdog() -> Optional[Watchdog]:
             raise
         try:
             process = LocalPopen(
-                ["/bin/sh", "-c", _SCRIPT, "remowt-watchdog", sys.executable, "-I", "-S", "-c", killer, str(table_fd)],
+                ["/bin/sh", "-c", _SCRIPT, "remowt-watchdog", *python_command(__name__, str(table_fd))],
                 stdin=read_fd,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(table_fd,),

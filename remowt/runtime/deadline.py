@@ -5,11 +5,14 @@ Each wait inside the call takes ``remaining()`` (which raises ``TimeoutError``
 once the time is up) or ``left()`` (0.0 then), so the whole call, not each of
 its waits, is bounded by the caller's timeout. Time spent asking the user
 (a password prompt) can be left out with :meth:`Deadline.paused`.
+:func:`lock_timeout` and :func:`poll_timeout` put such a timeout (None: no
+limit) the way a lock or ``poll`` takes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from typing import Iterator, Optional, overload
@@ -18,6 +21,16 @@ CALL_TIMEOUT = 30.0
 """How long a call that should answer at once (ping, spawn, signal) waits by default."""
 KILL_GRACE = 1.0
 """After a timeout: how long killing the child and seeing it exit may take before the caller gets the timeout."""
+
+
+def lock_timeout(seconds: Optional[float]) -> float:
+    """``seconds`` as ``Lock.acquire`` takes them: -1 for no limit, never below 0."""
+    return -1 if seconds is None else max(seconds, 0.0)
+
+
+def poll_timeout(seconds: Optional[float]) -> Optional[int]:
+    """``seconds`` as ``poll`` takes them: milliseconds rounded up (no wait ends early), None for no limit."""
+    return None if seconds is None else max(0, math.ceil(seconds * 1000))
 
 
 class Deadline:

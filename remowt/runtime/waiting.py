@@ -16,6 +16,8 @@ from __future__ import annotations
 import threading
 from typing import List, Optional
 
+from .deadline import lock_timeout
+
 
 class Gate:
     """Threads waiting for a change of some state that a lock guards.
@@ -53,7 +55,7 @@ class Gate:
 
 def wait_on(waiter: threading.Lock, timeout: Optional[float] = None) -> bool:
     """Wait until ``waiter`` is released (its gate opened); False if ``timeout`` seconds passed first."""
-    return waiter.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+    return waiter.acquire(True, lock_timeout(timeout))
 
 
 class Flag:

@@ -376,13 +376,14 @@ def _exec_command(channel: paramiko.Channel, command: str, timeout: float) -> bo
 
 
 def _left(deadline: Deadline, target: SshTarget, step: str) -> float:
-    """Seconds left for ``step`` (never None: ssh steps always have a limit); ``SshError`` when none are."""
-    left = deadline.left()
-    if left is None:
-        return float(target.connect_timeout)
-    if left <= 0.0:
-        raise SshError(f"{target}: {step} timed out (connect timeout {deadline.timeout:g} s)")
-    return left
+    """Seconds for ``step``: what is left, at most the connect timeout (ssh steps always have a limit).
+
+    ``SshError`` when none are left.
+    """
+    try:
+        return deadline.shorter(float(target.connect_timeout))
+    except TimeoutError:
+        raise SshError(f"{target}: {step} timed out (connect timeout {deadline.timeout:g} s)") from None
 
 
 def open_session(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import math
 import os
 import select
 import stat
@@ -18,6 +17,7 @@ import subprocess
 import threading
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
+from ..runtime.deadline import poll_timeout
 from ..runtime.interrupts import start
 from ..runtime.real_subprocess import Popen as LocalPopen
 from .base import Transport
@@ -114,7 +114,7 @@ class FdTransport(Transport):
         if not self._enter():
             return True
         try:
-            return bool(self._read_poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
+            return bool(self._read_poller.poll(poll_timeout(timeout)))
         finally:
             self._leave()
 
