@@ -19,7 +19,7 @@ from ..errors import ConnectionLost
 from ..protocol import wire
 from ..protocol.service import proxy
 from ..rpc.router import Router
-from ..runtime.deadline import Deadline
+from ..runtime.deadline import Deadline, lock_timeout
 from .connection import Remowt
 from .node import Node
 
@@ -77,7 +77,7 @@ class Privileged(Node):
     def _start(self, deadline: Deadline) -> str:
         """:meth:`start` by ``deadline``, which is paused while the user is asked for a password."""
         starts = self._starts
-        if not self._start_lock.acquire(timeout=deadline.left() or 0.0):
+        if not self._start_lock.acquire(True, lock_timeout(deadline.left())):
             raise deadline.error()
         try:
             if self.connection.closed:
