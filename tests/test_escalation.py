@@ -246,7 +246,9 @@ def test_privileged_commands_run_as_root_after_one_prompt(user_env: str, tool: s
     assert result["prompts"] == 1
     assert result["tool"] == tool
     expected = "[sudo] password for remowt-test@" if tool == "sudo" else "doas (remowt-test@"
-    assert result["prompt_texts"][0].startswith(expected)
+    shown = result["prompt_texts"][0]
+    where = "loopback" if transport == "loopback" else "local agent pid "
+    assert shown.startswith(where) and f" asks for {tool}: {expected}" in shown, shown
 
 
 @pytest.mark.timeout(90)

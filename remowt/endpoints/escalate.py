@@ -296,7 +296,7 @@ class _Attempt:
         """The user's answer to ``prompt``; None (and the reason kept) when there is none."""
         if self.cancelled is None:
             try:
-                answer = self.prompt.ask(prompt)
+                answer = self.prompt.ask(prompt, self.tool)
             except (RemoteError, ConnectionLost, Unreachable) as e:
                 self.cancelled = str(e)
             else:

@@ -25,8 +25,8 @@ class PromptApi(Service, namespace=21):
     """Served by the user side: the agent asks for secrets here."""
 
     @rpc(1)
-    def ask(self, prompt: str) -> str:
-        """Ask the user ``prompt`` (the tool's own text); EscalationError if the user cancelled."""
+    def ask(self, prompt: str, tool: str) -> str:
+        """Ask the user ``prompt`` (``tool``'s own text); EscalationError if the user cancelled or it is refused."""
         raise NotImplementedError
 
 
@@ -40,7 +40,7 @@ class PromptService(PromptApi):
         """The prompter to ask now."""
         return self._prompter or terminal_prompter
 
-    def ask(self, prompt: str) -> str:
+    def ask(self, prompt: str, tool: str) -> str:
         try:
             answer = self.prompter()(prompt)
         except EscalationError:

@@ -543,7 +543,8 @@ def _authenticate(
             if "password" in allowed and attempt("password", lambda: transport.auth_password(target.user, secret)):
                 return
             if "keyboard-interactive" in allowed and attempt(
-                "keyboard-interactive", lambda: transport.auth_interactive_dumb(target.user, _answer_all(secret))
+                "keyboard-interactive",
+                lambda: transport.auth_interactive(target.user, interactive_answers(secret, prompter, str(target))),
             ):
                 return
     raise AuthenticationError(
@@ -607,8 +608,25 @@ def _ask(prompter: Prompter, text: str, tried: List[str]) -> str:
         ) from e
 
 
-def _answer_all(secret: str) -> Callable[[str, str, List[Tuple[str, bool]]], List[str]]:
+def interactive_answers(
+    secret: str, prompter: Optional[Prompter], where: str
+) -> Callable[[str, str, List[Tuple[str, bool]]], List[str]]:
+    """A keyboard-interactive handler: the password answers password prompts only; the prompter answers the rest.
+
+    A one-time code or any other question is the user's to answer (shown with
+    ``where`` it comes from), never the password; without a prompter such a
+    question fails the method.
+    """
+
     def handler(title: str, instructions: str, prompts: List[Tuple[str, bool]]) -> List[str]:
-        return [secret for _ in prompts]
+        answers = []
+        for text, echo in prompts:
+            if not echo and "password" in text.lower():
+                answers.append(secret)
+            elif prompter is None:
+                raise paramiko.AuthenticationException(f"{where} asks {text.strip()!r}, and there is no prompter")
+            else:
+                answers.append(prompter(f"{where}: {' '.join(filter(None, [title, instructions, text]))}"))
+        return answers
 
     return handler

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 from ..endpoints.escalate import START_TIMEOUT as AGENT_START_TIMEOUT
 from ..endpoints.escalate import EscalateApi, PrivilegedEventsApi
 from ..endpoints.prompt import Prompter, PromptService, terminal_prompter
-from ..errors import ConnectionLost
+from ..errors import ConnectionLost, EscalationError
 from ..protocol import wire
 from ..protocol.service import proxy
 from ..rpc.router import Router
@@ -114,13 +114,19 @@ class Privileged(Node):
 
     @contextlib.contextmanager
     def prompting(self) -> Iterator[None]:
-        """Around a password prompt: the start in progress does not count the user's time."""
+        """Around a password prompt of the start in progress, which does not count the user's time.
+
+        ``EscalationError`` when no start is in progress: only a start this
+        side asked for may ask the user for a password.
+        """
         deadline = self._starting
         if deadline is None:
+            raise EscalationError(
+                f"{self.connection.description} asked for a password while no privileged agent was being "
+                "started from this side: refused, the prompter was not asked"
+            )
+        with deadline.paused():
             yield
-        else:
-            with deadline.paused():
-                yield
 
     def _ready(self, timeout: Optional[float]) -> Optional[float]:
         """Start the agent within ``timeout`` (None: the defaults); what is left of it for the call after.
@@ -160,12 +166,15 @@ class _ConnectionPrompts(PromptService):
     def prompter(self) -> Prompter:
         return self._connection.prompter or terminal_prompter
 
-    def ask(self, prompt: str) -> str:
-        privileged = self._connection.privileged_if_made()
-        if privileged is None:
-            return super().ask(prompt)
+    def ask(self, prompt: str, tool: str) -> str:
+        """Ask the prompter, with the host and tool shown, for the start this side asked for; else refuse."""
+        connection = self._connection
+        caller = connection.router.caller()
+        privileged = connection.privileged_if_made()
+        if caller != connection.address or privileged is None:
+            raise EscalationError(f"{caller} asked for a password unbidden: refused, the prompter was not asked")
         with privileged.prompting():
-            return super().ask(prompt)
+            return super().ask(f"{connection.description} asks for {tool or 'a password'}: {prompt}", tool)
 
 
 def serve_user_side(router: Router, connection: Remowt) -> None:
