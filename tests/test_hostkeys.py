@@ -47,8 +47,9 @@ def _public(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
-def _check(path: Path, key: paramiko.PKey, policy: str = "reject", name: str = NAME, **kwargs: bool) -> Optional[str]:
-    return hostkeys.check(hostkeys.lookup(name, [str(path)]), key, policy, **kwargs)
+def _check(path: Path, key: paramiko.PKey, policy: str = "reject", **kwargs: bool) -> Optional[str]:
+    """remowt's verdict on ``key`` for ``NAME`` with the known_hosts file ``path``."""
+    return hostkeys.check(hostkeys.lookup(NAME, [str(path)]), key, policy, **kwargs)
 
 
 # --- the parser and matcher, no network ---
