@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 from _util import children_of, kill_quietly, proc_gone, wait_until
 
@@ -52,9 +52,9 @@ def check_host() -> None:
         raise SshdUnavailable("the test sshd must be started as root (it logs in several users)")
 
 
-def _keygen(path: str, passphrase: str, comment: str) -> None:
+def _keygen(path: str, passphrase: str, comment: str, key_type: str = "ed25519") -> None:
     subprocess.run(
-        [SSH_KEYGEN, "-q", "-t", "ed25519", "-N", passphrase, "-C", comment, "-f", path],
+        [SSH_KEYGEN, "-q", "-t", key_type, "-N", passphrase, "-C", comment, "-f", path],
         check=True,
         stdin=subprocess.DEVNULL,
     )
@@ -125,8 +125,11 @@ class SshServer:
     ``with SshServer(keys) as server:`` starts it and stops it (removing its directory) at the end.
 
     ``log_level`` is sshd's LogLevel; DEBUG1 also logs forwarded (direct-tcpip) connections.
+    ``host_key_types`` are the ssh-keygen types of its host keys (``ed25519``, ``rsa``, ``ecdsa``); the
+    first is ``host_key``, the one in ``known_hosts``.
 
     Attributes: host, port, host_key_type, host_key (``type base64``), host_key_fingerprint,
+    host_keys (every host key, ``type base64``, by ssh key type such as ``ssh-rsa``),
     known_hosts, ssh_config, client_key, encrypted_client_key, key_passphrase, test_user,
     test_password, test_user_client_dir (copies owned by the test user: id_ed25519,
     id_ed25519_encrypted, known_hosts, ssh_config), log_file, directory.
@@ -140,6 +143,7 @@ class SshServer:
         log_level: str = "VERBOSE",
         host: str = "127.0.0.1",
         netns: Optional[str] = None,
+        host_key_types: Sequence[str] = ("ed25519",),
     ) -> None:
         check_host()
         self.log_level = log_level
@@ -164,10 +168,11 @@ class SshServer:
         self._known_hosts_lines: List[str] = []
         self._config_entries: List[Dict[str, str]] = []
 
-        host_key_path = os.path.join(self.directory, "ssh_host_ed25519_key")
-        _keygen(host_key_path, "", "remowt-test-host-key")
-        self._host_key_path = host_key_path
-        self.host_key = _public_key(host_key_path)
+        self._host_key_paths = [os.path.join(self.directory, f"ssh_host_{kind}_key") for kind in host_key_types]
+        for kind, path in zip(host_key_types, self._host_key_paths):
+            _keygen(path, "", "remowt-test-host-key", kind)
+        self.host_keys = {key.split()[0]: key for key in map(_public_key, self._host_key_paths)}
+        self.host_key = _public_key(self._host_key_paths[0])
         self.host_key_type = self.host_key.split()[0]
         self.host_key_fingerprint = fingerprint(self.host_key)
 
@@ -247,11 +252,11 @@ class SshServer:
     def _sshd_config(self) -> str:
         # UsePAM no: key and password logins check /etc/shadow directly, with no PAM session modules
         # (pam_loginuid and friends) that fail in containers. AcceptEnv is not set: no variables.
+        host_keys = "".join(f"HostKey {path}\n" for path in self._host_key_paths)
         return f"""\
 ListenAddress {self.host}
 Port {self.port}
-HostKey {self._host_key_path}
-PidFile {os.path.join(self.directory, "sshd.pid")}
+{host_keys}PidFile {os.path.join(self.directory, "sshd.pid")}
 AuthorizedKeysFile {os.path.join(self.directory, "authorized_keys", "%u")}
 StrictModes no
 UsePAM no

@@ -114,18 +114,29 @@ def test_host_keys(tmp_path: Path) -> None:
     other = paramiko.Ed25519Key.from_private_key_file(_keygen(tmp_path, "b"))
     known = str(tmp_path / "known_hosts")
     name = "[127.0.0.1]:2222"
+
+    def check(key: paramiko.PKey, policy: str) -> object:
+        return hostkeys.check(hostkeys.lookup(name, [known]), key, policy)
+
     with pytest.raises(HostKeyError, match="is not known") as unknown:
-        hostkeys.check(name, key, [known], "reject")
+        check(key, "reject")
     assert unknown.value.fingerprint == hostkeys.fingerprint(key)
     assert unknown.value.fingerprint.startswith("SHA256:") and "ssh-ed25519" in str(unknown.value)
-    assert hostkeys.check(name, key, [known], "accept-new") == known
-    assert hostkeys.check(name, key, [known], "reject") is None
+    assert check(key, "accept-new") == known
+    assert check(key, "reject") is None
     for policy in ("reject", "accept-new"):
         with pytest.raises(HostKeyError, match="CHANGED") as changed:
-            hostkeys.check(name, other, [known], policy)
+            check(other, policy)
         assert hostkeys.fingerprint(other) in str(changed.value) and hostkeys.fingerprint(key) in str(changed.value)
-    assert hostkeys.check(name, other, [known], "insecure-accept-any") is None
+        assert f"{known}:1" in str(changed.value)
+    assert check(other, "insecure-accept-any") is None
     assert Path(known).read_text().count("\n") == 1
+
+
+def test_hash_known_hosts_is_read() -> None:
+    config = paramiko.SSHConfig.from_text("Host hashed\n    HashKnownHosts yes\n")
+    assert resolve("hashed", config).hash_known_hosts
+    assert not resolve("plain", config).hash_known_hosts
 
 
 def _keygen(tmp_path: Path, name: str) -> str:

@@ -468,11 +468,11 @@ def _open_socket(
 def _negotiate(transport: ParamikoTransport, target: SshTarget, deadline: Deadline) -> None:
     options = transport.get_security_options()
     options.ciphers = PREFERRED_CIPHERS + tuple(c for c in options.ciphers if c not in PREFERRED_CIPHERS)
-    known = hostkeys.known_keys(target.known_hosts_name, target.known_hosts)
-    if known:
-        options.key_types = tuple(t for t in options.key_types if t in known) + tuple(
-            t for t in options.key_types if t not in known
-        )
+    known = hostkeys.lookup(target.known_hosts_name, target.known_hosts)
+    recorded = known.algorithms()
+    options.key_types = tuple(t for t in options.key_types if t in recorded) + tuple(
+        t for t in options.key_types if t not in recorded
+    )
     left = _left(deadline, target, "the ssh handshake")
     transport.banner_timeout = transport.handshake_timeout = left
     try:
@@ -484,7 +484,7 @@ def _negotiate(transport: ParamikoTransport, target: SshTarget, deadline: Deadli
             f"ssh handshake with {target.hostname}:{target.port} timed out after {target.connect_timeout:g} s"
         )
     key = transport.get_remote_server_key()
-    added = hostkeys.check(target.known_hosts_name, key, target.known_hosts, target.host_key_policy)
+    added = hostkeys.check(known, key, target.host_key_policy, hash_names=target.hash_known_hosts)
     if added:
         log.warning("%s: added %s key %s to %s", target.alias, key.get_name(), hostkeys.fingerprint(key), added)
 

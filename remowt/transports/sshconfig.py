@@ -46,6 +46,7 @@ class SshTarget:
     keepalive_count: int = 3
     known_hosts: List[str] = field(default_factory=list)
     host_key_policy: str = "reject"
+    hash_known_hosts: bool = False
 
     @property
     def known_hosts_name(self) -> str:
@@ -173,6 +174,7 @@ def resolve(
         keepalive_count=int(_seconds(entry.get("serveralivecountmax"), "ServerAliveCountMax", 3)),
         known_hosts=known,
         host_key_policy=policy,
+        hash_known_hosts=entry.get("hashknownhosts", "no").lower() == "yes",
     )
 
 
