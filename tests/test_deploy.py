@@ -459,3 +459,72 @@ def test_python39_runs_an_agent_built_from_a_pip_wheel(
         assert conn.info().python.startswith("3.9.")
     finally:
         says_hi(conn)
+
+
+# --- a cache other users could write ----------------------------------------------------
+
+OTHER_USER = "nobody"  # another local user of the target, the one who plants
+
+
+def plant(source: str, planted: str) -> str:
+    """A copy of the agent at ``source`` whose agent.py first leaves a mark, owned by another user; the mark's path."""
+    mark = planted.rstrip("/") + ".ran"
+    shutil.copytree(source, planted)
+    entry = os.path.join(planted, "agent.py")
+    with open(entry) as f:
+        code = f.read()
+    with open(entry, "w") as f:
+        f.write(f"open({mark!r}, 'w').close()\n{code}")
+    subprocess.run(["chown", "-R", OTHER_USER, planted], check=True, timeout=10)
+    subprocess.run(["chmod", "-R", "a+rwX", planted], check=True, timeout=10)
+    return mark
+
+
+def test_an_agent_planted_by_another_user_in_a_loose_cache_is_never_run(
+    built: AgentBundle, target: Target, home: str
+) -> None:
+    """The cache root was left writable by all (an old remowt, umask 000): the planted agent is set aside."""
+    first, conn = target.deploy(built)
+    says_hi(conn)
+    root = cache_root(home)
+    os.chmod(root, 0o777)
+    spare = os.path.join(home, "spare")
+    mark = plant(first.path, spare)
+    shutil.rmtree(first.path)
+    os.rename(spare, first.path)
+    report, conn = target.deploy(built)
+    says_hi(conn)
+    assert not os.path.exists(mark), "the planted agent ran"
+    assert (report.path, report.uploaded) == (first.path, True)
+    assert report.fallback is not None and "not trusted" in report.fallback and OTHER_USER not in report.fallback
+    assert os.stat(first.path).st_uid == os.getuid() and os.stat(root).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("how", ["symlinked cache", "shared XDG_CACHE_HOME"])
+def test_a_cache_root_of_another_user_is_not_used(
+    built: AgentBundle, target: Target, home: str, tmpdir_env: str, tmp_path: os.PathLike[str], how: str
+) -> None:
+    first, conn = target.deploy(built)  # a genuine agent to copy from
+    says_hi(conn)
+    theirs = os.path.join(str(tmp_path), "theirs")  # a directory the other user made, writable by all
+    os.makedirs(os.path.join(theirs, "remowt"))
+    mark = plant(first.path, os.path.join(theirs, "remowt", built.hashes[LOCAL]))
+    subprocess.run(["chown", "-R", OTHER_USER, theirs], check=True, timeout=10)
+    os.chmod(theirs, 0o1777)
+    if how == "symlinked cache":
+        shutil.rmtree(cache_root(home))
+        os.symlink(os.path.join(theirs, "remowt"), cache_root(home))
+    else:
+        target.env["XDG_CACHE_HOME"] = theirs
+    report, conn = target.deploy(built)
+    assert "the agent cache is not used" in (report.fallback or ""), report.fallback
+    assert_ran_from_a_temporary_directory(report, conn, tmpdir_env, "running the agent from the temporary directory")
+    assert not os.path.exists(mark), "the planted agent ran"
+
+
+def test_a_new_cache_is_private_whatever_the_umask(built: AgentBundle, target: Target, home: str) -> None:
+    report, conn = target.deploy(built, before="umask 000; ")
+    says_hi(conn)
+    assert report.path == os.path.join(cache_root(home), built.hashes[LOCAL])
+    assert os.stat(os.path.join(home, ".cache")).st_mode & 0o777 == 0o700
+    assert os.stat(cache_root(home)).st_mode & 0o777 == 0o700

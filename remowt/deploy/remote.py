@@ -140,10 +140,61 @@ def unpack(data, dest):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "wb") as f:
                     f.write(tar.extractfile(member).read())
-                os.chmod(path, member.mode & 0o755)
+                    os.fchmod(f.fileno(), member.mode & 0o755)
+                    os.fsync(f.fileno())  # whole on disk before the rename makes it the cache
     except (OSError, tarfile.TarError) as e:
         return "cannot unpack the agent into %s (%s)" % (dest, e)
     return None
+
+
+# None when path is a directory (or, with file=True, a regular file) of this user that nobody else can write
+def trusted(path, file=False):
+    import stat
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return "cannot inspect %s (%s)" % (path, e.strerror or e)
+    if stat.S_ISLNK(st.st_mode):
+        return "%s is a symbolic link" % path
+    if not (stat.S_ISREG(st.st_mode) if file else stat.S_ISDIR(st.st_mode)):
+        return "%s is not a %s" % (path, "regular file" if file else "directory")
+    if st.st_uid != os.getuid():
+        return "%s belongs to uid %d, not to this user (uid %d)" % (path, st.st_uid, os.getuid())
+    if st.st_mode & 0o022:
+        return "%s can be written by others (mode %o)" % (path, st.st_mode & 0o777)
+    return None
+
+
+# None when every directory and file under d is trusted, else why not (os.walk follows no symbolic link)
+def trusted_tree(d):
+    why = trusted(d)
+    for path, dirs, files in os.walk(d):
+        for name in dirs + files:
+            why = why or trusted(os.path.join(path, name), name in files)
+    return why
+
+
+# the cache root made (mode 0700) or checked: None when it can hold agents, else why not
+def prepare_root():
+    try:
+        if not os.path.isdir(base):
+            os.makedirs(base, 0o700)
+        if not os.path.lexists(root):
+            os.mkdir(root, 0o700)
+        st = os.lstat(root)
+        if os.path.isdir(root) and not os.path.islink(root) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(root, 0o700)  # made loose by an older remowt or a umask: what others put in it is checked below
+    except OSError as e:
+        return "cannot write %s (%s)" % (root, e.strerror or e)
+    return trusted(root)
+
+
+# move an untrusted agent directory out of the way (it is never run); the note says why
+def set_aside(why):
+    import tempfile
+    aside = tempfile.mkdtemp(prefix=".untrusted-", dir=root)
+    os.rename(target, os.path.join(aside, digest))
+    return "%s was not trusted (%s): set aside in %s and installed again" % (target, why, aside)
 
 
 # unpack beside the cache dir and rename into place: None when it is there and loads, else why not
@@ -199,23 +250,30 @@ root = os.path.join(base, "remowt") if os.path.isabs(base) else None
 target = os.path.join(root, digest) if root else None
 notes = []
 final = None
+untrusted = None if target is None else prepare_root()
+cache_usable = False
 if target is None:
     notes.append("neither $XDG_CACHE_HOME nor $HOME names a directory")
-elif complete(target):
+elif untrusted is not None:
+    notes.append("the agent cache is not used: %s" % untrusted)
+elif not os.path.lexists(target):
+    cache_usable = not noexec(root)
+    if not cache_usable:
+        notes.append("%s is on a filesystem mounted noexec" % root)
+elif trusted_tree(target) is not None:
+    try:
+        notes.append(set_aside(trusted_tree(target)))
+        cache_usable = True
+    except OSError as e:
+        notes.append("%s is not trusted and cannot be moved (%s)" % (target, e.strerror or e))
+elif not complete(target):
+    notes.append("%s is incomplete (not made by remowt?); remove it" % target)
+else:
     why = loads(target)
     if why is None:
         final = target
     else:
         notes.append("cannot load the agent from %s (%s)" % (target, why))
-elif os.path.lexists(target):
-    notes.append("%s is incomplete (not made by remowt?); remove it" % target)
-else:
-    try:
-        os.makedirs(root, exist_ok=True)
-        if noexec(root):
-            notes.append("%s is on a filesystem mounted noexec" % root)
-    except OSError as e:
-        notes.append("cannot write %s (%s)" % (root, e.strerror or e))
 send("status", path=target, installed=final is not None, note="; ".join(notes))
 fallback = False
 if final is None:
@@ -224,7 +282,7 @@ if final is None:
     got = hashlib.sha256(data).hexdigest()
     if got != digest:
         fail("hash-mismatch", "the artifact received for %s has sha256 %s, not %s" % (plat, got, digest))
-    if not notes:
+    if cache_usable:
         why = install_cache(data)
         if why is None:
             final = target
