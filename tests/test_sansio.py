@@ -23,6 +23,7 @@ from remowt.protocol.streamstate import MAX_CHUNK, MAX_WINDOW, StreamState
 
 USER, AGENT, PRIV = wire.USER, wire.AGENT, wire.AGENT_PRIVILEGED
 P1 = wire.plugin(1)
+BODY = bytes(100)  # a frame body, as far as routing decisions look at it
 REMOWT = pathlib.Path(__file__).resolve().parent.parent / "remowt"
 
 
@@ -337,10 +338,10 @@ def call(src: str, dst: str) -> wire.Call:
 @pytest.mark.timeout(10)
 def test_a_message_over_the_wrong_link_is_dropped(agent_routes: Tuple[RouteTable[Hop], Hop, Hop]) -> None:
     routes, up, down = agent_routes
-    assert dispatch.decide(routes, down, call(USER, AGENT), 100) is dispatch.DROP  # the user is reached over up
-    assert dispatch.decide(routes, up, call(P1, AGENT), 100) is dispatch.DROP
-    assert dispatch.decide(routes, up, call("nobody", AGENT), 100) is dispatch.DROP
-    assert dispatch.decide(routes, up, call(AGENT, PRIV), 100) is dispatch.DROP  # not from here either
+    assert dispatch.decide(routes, down, call(USER, AGENT), BODY) is dispatch.DROP  # the user is reached over up
+    assert dispatch.decide(routes, up, call(P1, AGENT), BODY) is dispatch.DROP
+    assert dispatch.decide(routes, up, call("nobody", AGENT), BODY) is dispatch.DROP
+    assert dispatch.decide(routes, up, call(AGENT, PRIV), BODY) is dispatch.DROP  # not from here either
 
 
 @pytest.mark.timeout(10)
@@ -359,24 +360,24 @@ def test_messages_for_this_node_are_delivered_by_kind(agent_routes: Tuple[RouteT
         (wire.Reset(USER, AGENT, 3, True, "closed"), dispatch.STREAM),
     ]
     for message, act in expected:
-        assert dispatch.decide(routes, up, message, 100) is act, message
+        assert dispatch.decide(routes, up, message, BODY) is act, message
 
 
 @pytest.mark.timeout(10)
 def test_messages_for_others_go_on_over_the_next_hop(agent_routes: Tuple[RouteTable[Hop], Hop, Hop]) -> None:
     routes, up, down = agent_routes
-    assert dispatch.decide(routes, up, call(USER, PRIV), 100) is down
-    assert dispatch.decide(routes, up, call(USER, P1), 100) is down
-    assert dispatch.decide(routes, down, wire.Reply(9, P1, USER, msgspec.Raw(b"\xc0")), 100) is up
+    assert dispatch.decide(routes, up, call(USER, PRIV), BODY) is down
+    assert dispatch.decide(routes, up, call(USER, P1), BODY) is down
+    assert dispatch.decide(routes, down, wire.Reply(9, P1, USER, msgspec.Raw(b"\xc0")), BODY) is up
 
 
 @pytest.mark.timeout(10)
 def test_a_call_nobody_can_reach_fails_as_unreachable(agent_routes: Tuple[RouteTable[Hop], Hop, Hop]) -> None:
     routes, up, _ = agent_routes
-    decision = dispatch.decide(routes, up, call(USER, wire.plugin(5)), 100)
+    decision = dispatch.decide(routes, up, call(USER, wire.plugin(5)), BODY)
     assert isinstance(decision, dispatch.Bounce)
     assert decision.answer == wire.Fail(9, AGENT, USER, "unreachable", "agent has no route to 'plugin(5)'")
-    back = dispatch.decide(routes, up, call(USER, USER), 100)  # its route leads back where it came from
+    back = dispatch.decide(routes, up, call(USER, USER), BODY)  # its route leads back where it came from
     assert isinstance(back, dispatch.Bounce)
     assert back.answer == wire.Fail(9, AGENT, USER, "unreachable", "agent has no route to 'user'")
 
@@ -385,13 +386,13 @@ def test_a_call_nobody_can_reach_fails_as_unreachable(agent_routes: Tuple[RouteT
 def test_a_frame_too_big_for_the_next_link_is_bounced(agent_routes: Tuple[RouteTable[Hop], Hop, Hop]) -> None:
     routes, up, down = agent_routes
     size = wire.MIN_MAX_FRAME + 1
-    decision = dispatch.decide(routes, up, call(USER, PRIV), size)
+    decision = dispatch.decide(routes, up, call(USER, PRIV), memoryview(bytes(size)))
     assert isinstance(decision, dispatch.Bounce)
     why = f"agent cannot pass on {size} bytes: agent-privileged takes at most {wire.MIN_MAX_FRAME}"
     assert decision.answer == wire.Fail(9, AGENT, USER, "unreachable", why)
-    assert dispatch.decide(routes, up, call(USER, PRIV), wire.MIN_MAX_FRAME) is down
-    piece = wire.Data(USER, PRIV, 3, True, memoryview(b"x"))  # a piece read apart from its frame has no size
-    assert dispatch.decide(routes, up, piece, None) is down
+    assert dispatch.decide(routes, up, call(USER, PRIV), bytes(wire.MIN_MAX_FRAME)) is down
+    piece = wire.Data(USER, PRIV, 3, True, memoryview(bytes(size)))  # read apart from its frame: goes on as it is
+    assert dispatch.decide(routes, up, piece, piece) is down
 
 
 @pytest.mark.timeout(10)

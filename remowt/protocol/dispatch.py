@@ -76,11 +76,12 @@ _HERE: Dict[type, Act] = {
 }
 
 
-def decide(routes: RouteTable[H], arrived: H, message: wire.Routed, size: Optional[int]) -> Decision[H]:
-    """What to do with ``message``, which came over ``arrived``.
+def decide(routes: RouteTable[H], arrived: H, message: wire.Routed, body: wire.Item) -> Decision[H]:
+    """What to do with ``message``, which came over ``arrived`` as ``body``.
 
-    ``size`` is the length of its frame's body, which must fit the next link;
-    None for a piece of a payload read apart from its frame (it goes on as a frame of its own).
+    ``body`` is the frame's body, which must fit the next link, or, for a piece
+    of a payload the link read apart from its frame, the ``Data`` message itself
+    (it goes on as a frame of its own). It is measured only when passed on.
     """
     if routes.next_hop(message.src) is not arrived:
         return DROP
@@ -91,8 +92,8 @@ def decide(routes: RouteTable[H], arrived: H, message: wire.Routed, size: Option
     hop = routes.next_hop(dst)
     if hop is None or hop is arrived:
         return Bounce(bounce(own, message, f"{own} has no route to {dst!r}"))
-    if size is not None and size > hop.peer_max_frame:
-        why = f"{own} cannot pass on {size} bytes: {dst} takes at most {hop.peer_max_frame}"
+    if not isinstance(body, wire.Data) and len(body) > hop.peer_max_frame:
+        why = f"{own} cannot pass on {len(body)} bytes: {dst} takes at most {hop.peer_max_frame}"
         return Bounce(bounce(own, message, why))
     return hop
 

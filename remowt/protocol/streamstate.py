@@ -13,7 +13,7 @@ waits and sends.
 from __future__ import annotations
 
 import collections
-from typing import Deque, List, Optional, Tuple, Union
+from typing import Deque, List, NoReturn, Optional, Tuple, Union
 
 from ..errors import ProtocolError
 from . import wire
@@ -155,7 +155,8 @@ class StreamState:
 
         Raises the stream's error, or ``ValueError`` once this side closed or ended its direction.
         """
-        self._check_writable()
+        if self.error is not None or self.closed or self.sent_eof:
+            self._refuse_write()
         n = min(self.credit, size, MAX_CHUNK)
         self.credit -= n
         return n
@@ -165,17 +166,17 @@ class StreamState:
 
         Raises as :meth:`sendable` does.
         """
-        self._check_writable()
+        if self.error is not None or self.closed or self.sent_eof:
+            self._refuse_write()
         if count > self.credit:
             return False
         self.credit -= count
         return True
 
-    def _check_writable(self) -> None:
+    def _refuse_write(self) -> NoReturn:
         if self.error is not None:
             raise self.error
-        if self.closed or self.sent_eof:
-            raise ValueError("write to a closed remowt stream")
+        raise ValueError("write to a closed remowt stream")
 
     def credit_received(self, amount: int) -> None:
         """The peer consumed ``amount`` bytes; a :class:`ProtocolError` when that takes credit past the window."""

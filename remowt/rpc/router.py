@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import msgspec
 
@@ -390,17 +390,10 @@ class Router:
             self._on_routes(link, message)
             return
         with self._lock:
-            decision = decide(self._routes, link, message, None if isinstance(body, wire.Data) else len(body))
-        if decision is dispatch.STREAM:
-            self._on_stream_message(link, cast(StreamEvent, message))
-        elif decision is dispatch.CALL:
-            self._on_call(cast(wire.Call, message))
-        elif decision is dispatch.ANSWER:
-            self._on_answer(link, message)
-        elif decision is dispatch.NOTIFY:
-            self._on_notify(cast(wire.Notify, message))
-        elif decision is dispatch.OPEN:
-            self._on_open(link, cast(wire.Open, message))
+            decision = decide(self._routes, link, message, body)
+        take = _TAKERS.get(decision)
+        if take is not None:
+            take(self, link, message)
         elif isinstance(decision, Bounce):
             if decision.answer is not None:
                 self.send_routed(decision.answer.dst, wire.encode(decision.answer))
@@ -455,7 +448,7 @@ class Router:
                 link.send(wire.encode(wire.Routes(advert)))
         self._routes_changed.open()
 
-    def _on_call(self, message: wire.Call) -> None:
+    def _on_call(self, link: Link, message: wire.Call) -> None:
         service = self._services.get(message.ns)
         entry = None if service is None else service.methods.get(message.method)
         if entry is None:
@@ -486,7 +479,7 @@ class Router:
             return
         link.send(reply)
 
-    def _on_notify(self, message: wire.Notify) -> None:
+    def _on_notify(self, link: Link, message: wire.Notify) -> None:
         service = self._services.get(message.ns)
         entry = None if service is None else service.methods.get(message.method)
         if entry is None:
@@ -538,7 +531,7 @@ class Router:
             )
         self.send_routed(message.src, wire.encode(fail))
 
-    def _on_answer(self, link: Link, message: Any) -> None:
+    def _on_answer(self, link: Link, message: Union[wire.Reply, wire.Fail]) -> None:
         with self._lock:
             pending = self._pending.get(message.id)
             if pending is None or not answers(message, pending.dst):
@@ -660,6 +653,16 @@ class Router:
         for stream in streams:
             stream.lost()
         self._pool.shutdown(timeout)
+
+
+#: Who takes each kind of message for this node, by decision (any other decision is not found here).
+_TAKERS: Dict[object, Callable[[Router, Link, Any], None]] = {
+    dispatch.STREAM: Router._on_stream_message,
+    dispatch.CALL: Router._on_call,
+    dispatch.ANSWER: Router._on_answer,
+    dispatch.NOTIFY: Router._on_notify,
+    dispatch.OPEN: Router._on_open,
+}
 
 
 def _error_from_fail(message: wire.Fail) -> BaseException:
