@@ -16,19 +16,33 @@ two ends are built from the same annotations and cannot drift.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Optional, Tuple, Type, TypeVar, get_type_hints
+from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Tuple, Type, TypeVar, get_type_hints
 
 import msgspec
 
 from ..errors import RemoteError
 from . import wire
 
-if TYPE_CHECKING:
-    from ..rpc.router import Router
-
 F = TypeVar("F", bound=Callable[..., Any])
 _VARARGS, _VARKEYWORDS = 0x04, 0x08  # code object flags: *args, **kwargs
 S = TypeVar("S", bound="Service")
+
+
+class Answer(Protocol):
+    """The future of one call."""
+
+    def result(self, timeout: Optional[float] = None) -> bytes:
+        """The raw msgpack result, once it came; raises the remote error or ``TimeoutError``."""
+
+
+class Caller(Protocol):
+    """What a proxy calls through (:class:`remowt.rpc.router.Router` is one)."""
+
+    def call(self, dst: str, ns: int, method: int, args: bytes) -> Answer:
+        """Send a call of method ``method`` in namespace ``ns`` at ``dst`` with encoded ``args``."""
+
+    def notify(self, dst: str, ns: int, method: int, args: bytes) -> None:
+        """Send a one-way call."""
 
 
 def rpc(number: int, *, inline: bool = False, oneway: bool = False) -> Callable[[F], F]:
@@ -146,9 +160,10 @@ def bind_methods(implementation: object) -> Tuple[int, str, Dict[int, Tuple[Meth
 _proxy_classes: Dict[type, type] = {}
 
 
-def proxy(service: Type[S], router: Router, dst: str, timeout: Optional[float] = None) -> S:
+def proxy(service: Type[S], router: Caller, dst: str, timeout: Optional[float] = None) -> S:
     """An instance of ``service`` whose methods run at ``dst``, each waiting ``timeout`` seconds at most.
 
+    ``router`` carries the calls: a :class:`~remowt.rpc.router.Router`, or any other :class:`Caller`.
     A call that gets no answer in time raises ``TimeoutError`` (a late answer
     is dropped); ``timeout`` None waits as long as the link lives.
     """

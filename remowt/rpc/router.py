@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import msgspec
 
@@ -30,22 +30,22 @@ from ..errors import (
     Unreachable,
     remote_os_error,
 )
-from ..protocol import wire
+from ..protocol import dispatch, wire
+from ..protocol.budget import MAX_UNACCEPTED, PeerBudget
+from ..protocol.dispatch import Bounce, StreamEvent, answers, clip, decide, no_such_stream, stream_key
 from ..protocol.routing import RouteTable
+from ..protocol.streamstate import DEFAULT_WINDOW, MAX_WINDOW, StreamKey
 from ..runtime.waiting import Flag, Gate, wait_on
 from ..runtime.workers import WorkerPool
 from ..transports.base import Transport
 from .link import Link, Part
-from .streams import DEFAULT_WINDOW, MAX_WINDOW, Stream, StreamKey
+from .streams import Stream
 
 if TYPE_CHECKING:
     from ..protocol.service import MethodSpec
 
 log = logging.getLogger("remowt.router")
 HANDSHAKE_TIMEOUT = 30.0
-MAX_STREAMS = 4096  # streams the nodes over one link may have opened here at a time
-MAX_UNACCEPTED = DEFAULT_WINDOW  # bytes they may send on those of their streams nobody here accepted (yet)
-MAX_FAIL_TEXT = 16 * 1024  # a failure's message and file name are cut to this many characters
 
 
 class Pending:
@@ -112,21 +112,6 @@ class Pending:
             self._lock.release()
             return False
         return True
-
-
-class PeerBudget:
-    """What the nodes over one link hold here: streams they opened, bytes on those nobody accepted yet.
-
-    ``peer`` is the neighbour on the link: its own excess is a protocol error on the link; the excess of a
-    node behind it costs only that stream (one bad plugin must not cut the user off from its agent).
-    """
-
-    __slots__ = ("peer", "streams", "unaccepted")
-
-    def __init__(self, peer: Optional[str]) -> None:
-        self.peer = peer
-        self.streams = 0
-        self.unaccepted = 0
 
 
 class _Service:
@@ -358,9 +343,8 @@ class Router:
             budget = stream.budget
             if stream.accepted or budget is None or self._streams.get(stream.key) is not stream:
                 return True
-            fits = budget.unaccepted + size <= MAX_UNACCEPTED
+            fits = budget.hold(size)
             if fits:
-                budget.unaccepted += size
                 stream.charged += size
             elif stream.peer != budget.peer:
                 self._drop_stream_locked(stream)
@@ -375,7 +359,7 @@ class Router:
 
     def _release_unaccepted_locked(self, stream: Stream) -> None:
         if stream.charged and stream.budget is not None:
-            stream.budget.unaccepted -= stream.charged
+            stream.budget.release(stream.charged)
             stream.charged = 0
 
     def forget_stream(self, stream: Stream) -> None:
@@ -387,7 +371,7 @@ class Router:
         del self._streams[stream.key]
         self._release_unaccepted_locked(stream)
         if stream.budget is not None:
-            stream.budget.streams -= 1
+            stream.budget.stream_gone()
 
     def stream_count(self) -> int:
         with self._lock:
@@ -399,27 +383,26 @@ class Router:
         message = body if isinstance(body, wire.Data) else wire.decode(body)
         if link.peer is None:
             self._on_hello(link, message)
-        elif isinstance(message, wire.Hello):
+            return
+        if isinstance(message, wire.Hello):
             raise ProtocolError(f"second hello from {link.peer}")
-        elif isinstance(message, wire.Routes):
+        if isinstance(message, wire.Routes):
             self._on_routes(link, message)
-        elif not self._arrived_from(link, message.src):
-            log.debug("dropping %s from %s: it came over %s", type(message).__name__, message.src, link.name)
-        elif message.dst != self.address:
-            self._forward(link, message, body)
-        elif isinstance(message, wire.Call):
-            self._on_call(message)
-        elif isinstance(message, wire.Notify):
-            self._on_notify(message)
-        elif isinstance(message, (wire.Reply, wire.Fail)):
-            self._on_answer(link, message)
-        else:
-            self._on_stream_message(link, message)
-
-    def _arrived_from(self, link: Link, src: str) -> bool:
-        """Messages from ``src`` must come over the link we would send to ``src`` on."""
+            return
         with self._lock:
-            return self._routes.next_hop(src) is link
+            decision = decide(self._routes, link, message, body)
+        take = _TAKERS.get(decision)
+        if take is not None:
+            take(self, link, message)
+        elif isinstance(decision, Bounce):
+            if decision.answer is not None:
+                self.send_routed(decision.answer.dst, wire.encode(decision.answer))
+        elif isinstance(decision, dispatch.Act):  # the one left: DROP
+            log.debug("dropping %s from %s: it came over %s", type(message).__name__, message.src, link.name)
+        elif isinstance(body, wire.Data):  # forward a piece of a payload the link read apart from its frame
+            decision.send(*wire.data_frame(body))
+        else:  # forward the frame
+            decision.send(wire.HEADER.pack(len(body)), body)
 
     def _on_hello(self, link: Link, message: wire.Message) -> None:
         if not isinstance(message, wire.Hello):
@@ -465,35 +448,7 @@ class Router:
                 link.send(wire.encode(wire.Routes(advert)))
         self._routes_changed.open()
 
-    def _forward(self, link: Link, message: wire.Routed, body: wire.Item) -> None:
-        with self._lock:
-            out = self._routes.next_hop(message.dst)
-        if out is None or out is link:
-            why = f"{self.address} has no route to {message.dst!r}"
-        elif isinstance(body, wire.Data):  # a piece of a payload the link read apart from its frame
-            out.send(*wire.data_frame(body))
-            return
-        elif len(body) <= out.peer_max_frame:
-            out.send(wire.HEADER.pack(len(body)), body)
-            return
-        else:
-            why = f"{self.address} cannot pass on {len(body)} bytes: {message.dst} takes at most {out.peer_max_frame}"
-        self._not_forwarded(message, why)
-
-    def _not_forwarded(self, message: wire.Routed, why: str) -> None:
-        """Tell the sender of a message that could not be passed on (a call's caller, a stream's other end)."""
-        if isinstance(message, wire.Call):
-            self._fail_call(message, Unreachable(why))
-        elif isinstance(message, wire.Reply) or (isinstance(message, wire.Fail) and message.kind != "unreachable"):
-            fail = wire.Fail(message.id, self.address, message.dst, "unreachable", why)
-            self.send_routed(message.dst, wire.encode(fail))
-        elif isinstance(message, (wire.Open, wire.Data, wire.Eof)):
-            reset = wire.Reset(
-                self.address, message.src, message.sid, not getattr(message, "from_opener", True), "unreachable"
-            )
-            self.send_routed(message.src, wire.encode(reset))
-
-    def _on_call(self, message: wire.Call) -> None:
+    def _on_call(self, link: Link, message: wire.Call) -> None:
         service = self._services.get(message.ns)
         entry = None if service is None else service.methods.get(message.method)
         if entry is None:
@@ -524,7 +479,7 @@ class Router:
             return
         link.send(reply)
 
-    def _on_notify(self, message: wire.Notify) -> None:
+    def _on_notify(self, link: Link, message: wire.Notify) -> None:
         service = self._services.get(message.ns)
         entry = None if service is None else service.methods.get(message.method)
         if entry is None:
@@ -561,29 +516,25 @@ class Router:
                 self.address,
                 message.src,
                 "os-error",
-                _clip(error.strerror or str(error)),
+                clip(error.strerror or str(error)),
                 error.errno,
-                None if error.filename is None else _clip(str(error.filename)),
+                None if error.filename is None else clip(str(error.filename)),
             )
         elif isinstance(error, RemoteError):
-            fail = wire.Fail(message.id, self.address, message.src, error.kind, _clip(error.message))
+            fail = wire.Fail(message.id, self.address, message.src, error.kind, clip(error.message))
         elif isinstance(error, Unreachable):
-            fail = wire.Fail(message.id, self.address, message.src, "unreachable", _clip(str(error)))
+            fail = wire.Fail(message.id, self.address, message.src, "unreachable", clip(str(error)))
         else:
             log.exception("call to ns %d method %d failed", message.ns, message.method, exc_info=error)
             fail = wire.Fail(
-                message.id, self.address, message.src, InternalError.kind, _clip(f"{type(error).__name__}: {error}")
+                message.id, self.address, message.src, InternalError.kind, clip(f"{type(error).__name__}: {error}")
             )
         self.send_routed(message.src, wire.encode(fail))
 
-    def _on_answer(self, link: Link, message: Any) -> None:
+    def _on_answer(self, link: Link, message: Union[wire.Reply, wire.Fail]) -> None:
         with self._lock:
             pending = self._pending.get(message.id)
-            # Only the callee answers, but any router on the way may say it is unreachable.
-            genuine = pending is not None and (
-                message.src == pending.dst or (isinstance(message, wire.Fail) and message.kind == "unreachable")
-            )
-            if pending is None or not genuine:
+            if pending is None or not answers(message, pending.dst):
                 return
             del self._pending[message.id]
         if isinstance(message, wire.Reply):
@@ -593,18 +544,14 @@ class Router:
             error = _error_from_fail(message)
             link.defer(lambda: pending.resolve(None, error))
 
-    def _on_stream_message(self, link: Link, message: wire.Message) -> None:
-        assert isinstance(message, (wire.Open, wire.Data, wire.Credit, wire.Eof, wire.Reset))
-        if isinstance(message, wire.Open):
-            self._on_open(link, message)
-            return
-        opener = message.src if message.from_opener else self.address
+    def _on_stream_message(self, link: Link, message: StreamEvent) -> None:
+        key = stream_key(self.address, message)
         with self._lock:
-            stream = self._streams.get((opener, message.sid))
+            stream = self._streams.get(key)
         if stream is None or stream.peer != message.src:  # only the stream's other end may speak on it
-            if isinstance(message, (wire.Data, wire.Eof)):
-                reset = wire.Reset(self.address, message.src, message.sid, not message.from_opener, "no such stream")
-                self.send_routed(message.src, wire.encode(reset))
+            reset = no_such_stream(self.address, message)
+            if reset is not None:
+                self.send_routed(reset.dst, wire.encode(reset))
         elif isinstance(message, wire.Data):
             try:
                 stream.on_data(message.data)
@@ -637,12 +584,8 @@ class Router:
             budget = self._budgets.get(link)
             if budget is None:
                 budget = self._budgets[link] = PeerBudget(link.peer)
-            if message.window > MAX_WINDOW:
-                why = f"opened a stream with a window of {message.window} bytes (at most {MAX_WINDOW})"
-            elif budget.streams >= MAX_STREAMS:
-                why = f"opened more than {MAX_STREAMS} streams at once (with the nodes behind {budget.peer})"
-            else:
-                budget.streams += 1
+            why = budget.admit(message.window)
+            if why is None:
                 stream = self._streams[key] = Stream(self, src, src, message.sid, message.window)
                 stream.budget = budget
                 return
@@ -650,9 +593,7 @@ class Router:
 
     def _refuse_stream(self, budget: PeerBudget, src: str, sid: int, why: str) -> None:
         """A ProtocolError if the neighbour itself did wrong; else the stream of the node behind it is reset."""
-        if src == budget.peer:
-            raise ProtocolError(f"{src} {why}")
-        self.send_routed(src, wire.encode(wire.Reset(self.address, src, sid, False, why)))
+        self.send_routed(src, wire.encode(budget.refusal(self.address, src, sid, why)))
 
     def _on_link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         with self._lock:
@@ -714,14 +655,19 @@ class Router:
         self._pool.shutdown(timeout)
 
 
+#: Who takes each kind of message for this node, by decision (any other decision is not found here).
+_TAKERS: Dict[object, Callable[[Router, Link, Any], None]] = {
+    dispatch.STREAM: Router._on_stream_message,
+    dispatch.CALL: Router._on_call,
+    dispatch.ANSWER: Router._on_answer,
+    dispatch.NOTIFY: Router._on_notify,
+    dispatch.OPEN: Router._on_open,
+}
+
+
 def _error_from_fail(message: wire.Fail) -> BaseException:
     if message.kind == "os-error" and message.errno is not None:
         return remote_os_error(message.errno, message.message, message.filename)
     if message.kind == "unreachable":
         return Unreachable(message.message)
     return REMOTE_ERRORS.get(message.kind, RemoteError)(f"{message.src}: {message.message}")
-
-
-def _clip(text: str) -> str:
-    """``text``, cut to :data:`MAX_FAIL_TEXT` characters (a failure must fit in any peer's frame)."""
-    return text if len(text) <= MAX_FAIL_TEXT else text[:MAX_FAIL_TEXT] + "..."

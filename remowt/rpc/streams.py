@@ -4,30 +4,37 @@ Each stream has a window: the sender may have at most that many bytes that
 the receiver has not yet consumed. The receiver returns credit as its reader
 takes bytes, so a slow reader holds at most one window in memory and never
 blocks the link it shares with other streams and calls.
+
+What to do on each event is decided by :class:`~remowt.protocol.streamstate.StreamState`;
+a :class:`Stream` guards it with a lock, lets readers and writers wait, and sends.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import threading
-from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Protocol, Union
 
 from ..errors import ConnectionLost, ProtocolError
 from ..protocol import wire
+from ..protocol.budget import PeerBudget
+from ..protocol.streamstate import DEFAULT_WINDOW, MAX_CHUNK, Chunk, StreamKey, StreamState
 from ..runtime.deadline import Deadline
 from ..runtime.waiting import Gate, wait_on
-from .link import Spliced
+from .link import Part, Spliced
 
-if TYPE_CHECKING:
-    from .router import PeerBudget, Router
+__all__ = [
+    "DEFAULT_WINDOW",
+    "MAX_CHUNK",
+    "Buffer",
+    "Chunk",
+    "Stream",
+    "StreamKey",
+    "StreamRouter",
+    "as_bytes",
+]
 
-DEFAULT_WINDOW = 4 * 1024 * 1024
-MAX_WINDOW = 16 * 1024 * 1024  # the most a peer may ask a stream's receiver to hold
-MAX_CHUNK = 256 * 1024
-StreamKey = Tuple[str, int]
 Buffer = Union[bytes, bytearray, memoryview]
-Chunk = Union[bytes, memoryview]
 
 
 def as_bytes(chunk: Chunk) -> bytes:
@@ -40,41 +47,59 @@ def as_bytes(chunk: Chunk) -> bytes:
     return bytes(chunk)
 
 
+class StreamRouter(Protocol):
+    """What a stream needs from the router it belongs to (:class:`remowt.rpc.router.Router` is one)."""
+
+    @property
+    def address(self) -> str:
+        """The router's own address."""
+
+    def send_routed(self, dst: str, *parts: Part) -> bool:
+        """Send a frame towards ``dst``; False if there is no route."""
+
+    def splices_to(self, dst: str) -> bool:
+        """Whether frames towards ``dst`` may carry :class:`~remowt.rpc.link.Spliced` parts."""
+
+    def forget_stream(self, stream: Stream) -> None:
+        """The stream is closed here: nothing more is routed to it."""
+
+    def hold_unaccepted(self, stream: Stream, size: int) -> bool:
+        """Charge bytes that arrived before anyone accepted ``stream``; False when it was refused for them."""
+
+
 class Stream:
     """One end of a bidirectional byte stream between two router addresses."""
 
-    def __init__(self, router: Router, peer: str, opener: str, sid: int, window: int, one_way: bool = False) -> None:
+    def __init__(
+        self, router: StreamRouter, peer: str, opener: str, sid: int, window: int, one_way: bool = False
+    ) -> None:
         self.router = router
         self.peer = peer
         self.key: StreamKey = (opener, sid)
         self.sid = sid
-        self.window = window
-        self._from_opener = opener == router.address
+        self._state = StreamState(router.address, peer, opener, sid, window, one_way)
         # A stream the peer opened is accepted once local code asks for it (Router.accept_stream); until then
         # what arrives on it is charged to the budget of the link it came over (see Router.hold_unaccepted).
-        self.accepted = self._from_opener
+        self.accepted = self._state.from_opener
         self.charged = 0
         self.budget: Optional[PeerBudget] = None
         self._lock = threading.Lock()
         self._gate = Gate()  # readers and writers waiting for data, credit or the end
-        self._chunks: Deque[Chunk] = collections.deque()
-        self._buffered = 0
-        self._unacked = 0
-        self._remote_eof = one_way  # a one-way stream's opener only writes: the peer never will
-        self._credit = window
-        self._sent_eof = False
-        self._error: Optional[BaseException] = None
-        self._closed = False
         self._listener: Optional[Callable[[Chunk], None]] = None
-        self._listener_ended = False
         self._on_writable: Optional[Callable[[], None]] = None
 
     def __repr__(self) -> str:
-        return f"<Stream {self.key[0]}#{self.sid} with {self.peer}>"
+        return self._state.name
+
+    @property
+    def window(self) -> int:
+        """The most bytes either side may have in flight that the other has not consumed."""
+        return self._state.window
 
     @functools.cached_property
     def _framer(self) -> wire.DataFramer:
-        return wire.DataFramer(self.router.address, self.peer, self.sid, self._from_opener)
+        state = self._state
+        return wire.DataFramer(state.own, state.peer, state.sid, state.from_opener)
 
     # --- reading -------------------------------------------------------
 
@@ -92,32 +117,21 @@ class Stream:
         """What :meth:`read` returns for ``size`` >= 0, but as it arrived: maybe a memoryview of its frame."""
         if size == 0:
             return b""
+        state = self._state
         deadline: Optional[Deadline] = None  # made only when there is something to wait for
         while True:
             with self._lock:
-                if self._chunks:
-                    chunk = self._chunks.popleft()
-                    if len(chunk) > size:
-                        rest = memoryview(chunk)
-                        self._chunks.appendleft(rest[size:])
-                        chunk = rest[:size]
-                    self._buffered -= len(chunk)
-                    credit = self._consumed(len(chunk))
+                chunk = state.take(size)
+                if chunk is not None:
+                    credit = state.consumed(len(chunk))
                     break
-                if self._remote_eof or self._closed:
-                    return b""
-                if self._error is not None:
-                    raise self._error
                 waiter = self._gate.enlist()
             if deadline is None:
                 deadline = Deadline(timeout, "reading a remowt stream")
             wait_on(waiter, deadline.remaining())
-        if credit:
-            self._send(wire.Credit(self.router.address, self.peer, self.sid, self._from_opener, credit))
+        if credit is not None:
+            self._send(credit)
         return chunk
-
-    def _readable(self) -> bool:
-        return bool(self._chunks) or self._remote_eof or self._closed or self._error is not None
 
     def readall(self, timeout: Optional[float] = None) -> bytes:
         """Everything until end of stream."""
@@ -135,34 +149,23 @@ class Stream:
         buffer[: len(chunk)] = chunk
         return len(chunk)
 
-    def _consumed(self, n: int) -> int:
-        self._unacked += n
-        if self._unacked >= self.window // 4 and not self._remote_eof:
-            credit, self._unacked = self._unacked, 0
-            return credit
-        return 0
-
     @property
     def at_eof(self) -> bool:
         """True once the peer's EOF arrived and every byte was read."""
         with self._lock:
-            return not self._chunks and (self._remote_eof or self._closed)
+            return self._state.at_eof
 
     # --- writing -------------------------------------------------------
 
     def write(self, data: Buffer, timeout: Optional[float] = None) -> int:
         """Send all of ``data``, waiting for credit; ``BrokenPipeError`` if the peer reset."""
         view = memoryview(data).cast("B")
+        state = self._state
         deadline: Optional[Deadline] = None  # made only when there is something to wait for
         total = len(view)
         while len(view):
             with self._lock:
-                if self._error is not None:
-                    raise self._error
-                if self._closed or self._sent_eof:
-                    raise ValueError("write to a closed remowt stream")
-                n = min(self._credit, len(view), MAX_CHUNK)
-                self._credit -= n
+                n = state.sendable(len(view))
                 if not n:
                     waiter = self._gate.enlist()
             if not n:
@@ -188,72 +191,61 @@ class Stream:
         ``on_sent(ok)`` runs once the bytes left the pipe (``ok``) or never will.
         """
         with self._lock:
-            if self._error is not None:
-                raise self._error
-            if self._closed or self._sent_eof:
-                raise ValueError("write to a closed remowt stream")
-            if count > self._credit:
-                raise ValueError(f"splicing {count} bytes into {self!r} exceeds its credit of {self._credit}")
-            self._credit -= count
+            if not self._state.reserve(count):
+                raise ValueError(f"splicing {count} bytes into {self!r} exceeds its credit of {self._state.credit}")
         if not self.router.send_routed(self.peer, self._framer.header(count), Spliced(fd, count, on_sent)):
             on_sent(False)
 
     def close_write(self) -> None:
         """Send end of stream; the peer reads ``b""`` after the bytes already sent."""
         with self._lock:
-            if self._sent_eof or self._error is not None or self._closed:
-                return
-            self._sent_eof = True
-        self._send(wire.Eof(self.router.address, self.peer, self.sid, self._from_opener))
+            eof = self._state.close_write()
+        if eof is not None:
+            self._send(eof)
 
     def receive_only(self) -> None:
         """End this side's direction without telling the peer, who opened the stream one-way."""
         with self._lock:
-            self._sent_eof = True
+            self._state.receive_only()
 
     def close(self) -> None:
         """Abandon the stream: the peer's writes fail with ``BrokenPipeError``."""
         with self._lock:
-            if self._closed:
+            if self._state.closed:
                 return
-            finished = self._sent_eof and self._remote_eof
-            quiet = self._error is not None
-            self._closed = True
-            self._chunks.clear()
+            reset = self._state.close()
             self._gate.open()
             callback = self._take_writable_callback()
         if callback is not None:
             callback()
         self.router.forget_stream(self)
-        if not finished and not quiet:
-            self._send(wire.Reset(self.router.address, self.peer, self.sid, self._from_opener, "closed"))
+        if reset is not None:
+            self._send(reset)
 
     @property
     def ended(self) -> bool:
         """True once nothing more will arrive: EOF, reset, lost, or closed here."""
-        return self._remote_eof or self._error is not None or self._closed
+        return self._state.ended
 
     @property
     def broken(self) -> bool:
         """True once the stream failed or was closed on this side."""
-        return self._error is not None or self._closed
+        return self._state.broken
 
     @property
     def error(self) -> Optional[BaseException]:
         """Why the stream failed: ``ConnectionLost``, or ``BrokenPipeError`` when the peer reset it; else None."""
-        return self._error
+        return self._state.error
 
     def credit(self) -> int:
         """How many bytes :meth:`write` can send now without waiting (0 once failed or closed)."""
         with self._lock:
-            if self._error is not None or self._closed or self._sent_eof:
-                return 0
-            return self._credit
+            return self._state.available()
 
     def when_writable(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once, as soon as there is credit or the stream has failed or closed."""
         with self._lock:
-            ready = self._credit > 0 or self._error is not None or self._closed
+            ready = self._state.write_ready
             if not ready:
                 self._on_writable = callback
         if ready:
@@ -274,29 +266,23 @@ class Stream:
         """
         with self._lock:
             self._listener = listener
-            pending = list(self._chunks)
-            self._chunks.clear()
-        for chunk in pending:
+            waiting = self._state.push()
+        for chunk in waiting:
             listener(chunk)
         self._maybe_end_listener()
 
     def ack(self, amount: int) -> None:
         """Push mode: the consumer is done with ``amount`` delivered bytes; return the credit."""
         with self._lock:
-            self._buffered -= amount
-            credit = self._consumed(amount)
-        if credit:
-            self._send(wire.Credit(self.router.address, self.peer, self.sid, self._from_opener, credit))
+            credit = self._state.consumed(amount)
+        if credit is not None:
+            self._send(credit)
 
     def _maybe_end_listener(self) -> None:
         with self._lock:
-            listener = self._listener
-            if listener is None or self._listener_ended or self._chunks:
-                return
-            if not (self._remote_eof or self._error is not None or self._closed):
-                return
-            self._listener_ended = True
-        listener(b"")
+            listener = self._listener if self._state.end_due() else None
+        if listener is not None:
+            listener(b"")
 
     def _send(self, message: wire.StreamMessage) -> None:
         self.router.send_routed(message.dst, wire.encode(message))
@@ -309,29 +295,23 @@ class Stream:
         if isinstance(data, memoryview) and memoryview(data.obj).nbytes > 2 * data.nbytes:
             data = bytes(data)  # a view must not keep a much bigger buffer alive
         with self._lock:
-            if self._closed:
-                return
-            if self._buffered + self._unacked + len(data) > self.window:
-                raise ProtocolError(f"{self.peer} overran the window of {self!r}")
-            self._buffered += len(data)
-            listener = self._listener
-            if listener is None:
-                self._chunks.append(data)
+            if self._state.received(data):
+                listener = self._listener
+            else:
+                listener = None
                 self._gate.open()
         if listener is not None:
             listener(data)
 
     def on_eof(self) -> None:
         with self._lock:
-            self._remote_eof = True
+            self._state.eof_received()
             self._gate.open()
         self._maybe_end_listener()
 
     def on_credit(self, amount: int) -> None:
         with self._lock:
-            if self._credit + amount > self.window:
-                raise ProtocolError(f"{self.peer} returned credit beyond the window of {self!r}")
-            self._credit += amount
+            self._state.credit_received(amount)
             self._gate.open()
             callback = self._take_writable_callback()
         if callback is not None:
@@ -339,13 +319,17 @@ class Stream:
 
     def on_reset(self, reason: str) -> None:
         with self._lock:
-            self._remote_eof = True
-        self.fail(BrokenPipeError(f"remote end of {self!r} was closed ({reason})"))
+            self._state.reset_received(reason)
+        self._failed()
 
     def fail(self, error: BaseException) -> None:
         with self._lock:
-            if self._error is None:
-                self._error = error
+            self._state.fail(error)
+        self._failed()
+
+    def _failed(self) -> None:
+        """Tell whoever waits on the stream (readers, writers, a writable callback, a consumer) that it failed."""
+        with self._lock:
             self._gate.open()
             callback = self._take_writable_callback()
         if callback is not None:
@@ -354,8 +338,10 @@ class Stream:
 
     def abort(self, error: ProtocolError) -> None:
         """The peer broke the protocol on this stream: fail it here, reset it there."""
-        self.fail(error)
-        self._send(wire.Reset(self.router.address, self.peer, self.sid, self._from_opener, str(error)))
+        with self._lock:
+            reset = self._state.abort(error)
+        self._failed()
+        self._send(reset)
 
     def lost(self) -> None:
         self.fail(ConnectionLost(f"connection to {self.peer} lost"))
@@ -363,4 +349,4 @@ class Stream:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet read."""
-        return self._buffered
+        return self._state.buffered
