@@ -15,7 +15,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union, overload
 
 import msgspec
 
@@ -42,6 +42,8 @@ STDOUT = _popen.STDOUT
 CLOSED = _popen.CLOSED
 STDIO = ("stdin", "stdout", "stderr")
 NO_OPTIONS = SpawnOptions()
+#: What a command may be, as for :class:`subprocess.Popen`: a string (a shell line with ``shell=True``) or a sequence.
+Args = Union[str, bytes, "os.PathLike[str]", Sequence[Union[str, bytes, "os.PathLike[str]"]]]
 
 
 class Node:
@@ -129,9 +131,30 @@ class Node:
             self._popen_class = type("Popen", (_popen.Popen,), {"_bound_connection": self})
         return self._popen_class
 
-    def run(self, *args: Any, **kwargs: Any) -> _popen.CompletedProcess[Any]:
-        """:func:`remowt.run` on this node."""
-        return _popen.run(*args, connection=self, **kwargs)
+    @overload
+    def run(self, args: Args, *, text: Literal[True], **kwargs: Any) -> _popen.CompletedProcess[str]: ...
+    @overload
+    def run(self, args: Args, *, encoding: str, **kwargs: Any) -> _popen.CompletedProcess[str]: ...
+    @overload
+    def run(self, args: Args, *, errors: str, **kwargs: Any) -> _popen.CompletedProcess[str]: ...
+    @overload
+    def run(self, args: Args, *, universal_newlines: Literal[True], **kwargs: Any) -> _popen.CompletedProcess[str]: ...
+    @overload
+    def run(
+        self,
+        args: Args,
+        *,
+        text: Literal[False, None] = None,
+        encoding: None = None,
+        errors: None = None,
+        universal_newlines: Literal[False, None] = None,
+        **kwargs: Any,
+    ) -> _popen.CompletedProcess[bytes]: ...
+    @overload
+    def run(self, args: Args, **kwargs: Any) -> _popen.CompletedProcess[Union[str, bytes]]: ...
+    def run(self, args: Args, **kwargs: Any) -> _popen.CompletedProcess[Any]:
+        """:func:`remowt.run` on this node (its output is str in text mode, else bytes, as :func:`subprocess.run`)."""
+        return _popen.run(args, connection=self, **kwargs)
 
     def call(self, *args: Any, **kwargs: Any) -> int:
         """:func:`remowt.call` on this node."""
@@ -141,9 +164,31 @@ class Node:
         """:func:`remowt.check_call` on this node."""
         return _popen.check_call(*args, connection=self, **kwargs)
 
-    def check_output(self, *args: Any, **kwargs: Any) -> Any:
-        """:func:`remowt.check_output` on this node."""
-        return _popen.check_output(*args, connection=self, **kwargs)
+    @overload
+    def check_output(self, args: Args, *, text: Literal[True], **kwargs: Any) -> str: ...
+    @overload
+    def check_output(self, args: Args, *, encoding: str, **kwargs: Any) -> str: ...
+    @overload
+    def check_output(self, args: Args, *, errors: str, **kwargs: Any) -> str: ...
+    @overload
+    def check_output(self, args: Args, *, universal_newlines: Literal[True], **kwargs: Any) -> str: ...
+    @overload
+    def check_output(
+        self,
+        args: Args,
+        *,
+        text: Literal[False, None] = None,
+        encoding: None = None,
+        errors: None = None,
+        universal_newlines: Literal[False, None] = None,
+        **kwargs: Any,
+    ) -> bytes: ...
+    @overload
+    def check_output(self, args: Args, **kwargs: Any) -> Union[str, bytes]: ...
+    def check_output(self, args: Args, **kwargs: Any) -> Union[str, bytes]:
+        """:func:`remowt.check_output` on this node: str in text mode, else bytes, as in :mod:`subprocess`."""
+        output: Union[str, bytes] = _popen.check_output(args, connection=self, **kwargs)
+        return output
 
     def getoutput(self, cmd: Any, **kwargs: Any) -> str:
         """:func:`remowt.getoutput` on this node."""
