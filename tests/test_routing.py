@@ -14,7 +14,7 @@ from remowt.endpoints.control import Control, ControlApi
 from remowt.errors import ConnectionLost, Unreachable
 from remowt.protocol import wire
 from remowt.protocol.service import Service, proxy, rpc
-from remowt.rpc.router import Router, _error_from_fail
+from remowt.rpc.router import Router, error_from_fail
 
 P1, P2 = wire.plugin(1), wire.plugin(2)
 
@@ -144,7 +144,7 @@ def test_unreachable_from_a_middle_router() -> None:
         assert isinstance(fail, wire.Fail), fail
         assert (fail.id, fail.src, fail.dst, fail.kind) == (5, wire.AGENT, wire.USER, "unreachable")
         assert "plugin(5)" in fail.message
-        assert isinstance(_error_from_fail(fail), Unreachable)
+        assert isinstance(error_from_fail(fail), Unreachable)
     finally:
         if peer is not None:
             peer.close()

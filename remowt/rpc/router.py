@@ -13,7 +13,6 @@ import errno
 import itertools
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import msgspec
@@ -35,6 +34,7 @@ from ..protocol.budget import MAX_UNACCEPTED, PeerBudget
 from ..protocol.dispatch import Bounce, StreamEvent, answers, clip, decide, no_such_stream, stream_key
 from ..protocol.routing import RouteTable
 from ..protocol.streamstate import DEFAULT_WINDOW, MAX_WINDOW, StreamKey
+from ..runtime.deadline import Deadline, lock_timeout
 from ..runtime.waiting import Flag, Gate, wait_on
 from ..runtime.workers import WorkerPool
 from ..transports.base import Transport
@@ -82,7 +82,7 @@ class Pending:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) for the answer; whether it came."""
-        if not self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+        if not self._lock.acquire(True, lock_timeout(timeout)):
             return False
         self._lock.release()
         return True
@@ -203,13 +203,13 @@ class Router:
         return self._wait_routes(lambda: self._routes.next_hop(address) is None, timeout)
 
     def _wait_routes(self, holds: Callable[[], bool], timeout: float) -> bool:
-        end = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         while True:
             with self._lock:
                 if holds():
                     return True
                 waiter = self._routes_changed.enlist()
-            if not wait_on(waiter, end - time.monotonic()):
+            if not wait_on(waiter, deadline.left()):
                 with self._lock:
                     return holds()
 
@@ -541,7 +541,7 @@ class Router:
             result = bytes(message.result)
             link.defer(lambda: pending.resolve(result, None))
         else:
-            error = _error_from_fail(message)
+            error = error_from_fail(message)
             link.defer(lambda: pending.resolve(None, error))
 
     def _on_stream_message(self, link: Link, message: StreamEvent) -> None:
@@ -665,7 +665,8 @@ _TAKERS: Dict[object, Callable[[Router, Link, Any], None]] = {
 }
 
 
-def _error_from_fail(message: wire.Fail) -> BaseException:
+def error_from_fail(message: wire.Fail) -> BaseException:
+    """The exception a ``Fail`` stands for: the matching OSError, ``Unreachable``, or the remote error by kind."""
     if message.kind == "os-error" and message.errno is not None:
         return remote_os_error(message.errno, message.message, message.filename)
     if message.kind == "unreachable":

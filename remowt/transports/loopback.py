@@ -61,10 +61,13 @@ class LoopbackTransport(Transport):
         return len(data)
 
     def close(self) -> None:
+        """Close both directions; what was sent here and not read is dropped, as a socket's close drops it."""
         for pipe in (self._in, self._out):
             with pipe.lock:
                 pipe.closed = True
                 pipe.gate.open()
+        with self._in.lock:
+            self._in.chunks.clear()
 
 
 def pair() -> Tuple[LoopbackTransport, LoopbackTransport]:
