@@ -103,7 +103,9 @@ def start_client(how: str, where: str) -> Tuple[subprocess.Popen[str], int]:
     if how == "wait":
         lines.append(program.stdout.readline())
     pids = [line for line in lines if line.strip().isdigit()]
-    assert len(pids) == 1 and set(lines) - set(pids) <= {"waiting\n"}, (lines, program.communicate(timeout=10))
+    if not (len(pids) == 1 and set(lines) - set(pids) <= {"waiting\n"}):
+        program.kill()
+        raise AssertionError((lines, program.communicate(timeout=10)))
     return program, int(pids[0])
 
 
