@@ -380,6 +380,9 @@ def test_pipesize(sp: Any) -> None:
     assert (sizes, out, err) == ([pipesize] * 3, f"{[pipesize] * 2}\n".encode(), b"")
     with pytest.raises(TypeError, match="pipesize must be an integer"):
         sp.Popen([CAT], pipesize=1.5)
+    # CPython's test_pipesize_default: without one, the pipes seen through fileno() have the default size
+    with sp.Popen([CAT], stdin=PIPE, stdout=PIPE) as proc:
+        assert [fcntl.fcntl(p.fileno(), F_GETPIPE_SZ) for p in (proc.stdin, proc.stdout)] == [default_pipe_size()] * 2
 
 
 # --- text mode ----------------------------------------------------------------
@@ -1148,6 +1151,21 @@ def test_argument_errors(sp: Any) -> None:
     for check in (False, True):
         with pytest.raises(ValueError, match="check argument not allowed, it will be overridden"):
             sp.check_output(cat, check=check)
+
+
+def test_user_and_group_ids_are_checked(sp: Any) -> None:
+    with pytest.raises(ValueError, match="User ID cannot be negative"):
+        sp.run(["true"], user=-1)
+    with pytest.raises(ValueError, match="Group ID cannot be negative"):
+        sp.run(["true"], group=-1)
+    with pytest.raises(OverflowError):
+        sp.run(["true"], user=2**64)
+    with pytest.raises(ValueError):
+        sp.run(["true"], extra_groups=[2**64])
+
+
+def test_popen_is_subscriptable(sp: Any) -> None:
+    assert sp.Popen[bytes].__origin__ is sp.Popen
 
 
 def test_close_fds_false_is_accepted(sp: Any) -> None:

@@ -119,10 +119,8 @@ class _PipeFile(io.RawIOBase):
 
     def _make_pipe(self) -> None:
         read_fd, write_fd = os.pipe()
-        if self.pipesize > 0:
+        if self.pipesize > 0:  # else the default size, as a local child's pipe has
             enlarge_pipe(write_fd, self.pipesize)
-        else:
-            enlarge_pipe(write_fd)
         mine, theirs = (write_fd, read_fd) if self.end.writable else (read_fd, write_fd)
         start(threading.Thread(target=self._copy, args=(theirs,), name=f"remowt{self.name}", daemon=True))
         self._fd = mine

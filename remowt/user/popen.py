@@ -16,8 +16,9 @@ import os
 import select
 import subprocess
 import threading
+import types
 import warnings
-from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from ..endpoints.subprocess import SpawnOptions, os_bytes
 from ..errors import ConnectionLost, os_name_text
@@ -113,6 +114,18 @@ def _environment(name: str, env: Optional[Mapping[Any, Any]]) -> Optional[Dict[b
             raise ValueError(f"illegal environment variable name in {name}: {key!r}")
         result[k] = _os_bytes(value, f"{name}[{key!r}]")
     return result
+
+
+def _check_id(value: Any, what: str, too_large: Type[Exception]) -> None:
+    """A user or group as subprocess checks it (names are looked up on the target): ``too_large`` past 32 bits."""
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, int):
+        raise TypeError(f"{what} must be a string or an integer, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{what} ID cannot be negative, got {value}")
+    if value >= 2**32:
+        raise too_large(f"{what} ID {value} is out of range")
 
 
 def _named_as_given(error: OSError, program: bytes, caller_program: Any, cwd: Optional[bytes], caller_cwd: Any) -> None:
@@ -220,6 +233,10 @@ class Popen:
 
     _bound_connection: Optional[Node] = None
 
+    def __class_getitem__(cls, item: Any) -> types.GenericAlias:
+        """``Popen[bytes]``, as ``subprocess.Popen[bytes]`` (an alias for annotations)."""
+        return types.GenericAlias(cls, item)
+
     def __init__(
         self,
         args: Args,
@@ -303,6 +320,10 @@ class Popen:
             )
             bufsize = -1
         argv, exe, caller_program = _argv(args, shell, executable)
+        _check_id(user, "User", OverflowError)
+        _check_id(group, "Group", OverflowError)
+        for extra in extra_groups or ():
+            _check_id(extra, "Group", ValueError)
         environment = _environment("env", env)
         extra_environment = _environment("extra_env", extra_env)
         if environment is not None and extra_environment is not None:
