@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     )
     from .user.process import RemoteProcess
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _HOMES: Dict[str, str] = {
     "Remowt": "user.connection",

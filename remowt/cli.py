@@ -18,6 +18,7 @@ from .transports.stdio import pipe_above_stdio
 from .user import connect as client
 from .user.connection import Remowt
 from .user.popen import CLOSED, Popen
+from .version import __version__
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -27,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="remowt",
         description="Run processes on another machine (or this one) through a remowt agent.",
     )
+    parser.add_argument("--version", action="version", version=f"remowt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     local = commands.add_parser(
         "local",

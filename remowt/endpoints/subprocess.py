@@ -8,6 +8,7 @@ it. Exits are pushed to the caller's :class:`ProcessEventsApi` as they happen.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -18,8 +19,9 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
+from msgspec.structs import force_setattr
 
-from ..errors import BadArguments, ConnectionLost, Unreachable
+from ..errors import BadArguments, ConnectionLost, Unreachable, os_name_text
 from ..protocol.service import Service, proxy, rpc
 from ..rpc.router import Router
 from ..rpc.streams import MAX_CHUNK, Stream
@@ -30,20 +32,37 @@ from .childio import Child, ChildIO, LazyOutput
 from .watchdog import Watchdog
 
 log = logging.getLogger("remowt.subprocess")
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's number; fcntl names it from Python 3.10
+
+
+OsName = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+
+def os_bytes(value: object, what: str) -> bytes:
+    """``value`` (str, bytes or a path) as the bytes the OS takes (``os.fsencode``); ``TypeError`` naming ``what``."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return os.fsencode(value)
+    raise TypeError(f"{what} must be str, bytes or a path-like object, got {type(value).__name__}")
 
 
 class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """How a child starts, in :class:`subprocess.Popen`'s terms: one set, from ``Popen`` through the node to the agent.
 
-    ``env`` replaces the agent's environment when ``replace_env``, else
-    extends it. Each child gets its own process group unless
-    ``start_new_session`` or ``process_group`` say otherwise; children die
-    with the connection unless ``keep_on_disconnect``.
+    ``executable``, ``cwd`` and ``env`` travel as bytes, as the OS takes them,
+    so names that are not UTF-8 arrive unchanged; a ``str`` (surrogate-escaped
+    ones included) or a path given here is encoded with ``os.fsencode`` when
+    the options are made. ``env`` replaces the agent's environment when
+    ``replace_env``, else extends it. Each child gets its own process group
+    unless ``start_new_session`` or ``process_group`` say otherwise; children
+    die with the connection unless ``keep_on_disconnect``. ``pipesize`` > 0
+    sets the size of the child's stdio pipes (``F_SETPIPE_SZ``).
     """
 
-    executable: Optional[str] = None
-    cwd: Optional[str] = None
-    env: Optional[Dict[str, str]] = None
+    executable: Optional[bytes] = None
+    cwd: Optional[bytes] = None
+    env: Optional[Dict[bytes, bytes]] = None
     replace_env: bool = False
     start_new_session: bool = False
     process_group: Optional[int] = None
@@ -53,6 +72,16 @@ class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     group: Union[int, str, None] = None
     extra_groups: Optional[List[Union[int, str]]] = None
     keep_on_disconnect: bool = False
+    pipesize: int = -1
+
+    def __post_init__(self) -> None:
+        if self.executable is not None:
+            force_setattr(self, "executable", os_bytes(self.executable, "executable"))
+        if self.cwd is not None:
+            force_setattr(self, "cwd", os_bytes(self.cwd, "cwd"))
+        if self.env is not None:
+            env = {os_bytes(k, "an env name"): os_bytes(v, f"env[{k!r}]") for k, v in self.env.items()}
+            force_setattr(self, "env", env)
 
 
 class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,7 +99,7 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     handle: int
-    argv: List[str]
+    argv: List[bytes]
     options: SpawnOptions = SpawnOptions()
     stdin: Optional[int] = None
     stdout: Optional[int] = None
@@ -224,16 +253,20 @@ class Subprocesses(SubprocessApi):
         # A pipe per stream, made here rather than by Popen: the child gets one end, the pumps own the other.
         ours: Dict[str, int] = {}
         theirs: Dict[str, int] = {}
-        for name in [*streams, *lazy]:
-            read_fd, write_fd = os.pipe()
-            ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
-        for name in spec.closed:
-            theirs[name] = os.open(os.devnull, os.O_WRONLY if name == "stdin" else os.O_RDONLY)
         try:
             try:
+                for name in [*streams, *lazy]:
+                    read_fd, write_fd = os.pipe()
+                    ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
+                    if spec.options.pipesize > 0:  # as subprocess raises it when the size is refused
+                        fcntl.fcntl(ours[name], F_SETPIPE_SZ, spec.options.pipesize)
+                    elif name != "stdin":  # fewer, larger reads of the child's output
+                        enlarge_pipe(ours[name])
+                for name in spec.closed:
+                    theirs[name] = os.open(os.devnull, os.O_WRONLY if name == "stdin" else os.O_RDONLY)
                 process = LocalPopen(spec.argv, **self._popen_kwargs(spec, theirs))
             except (ValueError, KeyError, TypeError) as e:  # bad env, unknown user or group: the caller's mistake
-                raise BadArguments(f"cannot start {spec.argv[0]!r}: {e}") from None
+                raise BadArguments(f"cannot start {os_name_text(spec.argv[0])!r}: {e}") from None
         except BaseException:
             for fd in ours.values():
                 os.close(fd)
@@ -251,7 +284,6 @@ class Subprocesses(SubprocessApi):
             self._by_pid[process.pid] = child
         self._start_pumps(process.pid, streams, ours)
         for name in lazy:
-            enlarge_pipe(ours[name])
             output = LazyOutput(functools.partial(self._open_output, owner, spec.handle, name))
             self._io.pump(ours[name], output, process.pid)
         self._io.watch_exit(child.process)
@@ -261,11 +293,11 @@ class Subprocesses(SubprocessApi):
         """Popen's arguments; ``fds`` are the child's ends of its stdio pipes (the rest is /dev/null)."""
         options = spec.options
         stderr = subprocess.STDOUT if spec.stderr_to_stdout else fds.get("stderr", subprocess.DEVNULL)
-        env: Optional[Dict[str, str]] = None
+        env: Optional[Dict[bytes, bytes]] = None
         if options.replace_env:
             env = dict(options.env or {})
         elif options.env:
-            env = {**os.environ, **options.env}
+            env = {**os.environb, **options.env}
         kwargs: Dict[str, Any] = dict(
             executable=options.executable,
             stdin=fds.get("stdin", subprocess.DEVNULL),
@@ -294,7 +326,6 @@ class Subprocesses(SubprocessApi):
     def _start_pumps(self, pid: int, streams: Dict[str, Stream], fds: Dict[str, int]) -> None:
         for name in ("stdout", "stderr"):
             if name in streams:
-                enlarge_pipe(fds[name])
                 self._io.pump(fds[name], streams[name])
         stdin = streams.get("stdin")
         if stdin is not None:

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 import msgspec
 
 from ..endpoints.control import ControlApi, NodeInfo
-from ..endpoints.subprocess import SpawnOptions, SpawnSpec, SubprocessApi
-from ..errors import ConnectionLost, MessageTooLarge, RemoteError, Unreachable
+from ..endpoints.subprocess import OsName, SpawnOptions, SpawnSpec, SubprocessApi, os_bytes
+from ..errors import ConnectionLost, MessageTooLarge, RemoteError, Unreachable, os_name_text
 from ..protocol.service import Service, proxy, timed
 from ..rpc.link import Link, held_mark, held_sends, held_undo, holding_sends
 from ..rpc.router import Pending, Router
@@ -210,7 +210,7 @@ class Node:
 
     def spawn(
         self,
-        argv: Sequence[str],
+        argv: Sequence[OsName],
         options: SpawnOptions = NO_OPTIONS,
         *,
         stdin: int = DEVNULL,
@@ -219,7 +219,7 @@ class Node:
         outputs: Optional[Mapping[str, OutputHandler]] = None,
         timeout: Optional[float] = None,
     ) -> RemoteProcess:
-        """Start ``argv`` here, as ``options`` say.
+        """Start ``argv`` here, as ``options`` say; its items go to ``execve`` as ``os.fsencode`` makes them.
 
         Each of ``stdin``/``stdout``/``stderr`` is ``PIPE`` (a
         :class:`~remowt.rpc.streams.Stream` on the result), ``DEVNULL`` or
@@ -236,7 +236,7 @@ class Node:
         it raises ``TimeoutError``; a child the agent starts after that is
         killed as soon as its start is reported.
         """
-        args = [str(a) for a in argv]
+        args = [os_bytes(a, f"argv[{i}]") for i, a in enumerate(argv)]
         if not args:
             raise ValueError("argv must not be empty")
         _check_mode("stdin", stdin, (PIPE, DEVNULL, CLOSED))
@@ -269,7 +269,7 @@ class Node:
                 self._send_releases()
                 mark = held_mark()
                 streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
-                process = RemoteProcess(self._subprocess, handle, args, *streams, lazy)
+                process = RemoteProcess(self._subprocess, handle, [os.fsdecode(a) for a in args], *streams, lazy)
                 self.children.add(self.address, process, repr(self))
                 spec = SpawnSpec(
                     handle=handle,
@@ -290,7 +290,7 @@ class Node:
                 except MessageTooLarge as e:
                     _unsend(opened, mark)
                     why = f"the spawn request is {e.size} bytes, over the agent's frame limit of {e.limit}"
-                    program = options.executable or args[0]
+                    program = os_name_text(options.executable or args[0])
                     raise OSError(errno.E2BIG, f"{os.strerror(errno.E2BIG)} ({why})", program) from None
             try:
                 process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))
