@@ -19,7 +19,7 @@ import threading
 import warnings
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..endpoints.subprocess import SpawnOptions
+from ..endpoints.subprocess import SpawnOptions, Terminal
 from ..errors import ConnectionLost
 from ..runtime.deadline import KILL_GRACE, Deadline
 from ..runtime.interrupts import start, without_interrupts
@@ -97,6 +97,10 @@ def _argv(args: Args, shell: bool, executable: Optional[StrOrBytesPath]) -> Tupl
     return argv, exe
 
 
+def _sequence(args: Args) -> Sequence[StrOrBytesPath]:
+    return [args] if isinstance(args, (str, bytes, os.PathLike)) else args
+
+
 def _environment(name: str, env: Optional[Mapping[Any, Any]]) -> Optional[Dict[str, str]]:
     """``env`` as strings, refused as subprocess refuses it: NUL anywhere, or '=' in a name."""
     if env is None:
@@ -110,8 +114,42 @@ def _environment(name: str, env: Optional[Mapping[Any, Any]]) -> Optional[Dict[s
     return result
 
 
+def terminal_for(pty: Union[bool, Terminal]) -> Optional[Terminal]:
+    """The terminal ``pty`` asks for: ``True`` takes ``TERM`` and the size of this process's terminal, if any."""
+    if isinstance(pty, Terminal):
+        return pty
+    return make_terminal() if pty else None
+
+
+def make_terminal(term: Optional[str] = None, cols: Optional[int] = None, rows: Optional[int] = None) -> Terminal:
+    """A terminal like this process's (``TERM``, size), else ``xterm-256color`` of 80x24; what is given wins."""
+    size = _local_size()
+    return Terminal(
+        term=term or os.environ.get("TERM") or "xterm-256color",
+        cols=cols or (size.columns if size else 80),
+        rows=rows or (size.lines if size else 24),
+    )
+
+
+def _local_size() -> Optional[os.terminal_size]:
+    """The size of the terminal on this process's stdin, stdout or stderr, if one of them is one."""
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            return os.get_terminal_size(fd)
+    return None
+
+
 _STD_FDS = {"stdin": 0, "stdout": 1, "stderr": 2}
 Choice = Union[int, PipeEnd]
+
+
+def _terminal_stdio(stdout: Stdio, stderr: Stdio) -> Stdio:
+    """On a terminal stderr is the terminal: only None or STDOUT say so; its output must go somewhere."""
+    if stderr not in (None, STDOUT):
+        raise ValueError("with pty, stderr goes to the terminal with stdout: give stderr=None or STDOUT")
+    if stdout == DEVNULL:
+        raise ValueError("with pty, the terminal's output must be read: give stdout=PIPE, None or a file")
+    return DEVNULL
 
 
 def _resolve_stdio(name: str, value: Any) -> Choice:
@@ -235,6 +273,8 @@ class Popen:
         extra_env: Optional[Mapping[str, str]] = None,
         sudo: bool = False,
         spawn_timeout: Optional[float] = None,
+        pty: Union[bool, Terminal] = False,
+        user_shell: bool = False,
     ) -> None:
         self.args = args
         self.returncode: Optional[int] = None
@@ -280,7 +320,15 @@ class Popen:
                 stacklevel=2,
             )
             bufsize = -1
-        argv, exe = _argv(args, shell, executable)
+        terminal = terminal_for(pty)
+        if terminal is not None:
+            stderr = _terminal_stdio(stdout, stderr)
+        argv: List[str] = []
+        exe: Optional[str] = None
+        if user_shell:
+            argv = [_no_nul(os.fsdecode(a), f"args[{i}]") for i, a in enumerate(_sequence(args))]
+        else:
+            argv, exe = _argv(args, shell, executable)
         environment = _environment("env", env)
         extra_environment = _environment("extra_env", extra_env)
         if environment is not None and extra_environment is not None:
@@ -297,6 +345,8 @@ class Popen:
             user=user,
             group=group,
             extra_groups=None if extra_groups is None else list(extra_groups),
+            terminal=terminal,
+            user_shell=user_shell,
         )
         choices: Dict[str, Choice] = {}
         try:
@@ -495,6 +545,11 @@ class Popen:
         if self._process is not None:
             self._process.signal_group(sig)
 
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the size of the child's terminal (``pty=True``); its foreground job gets SIGWINCH."""
+        if self._process is not None:
+            self._process.resize(cols, rows)
+
     def terminate(self) -> None:
         self.send_signal(15)
 
@@ -671,7 +726,8 @@ def run(
         if kwargs.get("stdout") is not None or kwargs.get("stderr") is not None:
             raise ValueError("stdout and stderr arguments may not be used with capture_output.")
         kwargs["stdout"] = PIPE
-        kwargs["stderr"] = PIPE
+        if not kwargs.get("pty"):  # on a terminal stderr is in stdout
+            kwargs["stderr"] = PIPE
     deadline = Deadline(timeout)
     with _spawn(deadline, popenargs, kwargs) as process:
         try:
