@@ -5,20 +5,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import select
 import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
+from .endpoints.editor import FileEditApi
 from .errors import ConnectionLost, RemowtError
+from .runtime.interrupts import start
 from .transports.stdio import pipe_above_stdio
 from .user import connect as client
 from .user.connection import Remowt
+from .user.editing import edit_locally, lend_terminal
 from .user.node import Node
-from .user.popen import CLOSED, DEVNULL, Popen, make_terminal
+from .user.popen import CLOSED, DEVNULL, PIPE, Popen, make_terminal
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -53,15 +57,27 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     ssh.add_argument("host", help="host name or ~/.ssh/config alias, optionally user@host")
-    ssh.add_argument("-p", "--port", type=int, help="port to connect to")
-    ssh.add_argument("-l", "--login", metavar="USER", help="user to log in as")
-    ssh.add_argument("-i", "--identity", metavar="KEY", action="append", help="private key file (repeatable)")
-    ssh.add_argument("-F", "--config", metavar="FILE", help="ssh config file (default ~/.ssh/config)")
-    ssh.add_argument(
-        "--accept-new-host-key",
-        action="store_true",
-        help="trust an unknown host's key and record it in known_hosts (changed keys are still refused)",
+    edit = commands.add_parser(
+        "edit",
+        help="edit a file of an ssh host in your editor",
+        description=(
+            "Open PATH on HOST in your editor here ($VISUAL, else $EDITOR, else vi) and save it back there "
+            "atomically, keeping its mode and owner, if you changed it (--sudo: through the privileged agent, "
+            "for files only root may write)."
+        ),
     )
+    edit.add_argument("target", metavar="HOST:PATH", help="the host (as for remowt ssh) and the file's path there")
+    edit.add_argument("--sudo", action="store_true", help="read and write the file as root")
+    for command in (ssh, edit):
+        command.add_argument("-p", "--port", type=int, help="port to connect to")
+        command.add_argument("-l", "--login", metavar="USER", help="user to log in as")
+        command.add_argument("-i", "--identity", metavar="KEY", action="append", help="private key file (repeatable)")
+        command.add_argument("-F", "--config", metavar="FILE", help="ssh config file (default ~/.ssh/config)")
+        command.add_argument(
+            "--accept-new-host-key",
+            action="store_true",
+            help="trust an unknown host's key and record it in known_hosts (changed keys are still refused)",
+        )
     for command in (local, ssh):
         tty = command.add_mutually_exclusive_group()
         tty.add_argument(
@@ -231,6 +247,7 @@ class SignalForwarder:
         self._error: Optional[BaseException] = None
         self._resized = False
         self.terminal: Optional[LocalTerminal] = None  # this process's terminal, while the child has one
+        self.editing = False  # the caller's editor has the terminal (a remote EDITOR asked for it)
         self._wake_r, self._wake_w = pipe_above_stdio()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -311,8 +328,11 @@ class SignalForwarder:
             process = self.process
             if process is None:
                 return None if starting else self._signals[0]
+            signum = self._signals.pop(0)
+            if self.editing and signum == signal.SIGINT:
+                continue  # typed into the caller's editor (the terminal is cooked meanwhile): not the child's
             with contextlib.suppress(RemowtError):  # a lost connection is the work's to tell
-                process.signal_group(self._signals.pop(0))
+                process.signal_group(signum)
         return None
 
 
@@ -360,6 +380,85 @@ class LocalTerminal:
         return os.get_terminal_size(self.fd)
 
 
+class Keyboard:
+    """Keys from this terminal to the child's terminal, on a thread; paused while the caller's editor has them."""
+
+    def __init__(self, fd: int, write: Callable[[bytes], object], close: Callable[[], None]) -> None:
+        self._fd = fd
+        self._write = write
+        self._close = close
+        self._wake_r, self._wake_w = pipe_above_stdio()
+        os.set_blocking(self._wake_w, False)
+        self._lock = threading.Lock()
+        self._paused = False
+        self._stopped = False
+        self._parked = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="remowt-keyboard", daemon=True)
+        start(self._thread)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 512)
+                with self._lock:
+                    if self._stopped:
+                        return
+                    paused = self._paused
+                if paused:
+                    self._parked.set()
+                else:
+                    self._parked.clear()
+                if paused or self._fd not in ready:
+                    continue
+                data = os.read(self._fd, 4096)
+                if not data:
+                    self._close()
+                    return
+                self._write(data)
+        except (OSError, ValueError):  # the child's terminal is gone
+            return
+        finally:
+            self._parked.set()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"w")
+
+    @contextlib.contextmanager
+    def lent(self, terminal: Optional[LocalTerminal], signals: SignalForwarder) -> Iterator[None]:
+        """While the caller's editor runs: no keys read here, the terminal cooked, Ctrl-C left to the editor."""
+        with self._lock:
+            self._paused = True
+        self._parked.clear()
+        self._poke()
+        self._parked.wait()
+        signals.editing = True
+        if terminal is not None:
+            terminal.restore()
+        try:
+            yield
+        finally:
+            if terminal is not None:
+                terminal.raw()
+            signals.editing = False
+            with self._lock:
+                self._paused = False
+            self._poke()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self._poke()
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
 def run_attached(connection: Node, job: Job, signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
     """Run ``job`` with this process's stdio (or ``stdio``) wired through; return the shell-style exit status."""
     terminal = LocalTerminal(0) if job.tty and os.isatty(0) else None
@@ -371,13 +470,15 @@ def run_attached(connection: Node, job: Job, signals: SignalForwarder, stdio: Ma
         if terminal is not None:
             terminal.raw()
             signals.terminal = terminal
-        signals.process = node.Popen(
+        keys = job.tty and not job.no_stdin and "stdin" not in stdio
+        process = signals.process = node.Popen(
             job.argv,
-            stdin=DEVNULL if job.no_stdin else stdio.get("stdin"),
+            stdin=DEVNULL if job.no_stdin else PIPE if keys else stdio.get("stdin"),
             stdout=stdio.get("stdout"),
             stderr=None if job.tty else stdio.get("stderr"),
             pty=make_terminal() if job.tty else False,
             user_shell=job.user_shell,
+            bufsize=0,
         )
     except BaseException:
         signals.terminal = None
@@ -387,13 +488,20 @@ def run_attached(connection: Node, job: Job, signals: SignalForwarder, stdio: Ma
     finally:
         signals.starting = False
         signals.wake()
+    keyboard: Optional[Keyboard] = None
+    if process.stdin is not None:
+        keyboard = Keyboard(0, process.stdin.write, process.stdin.close)
+        lend_terminal(functools.partial(keyboard.lent, terminal, signals))
     try:
-        return exit_status(signals.process.wait())
+        return exit_status(process.wait())
     except ConnectionLost:
         raise
     except OSError as e:  # its output could not be written here, and it exited 0 regardless
         return output_failed(e)
     finally:
+        lend_terminal(None)
+        if keyboard is not None:
+            keyboard.stop()
         signals.process = None
         signals.terminal = None
         if terminal is not None:
@@ -463,6 +571,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(words.options)
     if args.command == "bundle":
         sys.exit(_bundle_main(args))
+    if args.command == "edit":
+        sys.exit(_edit_main(args, parser))
     job = _job(args, words, parser)
     stdio = plug_closed_stdio()
     with SignalForwarder() as signals:
@@ -474,6 +584,29 @@ def main(argv: Optional[List[str]] = None) -> None:
             if signals.terminal is not None:
                 signals.terminal.restore()
     sys.exit(status)
+
+
+def _edit_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``remowt edit HOST:PATH``: the file read there, edited here, written back if changed."""
+    host, _, path = args.target.partition(":")
+    if not host or not path:
+        parser.error(f"edit: give the file as HOST:PATH, got {args.target!r}")
+    args.host = host
+    try:
+        with _connection(args) as connection:
+            node = connection.privileged if args.sudo else connection
+            files = node.service(FileEditApi)
+            try:
+                content = files.read(path)
+            except FileNotFoundError:
+                content = b""  # a new file, as an editor makes it
+            edited = edit_locally(f"{host}:{path}", content)
+            if edited is not None:
+                files.replace(path, edited)
+    except (OSError, RuntimeError, RemowtError) as e:
+        print(f"remowt: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(args: argparse.Namespace, job: Job, signals: SignalForwarder, stdio: Mapping[str, int]) -> int:

@@ -5,6 +5,7 @@ shell, driven in tmux as a person drives them: keys typed with ``send-keys``, th
 from __future__ import annotations
 
 import os
+import pathlib
 import shlex
 import signal
 import subprocess
@@ -90,17 +91,21 @@ def login(request: pytest.FixtureRequest) -> List[str]:
     return ["remowt", "ssh", "-F", sshd.ssh_config, "remowt-test-host"]
 
 
-@pytest.fixture
-def pane() -> Iterator[Pane]:
-    """A tmux pane running a plain bash (prompt ``outer$``) with this test's PYTHONPATH."""
+def outer_shell(editor: str = "vi") -> Iterator[Pane]:
+    """A tmux pane running a plain bash (prompt ``outer$``) with this test's PYTHONPATH and ``EDITOR``."""
     terminal = Pane()
-    environment = f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} PS1='outer$ '"
+    environment = f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} EDITOR={shlex.quote(editor)}"
     try:
-        terminal.start(f"env {environment} bash --norc --noprofile")
+        terminal.start(f"env -u VISUAL {environment} PS1='outer$ ' bash --norc --noprofile")
         terminal.wait_for("outer$")
         yield terminal
     finally:
         terminal.close()
+
+
+@pytest.fixture
+def pane() -> Iterator[Pane]:
+    yield from outer_shell()
 
 
 def shell_in(pane: Pane, argv: List[str]) -> None:
@@ -216,3 +221,56 @@ def test_ssh_command_words(sshd: SshServer) -> None:
 
 def test_sudo_as_root_locally() -> None:
     assert cli("local", "--sudo", "--", "id", "-u").stdout == b"0\n"
+
+
+# --- the caller's editor for the target's files --------------------------------------------------------
+
+SCRIPTED_EDITOR = """#!/bin/sh
+# An editor as a test types into one: a line first, then the file as it was.
+{ echo "edited here"; cat "$1"; } > "$1.new" && mv "$1.new" "$1"
+"""
+
+
+@pytest.fixture
+def editor_pane(tmp_path: pathlib.Path) -> Iterator[Pane]:
+    """A pane whose EDITOR (on the caller's side) is a scripted editor that puts "edited here" first."""
+    script = tmp_path / "editor"
+    script.write_text(SCRIPTED_EDITOR)
+    script.chmod(0o755)
+    yield from outer_shell(str(script))
+
+
+def test_a_remote_git_commit_opens_the_callers_editor(editor_pane: Pane, login: List[str]) -> None:
+    shell_in(editor_pane, login)
+    editor_pane.line("rm -rf ~/remowt-repo && git init -q ~/remowt-repo && cd ~/remowt-repo")
+    commit = "git -c user.name=t -c user.email=t@example.com commit -q --allow-empty"
+    answer(editor_pane, f"{commit} && git log -1 --format=subject=%s", "subject=edited here")
+    answer(editor_pane, "exit", "exit=0")
+
+
+def test_edit_a_root_owned_file_with_sudo(editor_pane: Pane, sshd: SshServer, tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "root-owned.conf"
+    path.write_text("setting = 1\n")
+    path.chmod(0o640)
+    os.chown(path, 0, 0)
+    tmp_path.chmod(0o755)
+    before = path.stat()
+    editor_pane.line(f"remowt edit --sudo -F {shlex.quote(sshd.ssh_config)} remowt-test-host:{path}; echo exit=$?")
+    editor_pane.wait_for("assword")
+    editor_pane.type(TEST_PASSWORD)
+    editor_pane.keys("Enter")
+    editor_pane.wait_for("exit=0")
+    after = path.stat()
+    assert path.read_text() == "edited here\nsetting = 1\n"
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, 0, 0)
+    assert after.st_ino != before.st_ino  # replaced whole, not rewritten in place
+
+
+def test_an_unchanged_file_is_not_rewritten(pane: Pane, sshd: SshServer) -> None:
+    path = "/home/remowt-test/remowt-unchanged.txt"
+    subprocess.run(["runuser", "-u", "remowt-test", "--", "sh", "-c", f"echo as it was > {path}"], check=True)
+    before = os.stat(path)
+    pane.line(f"EDITOR=true remowt edit -F {shlex.quote(sshd.ssh_config)} remowt-test-host:{path}; echo exit=$?")
+    pane.wait_for("exit=0")
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

@@ -18,12 +18,14 @@ import subprocess
 import sys
 import termios
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
+from ..deploy.local import AGENT, python_command
 from ..errors import BadArguments, ConnectionLost, Unreachable
 from ..protocol.service import Service, proxy, rpc
+from ..protocol.wire import USER
 from ..rpc.router import Router
 from ..rpc.streams import Stream
 from ..runtime.real_subprocess import Popen as LocalPopen
@@ -31,6 +33,9 @@ from ..transports.stdio import enlarge_pipe
 from .childinput import ChildInput
 from .childio import Child, ChildIO, LazyOutput
 from .watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from . import editor
 
 log = logging.getLogger("remowt.subprocess")
 
@@ -240,6 +245,7 @@ class Subprocesses(SubprocessApi):
         self._by_pid: Dict[int, _Child] = {}
         self._pumps: List[threading.Thread] = []
         self._closed = False
+        self._editor: Optional[editor.EditorHost] = None
 
     def _child(self, handle: int) -> _Child:
         key = (self._router.caller(), handle)
@@ -356,7 +362,8 @@ class Subprocesses(SubprocessApi):
         )
         if options.terminal is not None:
             kwargs.update(start_new_session=True, preexec_fn=_take_terminal)
-            kwargs["env"] = {**(os.environ if env is None else env), "TERM": options.terminal.term}
+            editor = self._editor_host().environment
+            kwargs["env"] = {**(os.environ if env is None else env), "TERM": options.terminal.term, **editor}
         elif sys.version_info >= (3, 11):
             if not options.start_new_session:
                 kwargs["process_group"] = 0 if options.process_group is None else options.process_group
@@ -365,6 +372,20 @@ class Subprocesses(SubprocessApi):
         else:
             kwargs["start_new_session"] = True
         return kwargs
+
+    def _editor_host(self) -> editor.EditorHost:
+        """Where the ``EDITOR`` of children on a terminal reaches the caller's editor (made on first need)."""
+        from .editor import EditorApi, EditorHost
+
+        with self._lock:
+            if self._editor is None:
+                router = self._router
+
+                def ask(name: str, content: bytes) -> Optional[bytes]:
+                    return proxy(EditorApi, router, USER, None).edit(name, content)
+
+                self._editor = EditorHost(ask, python_command(AGENT, "editor"))
+            return self._editor
 
     def _start_pumps(self, pid: int, streams: Dict[str, Stream], fds: Dict[str, int], pipes: bool) -> None:
         for name in ("stdout", "stderr"):
@@ -468,6 +489,10 @@ class Subprocesses(SubprocessApi):
     def join(self, timeout: float = 5.0) -> None:
         """Stop the exit watcher and join the stdio pumps (after the router closed their streams)."""
         self._io.stop(timeout)
+        with self._lock:
+            editor, self._editor = self._editor, None
+        if editor is not None:
+            editor.close()
         with self._lock:
             pumps = list(self._pumps)
         for pump in pumps:
