@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Dict
 
 if TYPE_CHECKING:
+    from .endpoints.subprocess import Terminal
     from .errors import (
         BadArguments,
         ConnectionLost,
@@ -97,6 +98,7 @@ _HOMES: Dict[str, str] = {
         "user.popen",
     ),
     "RemoteProcess": "user.process",
+    "Terminal": "endpoints.subprocess",
 }
 
 __all__ = [
@@ -120,6 +122,7 @@ __all__ = [
     "RemowtError",
     "ResultTooLarge",
     "SubprocessError",
+    "Terminal",
     "TimeoutExpired",
     "UnknownMethod",
     "Unreachable",

@@ -102,9 +102,13 @@ def test_local_help() -> None:
     assert "ARGV" in out
 
 
-@pytest.mark.parametrize("args", [["local"], ["local", "--"]], ids=["nothing", "double-dash-only"])
-def test_local_without_a_command_is_a_usage_error(args: List[str]) -> None:
-    result = remowt(*args)
+def test_local_without_a_command_is_the_login_shell() -> None:
+    result = remowt("local", input=b"echo $0; exit 4\n")  # stdin is no terminal: the shell reads it
+    assert (result.returncode, result.stdout, result.stderr) == (4, b"-bash\n", b"")
+
+
+def test_local_with_nothing_after_double_dash_is_a_usage_error() -> None:
+    result = remowt("local", "--")
     assert result.returncode == 2
     assert result.stdout == b""
     err = result.stderr.decode()

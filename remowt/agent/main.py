@@ -18,6 +18,7 @@ import threading
 from typing import List, Optional
 
 from ..endpoints.control import Control
+from ..endpoints.editor import FileEdits
 from ..endpoints.escalate import Escalator
 from ..endpoints.subprocess import Subprocesses
 from ..endpoints.watchdog import Watchdog, start_watchdog
@@ -44,6 +45,7 @@ class Agent:
         self.watchdog = watchdog
         self.subprocesses = Subprocesses(self.router, watchdog)
         self.router.register(self.subprocesses)
+        self.router.register(FileEdits())
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:
             self.escalator = Escalator(self.router)
@@ -97,8 +99,10 @@ def _take_stdio() -> FdTransport:
 
 USAGE = """usage: remowt-agent real-agent [--local] [--privileged]
        remowt-agent askpass [PROMPT]
+       remowt-agent editor FILE...
 real-agent serves the remowt protocol on stdin/stdout (--local: the user side is on this machine;
---privileged: take the address agent-privileged); askpass is sudo's password helper (sudo -A)."""
+--privileged: take the address agent-privileged); askpass is sudo's password helper (sudo -A); editor is the
+EDITOR of children on a terminal (the caller edits the file)."""
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -107,6 +111,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         from ..endpoints.askpass import main as askpass
 
         sys.exit(askpass(args_list[1] if len(args_list) > 1 else "Password: "))
+    if args_list[:1] == ["editor"]:  # EDITOR of a child on a terminal: the caller edits
+        from ..endpoints.editor import main as editor
+
+        sys.exit(editor(args_list[1:]))
     if args_list[:1] in (["--help"], ["-h"]):
         print(USAGE)
         return

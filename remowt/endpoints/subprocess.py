@@ -13,23 +13,30 @@ import functools
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 from msgspec.structs import force_setattr
 
+from ..deploy.local import AGENT, python_command
 from ..errors import BadArguments, ConnectionLost, Unreachable, os_name_text
 from ..protocol.service import Service, proxy, rpc
+from ..protocol.wire import USER
 from ..rpc.router import Router
-from ..rpc.streams import MAX_CHUNK, Stream
-from ..runtime.interrupts import start
+from ..rpc.streams import Stream
 from ..runtime.real_subprocess import Popen as LocalPopen
 from ..transports.stdio import enlarge_pipe
+from .childinput import ChildInput
 from .childio import Child, ChildIO, LazyOutput
 from .watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from . import editor
 
 log = logging.getLogger("remowt.subprocess")
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's number; fcntl names it from Python 3.10
@@ -47,6 +54,17 @@ def os_bytes(value: object, what: str) -> bytes:
     raise TypeError(f"{what} must be str, bytes or a path-like object, got {type(value).__name__}")
 
 
+class Terminal(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A pseudo-terminal for the child: its stdin, stdout and stderr, and its controlling terminal.
+
+    The child leads a session of its own; ``term`` is its ``TERM``.
+    """
+
+    term: str = "xterm-256color"
+    cols: int = 80
+    rows: int = 24
+
+
 class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """How a child starts, in :class:`subprocess.Popen`'s terms: one set, from ``Popen`` through the node to the agent.
 
@@ -57,7 +75,11 @@ class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     ``replace_env``, else extends it. Each child gets its own process group
     unless ``start_new_session`` or ``process_group`` say otherwise; children
     die with the connection unless ``keep_on_disconnect``. ``pipesize`` > 0
-    sets the size of the child's stdio pipes (``F_SETPIPE_SZ``).
+    sets the size of the child's stdio pipes (``F_SETPIPE_SZ``). With
+    ``user_shell`` the argv are arguments of the user's shell (from the
+    password database; ``["-c", line]`` runs a line as ssh does); without
+    any, it is that shell as a login shell, in the home directory, as ssh
+    starts one.
     """
 
     executable: Optional[bytes] = None
@@ -73,6 +95,8 @@ class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     extra_groups: Optional[List[Union[int, str]]] = None
     keep_on_disconnect: bool = False
     pipesize: int = -1
+    terminal: Optional[Terminal] = None
+    user_shell: bool = False
 
     def __post_init__(self) -> None:
         if self.executable is not None:
@@ -143,6 +167,11 @@ class SubprocessApi(Service, namespace=10):
         """Signal the child's process group, as a terminal signals its job; False if the child had exited."""
         raise NotImplementedError
 
+    @rpc(7, inline=True)
+    def resize(self, handle: int, cols: int, rows: int) -> bool:
+        """Set the size of the child's terminal (its foreground job gets SIGWINCH); False if it had exited."""
+        raise NotImplementedError
+
 
 class ProcessEventsApi(Service, namespace=11):
     """Served by whoever spawns children: exits are pushed here."""
@@ -166,27 +195,7 @@ class _Child:
         self.keep = keep
         self.returncode: Optional[int] = None
         self.exited = threading.Event()
-
-
-def _pump_in(stream: Stream, fd: int) -> None:
-    """Stream → child pipe, until EOF; a child that stops reading resets the stream.
-
-    A thread of its own per child stdin: writing to the child may block, and
-    only this child's input should wait for it.
-    """
-    try:
-        while True:
-            data = stream.read(MAX_CHUNK)
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-    except (BrokenPipeError, ConnectionLost):
-        pass
-    finally:
-        os.close(fd)
-        stream.close()
+        self.terminal = -1  # the master of its terminal, if it has one (for resizing)
 
 
 def _check_closed(spec: SpawnSpec) -> None:
@@ -200,6 +209,49 @@ def _check_closed(spec: SpawnSpec) -> None:
         if claimed.get(name, True):
             raise BadArguments(f"closed: {name!r} is not stdin, stdout or stderr, or was given another way too")
         claimed[name] = True
+
+
+def _check_terminal(spec: SpawnSpec) -> None:
+    """A terminal is the child's stdin, stdout and stderr: its output must be read, no other stdio given."""
+    terminal = spec.options.terminal
+    if terminal is None:
+        return
+    if spec.stderr is not None or spec.lazy_stderr or spec.stderr_to_stdout or spec.closed:
+        raise BadArguments("a child on a terminal writes its stderr there too: give no other stderr or closed stdio")
+    if spec.stdout is None and not spec.lazy_stdout:
+        raise BadArguments("the output of a child on a terminal must be read: give a stdout stream")
+    if not 0 < terminal.cols < 65536 or not 0 < terminal.rows < 65536:
+        raise BadArguments(f"a terminal of {terminal.cols}x{terminal.rows} characters: each must be 1 to 65535")
+    if not terminal.term or "\0" in terminal.term:
+        raise BadArguments(f"TERM must be a name, got {terminal.term!r}")
+
+
+def set_size(fd: int, cols: int, rows: int) -> None:
+    """Give terminal ``fd`` a size of ``cols`` x ``rows`` characters."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_terminal() -> None:
+    """In the child, after setsid: its stdin (a terminal) becomes its controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _user_shell(argv: List[bytes], options: SpawnOptions) -> Tuple[List[bytes], SpawnOptions]:
+    """``argv`` for the user's shell; none: it as a login shell (``-bash``) in the home directory.
+
+    Either way it gets the login's ``HOME``, ``SHELL``, ``USER`` and ``LOGNAME``, as sshd gives them.
+    """
+    import pwd
+
+    entry = pwd.getpwuid(os.getuid())
+    shell = os.fsencode(entry.pw_shell or "/bin/sh")
+    home, user = os.fsencode(entry.pw_dir), os.fsencode(entry.pw_name)
+    login = {b"HOME": home, b"SHELL": shell, b"USER": user, b"LOGNAME": user}
+    env = {**login, **(options.env or {})}
+    cwd = options.cwd if options.cwd is not None or argv else home
+    name = os.path.basename(shell)
+    argv = [name, *argv] if argv else [b"-" + name]
+    return argv, msgspec.structs.replace(options, executable=shell, cwd=cwd, env=env, user_shell=False)
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
@@ -223,6 +275,7 @@ class Subprocesses(SubprocessApi):
         self._by_pid: Dict[int, _Child] = {}
         self._pumps: List[threading.Thread] = []
         self._closed = False
+        self._editor: Optional[editor.EditorHost] = None
 
     def _child(self, handle: int) -> _Child:
         key = (self._router.caller(), handle)
@@ -234,9 +287,14 @@ class Subprocesses(SubprocessApi):
 
     def spawn(self, spec: SpawnSpec) -> int:
         owner = self._router.caller()
+        if spec.options.user_shell:
+            argv, options = _user_shell(spec.argv, spec.options)
+            spec = msgspec.structs.replace(spec, argv=argv, options=options)
+        terminal = spec.options.terminal
         if not spec.argv:
             raise BadArguments("argv must not be empty")
         _check_closed(spec)
+        _check_terminal(spec)
         key = (owner, spec.handle)
         with self._lock:
             if self._closed:
@@ -255,7 +313,9 @@ class Subprocesses(SubprocessApi):
         theirs: Dict[str, int] = {}
         try:
             try:
-                for name in [*streams, *lazy]:
+                if terminal is not None:
+                    self._open_terminal(terminal, "stdin" in streams, ours, theirs)
+                for name in [] if terminal is not None else [*streams, *lazy]:
                     read_fd, write_fd = os.pipe()
                     ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
                     if spec.options.pipesize > 0:  # as subprocess raises it when the size is refused
@@ -274,20 +334,37 @@ class Subprocesses(SubprocessApi):
                 stream.close()
             raise
         finally:
-            for fd in theirs.values():
+            for fd in set(theirs.values()):
                 os.close(fd)
         child = _Child(owner, spec.handle, process, spec.options.keep_on_disconnect)
+        if terminal is not None:
+            child.terminal = os.dup(ours["stdout"])
         if self._watchdog is not None and not child.keep:
             self._watchdog.watch(process.pid)
         with self._lock:
             self._children[key] = child
             self._by_pid[process.pid] = child
-        self._start_pumps(process.pid, streams, ours)
+        self._start_pumps(process.pid, streams, ours, terminal is None)
         for name in lazy:
             output = LazyOutput(functools.partial(self._open_output, owner, spec.handle, name))
-            self._io.pump(ours[name], output, process.pid)
+            self._io.pump(ours[name], output, process.pid, terminal is None)
         self._io.watch_exit(child.process)
         return process.pid
+
+    @staticmethod
+    def _open_terminal(terminal: Terminal, stdin: bool, ours: Dict[str, int], theirs: Dict[str, int]) -> None:
+        """A pty: its master is our stdout (and, dup'd, stdin), its slave the child's stdin, stdout and stderr."""
+        master, slave = os.openpty()
+        try:
+            set_size(master, terminal.cols, terminal.rows)
+            if stdin:
+                ours["stdin"] = os.dup(master)
+        except BaseException:
+            os.close(master)
+            os.close(slave)
+            raise
+        ours["stdout"] = master
+        theirs.update(stdin=slave, stdout=slave, stderr=slave)
 
     def _popen_kwargs(self, spec: SpawnSpec, fds: Dict[str, int]) -> Dict[str, Any]:
         """Popen's arguments; ``fds`` are the child's ends of its stdio pipes (the rest is /dev/null)."""
@@ -314,7 +391,11 @@ class Subprocesses(SubprocessApi):
             extra_groups=options.extra_groups,
             start_new_session=options.start_new_session,
         )
-        if sys.version_info >= (3, 11):
+        if options.terminal is not None:
+            kwargs.update(start_new_session=True, preexec_fn=_take_terminal)
+            editor = self._editor_host().environment
+            kwargs["env"] = {**(os.environb if env is None else env), b"TERM": options.terminal.term.encode(), **editor}
+        elif sys.version_info >= (3, 11):
             if not options.start_new_session:
                 kwargs["process_group"] = 0 if options.process_group is None else options.process_group
         elif options.process_group is not None:
@@ -323,20 +404,33 @@ class Subprocesses(SubprocessApi):
             kwargs["start_new_session"] = True
         return kwargs
 
-    def _start_pumps(self, pid: int, streams: Dict[str, Stream], fds: Dict[str, int]) -> None:
+    def _editor_host(self) -> editor.EditorHost:
+        """Where the ``EDITOR`` of children on a terminal reaches the caller's editor (made on first need)."""
+        from .editor import EditorApi, EditorHost
+
+        with self._lock:
+            if self._editor is None:
+                router = self._router
+
+                def ask(name: str, content: bytes) -> Optional[bytes]:
+                    return proxy(EditorApi, router, USER, None).edit(name, content)
+
+                self._editor = EditorHost(ask, python_command(AGENT, "editor"))
+            return self._editor
+
+    def _start_pumps(self, pid: int, streams: Dict[str, Stream], fds: Dict[str, int], pipes: bool) -> None:
         for name in ("stdout", "stderr"):
             if name in streams:
-                self._io.pump(fds[name], streams[name])
+                self._io.pump(fds[name], streams[name], splice=pipes)
         stdin = streams.get("stdin")
         if stdin is not None:
-            stdin.close_write()
-            thread = threading.Thread(
-                target=_pump_in, args=(stdin, fds["stdin"]), name=f"remowt-stdin-{pid}", daemon=True
-            )
-            with self._lock:
-                self._pumps = [pump for pump in self._pumps if pump.is_alive()]
-                self._pumps.append(thread)
-            start(thread)
+            ChildInput(stdin, fds["stdin"], f"stdin-{pid}", self._add_pump)
+
+    def _add_pump(self, thread: threading.Thread) -> None:
+        """A thread writing a child's stdin: joined by :meth:`join`."""
+        with self._lock:
+            self._pumps = [pump for pump in self._pumps if pump.is_alive()]
+            self._pumps.append(thread)
 
     def _open_output(self, owner: str, handle: int, name: str) -> Stream:
         """Open the stream of a lazy output and announce it to ``owner`` (before anything is sent on it)."""
@@ -347,6 +441,9 @@ class Subprocesses(SubprocessApi):
     def _child_exited(self, process: Child) -> None:
         with self._lock:
             child = self._by_pid.pop(process.pid)
+            terminal, child.terminal = child.terminal, -1
+        if terminal >= 0:
+            os.close(terminal)
         child.returncode = child.process.returncode
         child.exited.set()
         assert child.returncode is not None
@@ -368,6 +465,18 @@ class Subprocesses(SubprocessApi):
 
     def signal_group(self, handle: int, signum: int) -> bool:
         return self._signal(handle, signum, _signal_group)
+
+    def resize(self, handle: int, cols: int, rows: int) -> bool:
+        if not 0 < cols < 65536 or not 0 < rows < 65536:
+            raise BadArguments(f"a terminal of {cols}x{rows} characters: each must be 1 to 65535")
+        child = self._child(handle)
+        with self._lock:
+            if child.terminal < 0:
+                if child.returncode is None:
+                    raise BadArguments(f"child {handle} has no terminal")
+                return False
+            set_size(child.terminal, cols, rows)
+        return True
 
     def _signal(self, handle: int, signum: int, send: Callable[[subprocess.Popen[bytes], int], None]) -> bool:
         """``send`` the signal about the child unless it exited (its pid is not reaped meanwhile)."""
@@ -409,6 +518,10 @@ class Subprocesses(SubprocessApi):
     def join(self, timeout: float = 5.0) -> None:
         """Stop the exit watcher and join the stdio pumps (after the router closed their streams)."""
         self._io.stop(timeout)
+        with self._lock:
+            editor, self._editor = self._editor, None
+        if editor is not None:
+            editor.close()
         with self._lock:
             pumps = list(self._pumps)
         for pump in pumps:

@@ -31,6 +31,7 @@ from ..transports import loopback as loopback_transport
 from ..transports.base import Transport
 from ..transports.stdio import spawn_framed_child
 from .connection import Remowt
+from .editing import LocalEditor
 from .privileged import serve_user_side
 
 _KEEPALIVE = ControlApi.methods["keepalive"]
@@ -105,6 +106,7 @@ def connect_transport(
         call_timeout=call_timeout,
     )
     router.register(_ProcessEvents(connection))
+    router.register(LocalEditor())
     serve_user_side(router, connection)
     return connection
 

@@ -131,6 +131,18 @@ class Node:
             self._popen_class = type("Popen", (_popen.Popen,), {"_bound_connection": self})
         return self._popen_class
 
+    def open_shell(
+        self, term: Optional[str] = None, cols: Optional[int] = None, rows: Optional[int] = None, *, sudo: bool = False
+    ) -> _popen.Popen:
+        """The login shell on a terminal of its own here, as ``ssh HOST`` opens one (as root with ``sudo``).
+
+        Its ``stdin`` and ``stdout`` are pipes to the terminal; ``TERM``
+        and the size are this process's own unless given (else
+        ``xterm-256color``, 80x24). ``resize()`` changes the size.
+        """
+        terminal = _popen.make_terminal(term, cols, rows)
+        return self.Popen([], stdin=_popen.PIPE, stdout=_popen.PIPE, pty=terminal, sudo=sudo, user_shell=True)
+
     @overload
     def run(self, args: Args, *, text: Literal[True], **kwargs: Any) -> _popen.CompletedProcess[str]: ...
     @overload
@@ -237,8 +249,8 @@ class Node:
         killed as soon as its start is reported.
         """
         args = [os_bytes(a, f"argv[{i}]") for i, a in enumerate(argv)]
-        if not args:
-            raise ValueError("argv must not be empty")
+        if not args and not options.user_shell:
+            raise ValueError("argv must not be empty (but for the user's login shell)")
         _check_mode("stdin", stdin, (PIPE, DEVNULL, CLOSED))
         _check_mode("stdout", stdout, (PIPE, DEVNULL, CLOSED))
         _check_mode("stderr", stderr, (PIPE, DEVNULL, STDOUT, CLOSED))
@@ -290,7 +302,7 @@ class Node:
                 except MessageTooLarge as e:
                     _unsend(opened, mark)
                     why = f"the spawn request is {e.size} bytes, over the agent's frame limit of {e.limit}"
-                    program = os_name_text(options.executable or args[0])
+                    program = os_name_text(options.executable or args[0]) if args else "the login shell"
                     raise OSError(errno.E2BIG, f"{os.strerror(errno.E2BIG)} ({why})", program) from None
             try:
                 process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))

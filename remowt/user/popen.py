@@ -20,7 +20,7 @@ import types
 import warnings
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
-from ..endpoints.subprocess import SpawnOptions, os_bytes
+from ..endpoints.subprocess import SpawnOptions, Terminal, os_bytes
 from ..errors import ConnectionLost, os_name_text
 from ..runtime.deadline import KILL_GRACE, Deadline
 from ..runtime.interrupts import start, without_interrupts
@@ -103,6 +103,10 @@ def _argv(args: Args, shell: bool, executable: Optional[StrOrBytesPath]) -> Tupl
     return argv, exe, items[0] if executable is None or shell else executable
 
 
+def _sequence(args: Args) -> Sequence[StrOrBytesPath]:
+    return [args] if isinstance(args, (str, bytes, os.PathLike)) else args
+
+
 def _environment(name: str, env: Optional[Mapping[Any, Any]]) -> Optional[Dict[bytes, bytes]]:
     """``env`` as bytes, refused as subprocess refuses it: NUL anywhere, or '=' in a name."""
     if env is None:
@@ -136,8 +140,42 @@ def _named_as_given(error: OSError, program: bytes, caller_program: Any, cwd: Op
         error.filename = caller_cwd
 
 
+def terminal_for(pty: Union[bool, Terminal]) -> Optional[Terminal]:
+    """The terminal ``pty`` asks for: ``True`` takes ``TERM`` and the size of this process's terminal, if any."""
+    if isinstance(pty, Terminal):
+        return pty
+    return make_terminal() if pty else None
+
+
+def make_terminal(term: Optional[str] = None, cols: Optional[int] = None, rows: Optional[int] = None) -> Terminal:
+    """A terminal like this process's (``TERM``, size), else ``xterm-256color`` of 80x24; what is given wins."""
+    size = _local_size()
+    return Terminal(
+        term=term or os.environ.get("TERM") or "xterm-256color",
+        cols=cols or (size.columns if size else 80),
+        rows=rows or (size.lines if size else 24),
+    )
+
+
+def _local_size() -> Optional[os.terminal_size]:
+    """The size of the terminal on this process's stdin, stdout or stderr, if one of them is one."""
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            return os.get_terminal_size(fd)
+    return None
+
+
 _STD_FDS = {"stdin": 0, "stdout": 1, "stderr": 2}
 Choice = Union[int, PipeEnd]
+
+
+def _terminal_stdio(stdout: Stdio, stderr: Stdio) -> Stdio:
+    """On a terminal stderr is the terminal: only None or STDOUT say so; its output must go somewhere."""
+    if stderr not in (None, STDOUT):
+        raise ValueError("with pty, stderr goes to the terminal with stdout: give stderr=None or STDOUT")
+    if stdout == DEVNULL:
+        raise ValueError("with pty, the terminal's output must be read: give stdout=PIPE, None or a file")
+    return DEVNULL
 
 
 def _resolve_stdio(name: str, value: Any) -> Choice:
@@ -270,6 +308,8 @@ class Popen:
         extra_env: Optional[Mapping[str, str]] = None,
         sudo: bool = False,
         spawn_timeout: Optional[float] = None,
+        pty: Union[bool, Terminal] = False,
+        user_shell: bool = False,
     ) -> None:
         self.args = args
         self.returncode: Optional[int] = None
@@ -319,7 +359,15 @@ class Popen:
                 stacklevel=2,
             )
             bufsize = -1
-        argv, exe, caller_program = _argv(args, shell, executable)
+        terminal = terminal_for(pty)
+        if terminal is not None:
+            stderr = _terminal_stdio(stdout, stderr)
+        if user_shell:
+            argv: List[bytes] = [_os_bytes(a, f"args[{i}]") for i, a in enumerate(_sequence(args))]
+            exe: Optional[bytes] = None
+            caller_program: Any = None
+        else:
+            argv, exe, caller_program = _argv(args, shell, executable)
         _check_id(user, "User", OverflowError)
         _check_id(group, "Group", OverflowError)
         for extra in extra_groups or ():
@@ -341,6 +389,8 @@ class Popen:
             group=group,
             extra_groups=None if extra_groups is None else list(extra_groups),
             pipesize=pipesize,
+            terminal=terminal,
+            user_shell=user_shell,
         )
         choices: Dict[str, Choice] = {}
         try:
@@ -371,7 +421,7 @@ class Popen:
                 timeout=spawn_timeout,
             )
         except OSError as e:
-            _named_as_given(e, exe or argv[0], caller_program, options.cwd, cwd)
+            _named_as_given(e, exe or (argv[0] if argv else b""), caller_program, options.cwd, cwd)
             self._undo_stdio(choices)
             raise
         except BaseException:
@@ -546,6 +596,11 @@ class Popen:
         """
         if self._process is not None:
             self._process.signal_group(sig)
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the size of the child's terminal (``pty=True``); its foreground job gets SIGWINCH."""
+        if self._process is not None:
+            self._process.resize(cols, rows)
 
     def terminate(self) -> None:
         self.send_signal(15)
@@ -723,7 +778,8 @@ def run(
         if kwargs.get("stdout") is not None or kwargs.get("stderr") is not None:
             raise ValueError("stdout and stderr arguments may not be used with capture_output.")
         kwargs["stdout"] = PIPE
-        kwargs["stderr"] = PIPE
+        if not kwargs.get("pty"):  # on a terminal stderr is in stdout
+            kwargs["stderr"] = PIPE
     deadline = Deadline(timeout)
     with _spawn(deadline, popenargs, kwargs) as process:
         try:
