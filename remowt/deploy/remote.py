@@ -193,6 +193,7 @@ def prepare_root():
 
 # move an untrusted agent directory out of the way (it is never run); the note says why
 def set_aside(why):
+    import tempfile
     aside = tempfile.mkdtemp(prefix=".untrusted-", dir=root)
     os.rename(target, os.path.join(aside, digest))
     return "%s was not trusted (%s): set aside in %s and installed again" % (target, why, aside)
@@ -206,6 +207,7 @@ def loading(d):
 
 # unpack beside the cache dir and rename into place: None when it is there and loads, else why not
 def install_cache(data):
+    import shutil, tempfile
     try:
         staging = tempfile.mkdtemp(prefix=".tmp-%s-" % digest[:12], dir=root)
     except OSError as e:
@@ -237,6 +239,7 @@ def fill_private(data, d):
 
 # a fresh private directory (allowing running code) with the agent unpacked and loading, and the lock held on it
 def install_private(data):
+    import tempfile
     bases = [tempfile.gettempdir(), "/var/tmp", "/dev/shm"]
     d, lock, why = private_tree(bases, "remowt-agent-", lambda d: fill_private(data, d))
     if d is None:
@@ -305,6 +308,7 @@ try:
     exec(code, {"__name__": "__main__", "__file__": entry})
 finally:
     if lock >= 0:
+        import shutil
         shutil.rmtree(final, ignore_errors=True)
 """
 )

@@ -22,12 +22,12 @@ is made there (:func:`clean_stale`), only if this user owns it.
 
 from __future__ import annotations
 
+import functools
 import io
-import tarfile
 from typing import Any, Dict, List, Set, Tuple
 
 CODE = r"""
-import fcntl, hashlib, json, os, shutil, stat, tempfile
+import hashlib, json, os, stat
 
 
 # one line of a tree's manifest: a directory (data None) or a file with its content
@@ -40,25 +40,29 @@ def manifest_digest(lines):
     return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
 
 
-# the digest of everything under root; ValueError for an entry that is neither a directory nor a regular file
+# the digest of everything under root; ValueError or OSError for an entry neither a directory nor a regular file
 def tree_digest(root):
-    def unreadable(error):
-        raise error
-
     lines = []
-    for path, dirs, files in os.walk(root, onerror=unreadable):
-        rel = os.path.relpath(path, root)
-        for name in dirs + files:
-            full = os.path.join(path, name)
-            st = os.lstat(full)
-            key = name if rel == "." else rel + "/" + name
-            if stat.S_ISDIR(st.st_mode):
-                lines.append(manifest_line(key, stat.S_IMODE(st.st_mode), None))
-            elif stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    lines.append(manifest_line(key, stat.S_IMODE(st.st_mode), f.read()))
-            else:
-                raise ValueError("%s is neither a directory nor a regular file" % full)
+    todo = [("", root)]
+    while todo:
+        rel, path = todo.pop()
+        with os.scandir(path) as entries:
+            entries = list(entries)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                lines.append(manifest_line(rel + entry.name, mode, None))
+                todo.append((rel + entry.name + "/", entry.path))
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a symbolic link: ELOOP
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ValueError("%s is neither a directory nor a regular file" % entry.path)
+                data = os.read(fd, st.st_size + 1)  # one more byte: a file that grows meanwhile does not match
+            finally:
+                os.close(fd)
+            lines.append(manifest_line(rel + entry.name, stat.S_IMODE(st.st_mode), data))
     return manifest_digest(lines)
 
 
@@ -82,6 +86,7 @@ def noexec(d):
 
 # remove the directories prefix* in base that this user owns and no running remowt holds (left by a killed one)
 def clean_stale(base, prefix):
+    import fcntl, shutil
     try:
         names = [name for name in os.listdir(base) if name.startswith(prefix)]
     except OSError:
@@ -104,6 +109,7 @@ def clean_stale(base, prefix):
 
 # a new private directory prefix* in base and the open descriptor that holds its lock (OSError if none can be made)
 def locked_dir(base, prefix):
+    import fcntl, tempfile
     for _ in range(5):
         d = tempfile.mkdtemp(prefix=prefix, dir=base)
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
@@ -120,6 +126,7 @@ def locked_dir(base, prefix):
 # the first new directory prefix* in one of bases that fill(d) makes usable: (d, lock, why the others were not);
 # (None, -1, why) when none was: fill returns None or why not (the next base is tried), or raises ValueError (no use)
 def private_tree(bases, prefix, fill):
+    import shutil
     why = []
     final = False
     for base in dict.fromkeys(bases):
@@ -150,7 +157,7 @@ def private_tree(bases, prefix, fill):
 # Run by root (``python -I -S -B -c PRIVILEGED <source> <tree digest> real-agent --privileged``): copy the user's agent
 # into a private directory of root's, verify the copy (not the source: the user may change it meanwhile), run that.
 PRIVILEGED = (
-    "import sys\n"
+    "import shutil, sys, tempfile\n"
     + CODE
     + r"""
 source, want = sys.argv[1:3]
@@ -206,13 +213,13 @@ finally:
 """
 )
 
-_code: Dict[str, Any] = {}
-exec(compile(CODE, "remowt-tree", "exec"), _code)
 
-
-def tree_digest(root: str) -> str:
-    """The digest of the tree under ``root`` (ValueError for an entry that is no directory or regular file)."""
-    return str(_code["tree_digest"](root))
+@functools.cache
+def _code() -> Dict[str, Any]:
+    """CODE's functions, run here (on first use: the agent needs them only to escalate)."""
+    functions: Dict[str, Any] = {}
+    exec(compile(CODE, "remowt-tree", "exec"), functions)
+    return functions
 
 
 def artifact_digest(artifact: bytes) -> str:
@@ -221,6 +228,8 @@ def artifact_digest(artifact: bytes) -> str:
     Unpacking gives every directory mode 0755 (parents too), every file 0755
     if its owner may execute it, else 0644.
     """
+    import tarfile
+
     lines: List[str] = []
     dirs: Set[str] = set()
     with tarfile.open(fileobj=io.BytesIO(artifact), mode="r:gz") as tar:
@@ -234,18 +243,18 @@ def artifact_digest(artifact: bytes) -> str:
                 if content is None:
                     raise ValueError(f"the artifact's {member.name} is neither a directory nor a regular file")
                 lines.append(
-                    _code["manifest_line"](member.name, 0o755 if member.mode & 0o100 else 0o644, content.read())
+                    _code()["manifest_line"](member.name, 0o755 if member.mode & 0o100 else 0o644, content.read())
                 )
-    lines += [_code["manifest_line"](name, 0o755, None) for name in dirs]
-    return str(_code["manifest_digest"](lines))
+    lines += [_code()["manifest_line"](name, 0o755, None) for name in dirs]
+    return str(_code()["manifest_digest"](lines))
 
 
 def clean_stale(base: str, prefix: str) -> None:
     """Remove the directories ``prefix*`` in ``base`` of this user that no running process holds."""
-    _code["clean_stale"](base, prefix)
+    _code()["clean_stale"](base, prefix)
 
 
 def locked_dir(base: str, prefix: str) -> Tuple[str, int]:
     """A new private directory ``prefix*`` in ``base`` and the descriptor holding its lock (close it after removal)."""
-    made: Tuple[str, int] = _code["locked_dir"](base, prefix)
+    made: Tuple[str, int] = _code()["locked_dir"](base, prefix)
     return made
