@@ -8,6 +8,7 @@ whether the child still runs, kills the child, and prints what ``wait()`` return
 
 from __future__ import annotations
 
+import os
 import sys
 
 import remowt
@@ -28,7 +29,9 @@ def main() -> None:
         try:
             if how == "wait":
                 process = conn.Popen(CHILD)
-                print("waiting", flush=True)  # the child's pid may come first: it is copied by another thread
+                # One write: the child's pid, copied to our stdout by another thread, may come before or after it,
+                # never inside it (print writes the line and its end apart when unbuffered: PYTHONUNBUFFERED).
+                os.write(1, b"waiting\n")
                 process.wait()
             else:
                 conn.run(CHILD)
