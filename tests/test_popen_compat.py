@@ -195,8 +195,7 @@ def test_env_path_is_used_to_find_the_program(sp: Any, tmp_path: pathlib.Path) -
 
 def test_env_inherited_by_default(sp: Any) -> None:
     # the local agent runs on this machine with this process's environment; an ssh login has its own
-    if getattr(sp, "description", "").startswith("ssh"):
-        pytest.skip("an agent started by sshd has the login's environment, not this process's")
+    skip_over_ssh(sp)
     out = sp.run([PY, "-c", "import os; print(repr(dict(os.environ)))"], stdout=PIPE, text=True).stdout
     child = eval(out)
     mine = dict(os.environ)
@@ -205,6 +204,37 @@ def test_env_inherited_by_default(sp: Any) -> None:
         child.pop(changing, None)
         mine.pop(changing, None)
     assert child == mine
+
+
+SSH_HAS_ITS_OWN = "an agent started by sshd has the login's cwd and environment, not this process's"
+
+
+def skip_over_ssh(sp: Any) -> None:
+    if getattr(sp, "description", "").startswith("ssh"):
+        pytest.skip(SSH_HAS_ITS_OWN)
+
+
+def test_cwd_and_env_are_the_callers_at_spawn_time(
+    sp: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12 item 2: a later os.chdir() and os.environ change of the caller reach the next child."""
+    skip_over_ssh(sp)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "y").mkdir()
+    make_script(tmp_path / "x" / "prog", "echo ran $0 in $(pwd)\n")
+    monkeypatch.chdir(tmp_path / "x" / "y")
+    monkeypatch.setenv("REMOWT_COMPAT_LATER", "set after connecting")
+    script = "import os; print(os.getcwd(), os.environ.get('REMOWT_COMPAT_LATER'))"
+    out = sp.run([PY, "-c", script], stdout=PIPE, text=True).stdout
+    assert out == f"{tmp_path / 'x' / 'y'} set after connecting\n"
+    assert sp.run([PY, "-c", "import os; print(os.getcwd())"], cwd="..", stdout=PIPE, text=True).stdout == (
+        f"{tmp_path / 'x'}\n"
+    )
+    assert sp.run(["../prog"], stdout=PIPE).stdout == f"ran ../prog in {tmp_path / 'x' / 'y'}\n".encode()
+    extended = sp.run([ENV], stdout=PIPE, **({} if sp is subprocess else {"extra_env": {"MORE": "1"}})).stdout
+    assert b"REMOWT_COMPAT_LATER=set after connecting\n" in extended
+    monkeypatch.delenv("REMOWT_COMPAT_LATER")
+    assert b"REMOWT_COMPAT_LATER" not in sp.run([ENV], stdout=PIPE).stdout
 
 
 # --- names that are not UTF-8 (issue 12, item 3) ------------------------------------

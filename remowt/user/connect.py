@@ -9,6 +9,7 @@ to a started agent).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -244,7 +245,8 @@ def connect_local(
     ``prompter``, ``escalation`` and ``call_timeout`` are as for :func:`loopback`; ``agent_keepalive`` and
     ``agent_keepalive_count`` as for :func:`connect`.
     """
-    return connect_command(
+    started_env = dict(os.environb)
+    connection = connect_command(
         local.agent_argv(python),
         deploy=False,
         description="local agent",
@@ -254,6 +256,8 @@ def connect_local(
         agent_keepalive=agent_keepalive,
         agent_keepalive_count=agent_keepalive_count,
     )
+    connection.started_env = started_env
+    return connection
 
 
 def connect(

@@ -79,6 +79,9 @@ class Node:
         self.children = children
         self.fd_writers = fd_writers
         self._popen_class: Optional[Type[_popen.Popen]] = None
+        #: For an agent started here by this process (``connect_local``): the environment it started with. Its
+        #: children then get this process's cwd and environment as they are at each spawn, as subprocess's do.
+        self.started_env: Optional[Dict[bytes, bytes]] = None
         self._control = proxy(ControlApi, router, address, call_timeout)
         self._subprocess = proxy(SubprocessApi, router, address, call_timeout)
 

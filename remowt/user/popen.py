@@ -20,6 +20,8 @@ import types
 import warnings
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
+import msgspec
+
 from ..endpoints.subprocess import SpawnOptions, Terminal, os_bytes
 from ..errors import ConnectionLost, os_name_text
 from ..runtime.deadline import KILL_GRACE, Deadline
@@ -140,6 +142,27 @@ def _named_as_given(error: OSError, program: bytes, caller_program: Any, cwd: Op
         error.filename = caller_cwd
 
 
+def _callers_view(options: SpawnOptions, started_env: Mapping[bytes, bytes]) -> SpawnOptions:
+    """For an agent on this machine, as this user: what subprocess would give the child, taken now.
+
+    No ``cwd``, or a relative one, is this process's cwd now (or relative to
+    it); no ``env`` is this process's environment now, extended by
+    ``extra_env``. The agent started with the environment ``started_env``,
+    so the environment is sent only when it has changed since.
+    """
+    cwd = options.cwd
+    if cwd is None or not os.path.isabs(cwd):
+        with contextlib.suppress(OSError):  # a removed cwd: the child finds it removed too, relative paths fail
+            here = os.getcwdb()
+            cwd = here if cwd is None else os.path.join(here, cwd)
+    env, replace = options.env, options.replace_env
+    if not replace:
+        current = dict(os.environb)
+        if current != started_env:
+            env, replace = {**current, **(env or {})}, True
+    return msgspec.structs.replace(options, cwd=cwd, env=env, replace_env=replace)
+
+
 def terminal_for(pty: Union[bool, Terminal]) -> Optional[Terminal]:
     """The terminal ``pty`` asks for: ``True`` takes ``TERM`` and the size of this process's terminal, if any."""
     if isinstance(pty, Terminal):
@@ -244,6 +267,12 @@ class Popen:
     connection's privileged agent, :attr:`remowt.Remowt.privileged`) and
     ``spawn_timeout`` (how long starting it may take, None: the connection's
     ``call_timeout``; past it ``TimeoutError``).
+
+    ``cwd=None`` and ``env=None`` mean, as for subprocess, this process's cwd
+    and environment at this call when the agent was started here by
+    :func:`remowt.connect_local` (a relative ``cwd`` or program resolves
+    against this process's cwd). Elsewhere they are the agent's: over ssh the
+    login's home directory and environment, as for a command ``ssh`` runs.
 
     Where it differs from a local child, because the child is elsewhere:
 
@@ -405,6 +434,8 @@ class Popen:
             if sudo:
                 conn = conn.privileged
             self.connection = conn
+            if conn.started_env is not None:
+                options = _callers_view(options, conn.started_env)
             outputs = {
                 name: self._copy_output(name, choice)
                 for name in ("stdout", "stderr")
