@@ -299,7 +299,7 @@ def test_frames_read_on_paramikos_thread_survive_rekeys(conn: remowt.Remowt) -> 
     pinger.join(60)
     assert not pinger.is_alive() and not errors, errors
     assert echoed == data
-    assert len(rekeys) >= 5
+    assert len(rekeys) >= 2  # how many depends on how the packets fell (64 KiB each way): two at least
     assert conn.check_output(["echo", "still here"], text=True, timeout=20) == "still here\n"
 
 

@@ -77,9 +77,8 @@ class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     die with the connection unless ``keep_on_disconnect``. ``pipesize`` > 0
     sets the size of the child's stdio pipes (``F_SETPIPE_SZ``). With
     ``user_shell`` the argv are arguments of the user's shell (from the
-    password database; ``["-c", line]`` runs a line as ssh does); without
-    any, it is that shell as a login shell, in the home directory, as ssh
-    starts one.
+    password database; ``["-c", line]`` runs a line as ssh does), in the
+    home directory; without any, it is that shell as a login shell.
     """
 
     executable: Optional[bytes] = None
@@ -237,9 +236,10 @@ def _take_terminal() -> None:
 
 
 def _user_shell(argv: List[bytes], options: SpawnOptions) -> Tuple[List[bytes], SpawnOptions]:
-    """``argv`` for the user's shell; none: it as a login shell (``-bash``) in the home directory.
+    """``argv`` for the user's shell; none: it as a login shell (``-bash``).
 
-    Either way it gets the login's ``HOME``, ``SHELL``, ``USER`` and ``LOGNAME``, as sshd gives them.
+    Either way it starts in the home directory (unless ``cwd`` says otherwise) with the login's ``HOME``,
+    ``SHELL``, ``USER`` and ``LOGNAME``, as sshd starts it.
     """
     import pwd
 
@@ -248,7 +248,7 @@ def _user_shell(argv: List[bytes], options: SpawnOptions) -> Tuple[List[bytes], 
     home, user = os.fsencode(entry.pw_dir), os.fsencode(entry.pw_name)
     login = {b"HOME": home, b"SHELL": shell, b"USER": user, b"LOGNAME": user}
     env = {**login, **(options.env or {})}
-    cwd = options.cwd if options.cwd is not None or argv else home
+    cwd = options.cwd if options.cwd is not None else home
     name = os.path.basename(shell)
     argv = [name, *argv] if argv else [b"-" + name]
     return argv, msgspec.structs.replace(options, executable=shell, cwd=cwd, env=env, user_shell=False)

@@ -151,7 +151,8 @@ def _callers_view(options: SpawnOptions, started_env: Mapping[bytes, bytes]) -> 
     so the environment is sent only when it has changed since.
     """
     cwd = options.cwd
-    if cwd is None or not os.path.isabs(cwd):
+    login = options.user_shell and cwd is None  # the user's shell starts where a login does: the agent knows where
+    if not login and (cwd is None or not os.path.isabs(cwd)):
         with contextlib.suppress(OSError):  # a removed cwd: the child finds it removed too, relative paths fail
             here = os.getcwdb()
             cwd = here if cwd is None else os.path.join(here, cwd)
