@@ -215,7 +215,7 @@ def _remote_method(spec: MethodSpec, namespace: int) -> Callable[..., Any]:
         except msgspec.ValidationError as e:
             raise RemoteError(f"{spec.name} returned a malformed result: {e}") from None
         finally:
-            if spec.secret:
+            if spec.secret and isinstance(result, bytearray):
                 wipe(result)
 
     call.__name__ = spec.attr

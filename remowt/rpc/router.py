@@ -476,7 +476,8 @@ class Router:
             return
         reply = wire.encode(wire.Reply(message.id, self.address, message.src, msgspec.Raw(encoded)))
         if spec.secret:  # the frame keeps the one copy left, until it is sent
-            wipe(result)
+            if isinstance(result, bytearray):
+                wipe(result)
             wipe(encoded)
         with self._lock:
             link = self._routes.next_hop(message.src)

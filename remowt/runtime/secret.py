@@ -34,7 +34,10 @@ def wipe(buffer: Any) -> None:
 
     The caller must be the only user of the memory: a read-only buffer is
     written through ctypes, behind the back of whoever else might hold it.
+    ``bytes`` of 0 or 1 byte are left alone: the interpreter shares them.
     """
+    if isinstance(buffer, bytes) and len(buffer) < 2:
+        return
     view = memoryview(buffer)
     if not view.readonly:
         view.cast("B")[:] = bytes(view.nbytes)
