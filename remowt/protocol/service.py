@@ -21,7 +21,6 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Tuple, Typ
 import msgspec
 
 from ..errors import RemoteError
-from ..runtime.secret import wipe
 from . import wire
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -215,8 +214,8 @@ def _remote_method(spec: MethodSpec, namespace: int) -> Callable[..., Any]:
         except msgspec.ValidationError as e:
             raise RemoteError(f"{spec.name} returned a malformed result: {e}") from None
         finally:
-            if spec.secret and isinstance(result, bytearray):
-                wipe(result)
+            if spec.secret and isinstance(result, bytearray):  # the router's copy for a secret call
+                result[:] = bytes(len(result))  # zeroed in place
 
     call.__name__ = spec.attr
     return call
