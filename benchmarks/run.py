@@ -243,6 +243,21 @@ def ssh_throughput_group(quick: bool) -> Group:
     )
 
 
+def ssh_keystroke_group(quick: bool) -> Group:
+    return Group(
+        name="ssh-keystroke",
+        title="ssh: keystroke echo through a terminal",
+        **round_trips(quick),
+        contenders=[
+            ssh_contender("remowt ssh pty", s.remowt_ssh_keystroke),
+            ssh_contender("openssh ssh -tt", s.openssh_tt_keystroke, requires=()),
+        ],
+        targets=[Target("remowt ssh pty", "openssh ssh -tt", 1.2)],
+        detail=f"a key typed, the same key read back, from a remote `{s.ECHO_PROGRAM}` on a pty: remowt: "
+        "conn.Popen(pty=True) stdin/stdout; openssh: the ssh client's stdin/stdout pipes",
+    )
+
+
 GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ping": ping_group,
     "spawn": spawn_group,
@@ -253,6 +268,7 @@ GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ssh-spawn": ssh_spawn_group,
     "ssh-ping": ssh_ping_group,
     "ssh-throughput": ssh_throughput_group,
+    "ssh-keystroke": ssh_keystroke_group,
 }
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import socket
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator
 
 import ssh_server
 from contenders import CHUNK, execnet_echo, head_argv, read_stdout
@@ -301,3 +301,59 @@ def paramiko_channel_read(size: int, window_size: int) -> Factory:
             state["client"].close()
 
     return factory
+
+
+# --- keystroke echo through a terminal ----------------------------------------------------------
+
+#: The remote program: on a terminal without line editing or echo, ``cat`` writes back each key as it comes.
+ECHO_PROGRAM = "stty -icanon -echo; echo ready; exec cat"
+
+
+def _keystroke(write: Callable[[bytes], object], read: Callable[[int], bytes]) -> Operation:
+    """One key typed, the same key read back."""
+
+    def keystroke() -> None:
+        write(b"x")
+        got = read(1)
+        if got != b"x":
+            raise RuntimeError(f"the terminal echoed {got!r}")
+
+    return keystroke
+
+
+@contextlib.contextmanager
+def _keystrokes(process: Any) -> Iterator[Operation]:
+    """Keystrokes into ``process`` (a Popen of ``ECHO_PROGRAM`` with stdin and stdout pipes), killed afterwards."""
+    try:
+        seen = b""
+        while not seen.endswith(b"ready\r\n"):
+            data = process.stdout.read(1)
+            if not data:
+                raise RuntimeError(f"the terminal ended before it was ready: {seen!r}")
+            seen += data
+        yield _keystroke(process.stdin.write, process.stdout.read)
+    finally:
+        process.kill()
+        process.wait(TIMEOUT)
+
+
+@contextlib.contextmanager
+def remowt_ssh_keystroke() -> Iterator[Operation]:
+    """``conn.Popen(..., pty=True)`` over ssh: a key written to its stdin, read back from its stdout."""
+    import remowt
+
+    with remowt_connect() as conn:
+        argv = ["sh", "-c", ECHO_PROGRAM]
+        with _keystrokes(conn.Popen(argv, pty=True, stdin=remowt.PIPE, stdout=remowt.PIPE, bufsize=0)) as keystroke:
+            yield keystroke
+
+
+@contextlib.contextmanager
+def openssh_tt_keystroke() -> Iterator[Operation]:
+    """OpenSSH's client, ``ssh -tt HOST``: a key written to its stdin, read back from its stdout."""
+    import subprocess
+
+    server = ssh_server.server()
+    argv = ["ssh", "-tt", "-F", server.ssh_config, ssh_server.ALIAS, ECHO_PROGRAM]
+    with _keystrokes(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)) as keystroke:
+        yield keystroke

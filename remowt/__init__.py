@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Dict
 
 if TYPE_CHECKING:
+    from .endpoints.subprocess import Terminal
     from .errors import (
         BadArguments,
         ConnectionLost,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     )
     from .user.process import RemoteProcess
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _HOMES: Dict[str, str] = {
     "Remowt": "user.connection",
@@ -97,6 +98,7 @@ _HOMES: Dict[str, str] = {
         "user.popen",
     ),
     "RemoteProcess": "user.process",
+    "Terminal": "endpoints.subprocess",
 }
 
 __all__ = [
@@ -120,6 +122,7 @@ __all__ = [
     "RemowtError",
     "ResultTooLarge",
     "SubprocessError",
+    "Terminal",
     "TimeoutExpired",
     "UnknownMethod",
     "Unreachable",

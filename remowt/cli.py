@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import select
 import signal
 import sys
 import threading
 from types import FrameType
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
+from .endpoints.editor import FileEditApi
 from .errors import ConnectionLost, RemowtError
+from .runtime.interrupts import start
 from .transports.stdio import pipe_above_stdio
 from .user import connect as client
 from .user.connection import Remowt
-from .user.popen import CLOSED, Popen
+from .user.editing import edit_locally, lend_terminal
+from .user.node import Node
+from .user.popen import CLOSED, DEVNULL, PIPE, Popen, make_terminal
+from .version import __version__
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -27,39 +33,111 @@ def _parser() -> argparse.ArgumentParser:
         prog="remowt",
         description="Run processes on another machine (or this one) through a remowt agent.",
     )
+    parser.add_argument("--version", action="version", version=f"remowt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     local = commands.add_parser(
         "local",
-        help="run a command through a local agent",
+        help="run a command (or a login shell) through a local agent",
+        usage="remowt local [-h] [-t | -T] [-n] [--sudo] [[--] ARGV ...]",
         description=(
-            "Start a remowt agent on this machine and run ARGV through it, with this "
-            "terminal's stdin, stdout and stderr wired through; exit with its exit code "
-            "(128+N if it was killed by signal N, like a shell)."
+            "Start a remowt agent on this machine and run ARGV through it (as it is: no shell), with this "
+            "terminal's stdin, stdout and stderr wired through; exit with its exit code (128+N if it was "
+            "killed by signal N, like a shell). Without ARGV, your login shell, on a terminal of its own."
         ),
     )
-    local.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV", help="the command and its arguments")
     ssh = commands.add_parser(
         "ssh",
-        help="run a command on an ssh host through a remowt agent",
+        help="run a command (or a login shell) on an ssh host through a remowt agent",
+        usage="remowt ssh [-h] [options] HOST [COMMAND ... | -- ARGV ...]",
         description=(
             "Connect to HOST over ssh (honouring ~/.ssh/config and known_hosts), deploy the agent if the host "
-            "does not have it yet, run ARGV there with this terminal's stdin, stdout and stderr wired through, "
-            "and exit with its exit code (128+N if it was killed by signal N; 255 if the connection failed)."
+            "does not have it yet, and run there, with this terminal's stdin, stdout and stderr wired through: "
+            "COMMAND as ssh runs it (its words joined by spaces into one line for your shell there), or ARGV "
+            "after -- as it is (no shell: each word one argument), or with neither your login shell on a "
+            "terminal. Options may follow HOST; the first word after it that is no option starts COMMAND. "
+            "Exit with the command's exit code (128+N if it was killed by signal N; 255 if the connection failed)."
         ),
     )
     ssh.add_argument("host", help="host name or ~/.ssh/config alias, optionally user@host")
-    ssh.add_argument("-p", "--port", type=int, help="port to connect to")
-    ssh.add_argument("-l", "--login", metavar="USER", help="user to log in as")
-    ssh.add_argument("-i", "--identity", metavar="KEY", action="append", help="private key file (repeatable)")
-    ssh.add_argument("-F", "--config", metavar="FILE", help="ssh config file (default ~/.ssh/config)")
-    ssh.add_argument(
-        "--accept-new-host-key",
-        action="store_true",
-        help="trust an unknown host's key and record it in known_hosts (changed keys are still refused)",
+    edit = commands.add_parser(
+        "edit",
+        help="edit a file of an ssh host in your editor",
+        description=(
+            "Open PATH on HOST in your editor here ($VISUAL, else $EDITOR, else vi) and save it back there "
+            "atomically, keeping its mode and owner, if you changed it (--sudo: through the privileged agent, "
+            "for files only root may write)."
+        ),
     )
-    ssh.add_argument("argv", nargs="*", metavar="-- ARGV", help="the command and its arguments, after --")
+    edit.add_argument("target", metavar="HOST:PATH", help="the host (as for remowt ssh) and the file's path there")
+    edit.add_argument("--sudo", action="store_true", help="read and write the file as root")
+    for command in (ssh, edit):
+        command.add_argument("-p", "--port", type=int, help="port to connect to")
+        command.add_argument("-l", "--login", metavar="USER", help="user to log in as")
+        command.add_argument("-i", "--identity", metavar="KEY", action="append", help="private key file (repeatable)")
+        command.add_argument("-F", "--config", metavar="FILE", help="ssh config file (default ~/.ssh/config)")
+        command.add_argument(
+            "--accept-new-host-key",
+            action="store_true",
+            help="trust an unknown host's key and record it in known_hosts (changed keys are still refused)",
+        )
+    for command in (local, ssh):
+        tty = command.add_mutually_exclusive_group()
+        tty.add_argument(
+            "-t",
+            dest="tty",
+            action="store_const",
+            const=True,
+            help="run it on a terminal of its own (the default with no command when stdin is a terminal)",
+        )
+        tty.add_argument("-T", dest="tty", action="store_const", const=False, help="never a terminal")
+        command.add_argument("-n", dest="no_stdin", action="store_true", help="stdin from /dev/null")
+        command.add_argument("--sudo", action="store_true", help="run it as root, through the privileged agent")
     _add_bundle_parser(commands)
     return parser
+
+
+#: Options of each command that take a value (the next word, unless joined to it).
+VALUE_OPTIONS: Dict[str, Tuple[str, ...]] = {
+    "ssh": ("-p", "--port", "-l", "--login", "-i", "--identity", "-F", "--config"),
+    "local": (),
+}
+POSITIONALS = {"ssh": 1, "local": 0}
+
+
+class Words(NamedTuple):
+    """A command line taken apart: what argparse reads, and the command to run (None: none given)."""
+
+    options: List[str]
+    command: Optional[List[str]]
+    as_argv: bool  # the command came after --: exec it as it is
+
+
+def split_words(words: List[str]) -> Words:
+    """Cut ``remowt local|ssh ...`` where the command starts: at ``--``, or the first word no option takes.
+
+    Before that (and between options) come HOST for ssh and the options, in
+    any order, as with ssh: ``remowt ssh HOST ls -l`` runs ``ls -l``.
+    """
+    name = words[0] if words else ""
+    if name not in VALUE_OPTIONS:
+        return Words(words, None, False)
+    options, positionals, i = [name], 0, 1
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            return Words(options, words[i + 1 :], True)
+        if word.startswith("-") and word != "-":
+            options.append(word)
+            if word in VALUE_OPTIONS[name] and i + 1 < len(words):
+                options.append(words[i + 1])
+                i += 1
+        elif positionals < POSITIONALS[name]:
+            options.append(word)
+            positionals += 1
+        else:
+            return Words(options, words[i:], False)
+        i += 1
+    return Words(options, None, False)
 
 
 def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -152,6 +230,8 @@ class SignalForwarder:
     or after the child exited, ends the CLI at once with 128+N: the connection
     ends with this process, and the agent kills a child it had started.
 
+    SIGWINCH (this terminal was resized) resizes the child's terminal, if it has one.
+
     The third signal ends the CLI at once too, after killing the child's group
     (a fourth stops waiting for that). It takes three, not two, because
     ``timeout`` and others signal the CLI and then its whole process group, so
@@ -167,12 +247,15 @@ class SignalForwarder:
         self._signals: List[int] = []
         self._status: Optional[int] = None
         self._error: Optional[BaseException] = None
+        self._resized = False
+        self.terminal: Optional[LocalTerminal] = None  # this process's terminal, while the child has one
+        self.editing = False  # the caller's editor has the terminal (a remote EDITOR asked for it)
         self._wake_r, self._wake_w = pipe_above_stdio()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
 
     def __enter__(self) -> SignalForwarder:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in FORWARDED_SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (*FORWARDED_SIGNALS, signal.SIGWINCH)}
         self._previous_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         return self
 
@@ -182,6 +265,9 @@ class SignalForwarder:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if signum == signal.SIGWINCH:
+            self._resized = True
+            return
         self.received += 1
         if self.received >= self.ENOUGH:
             raise Interrupted(signum)
@@ -225,6 +311,17 @@ class SignalForwarder:
             ending = self._forward()
             if ending is not None:
                 return 128 + ending
+            if self._resized:
+                self._resized = False
+                self._resize()
+
+    def _resize(self) -> None:
+        """This terminal changed size: the child's follows."""
+        process, terminal = self.process, self.terminal
+        if process is not None and terminal is not None:
+            size = terminal.size()
+            with contextlib.suppress(RemowtError):
+                process.resize(size.columns, size.lines)
 
     def _forward(self) -> Optional[int]:
         """Send the signals noted on to the child; the one that ends the CLI (no child to send it to), if any."""
@@ -233,29 +330,184 @@ class SignalForwarder:
             process = self.process
             if process is None:
                 return None if starting else self._signals[0]
+            signum = self._signals.pop(0)
+            if self.editing and signum == signal.SIGINT:
+                continue  # typed into the caller's editor (the terminal is cooked meanwhile): not the child's
             with contextlib.suppress(RemowtError):  # a lost connection is the work's to tell
-                process.signal_group(self._signals.pop(0))
+                process.signal_group(signum)
         return None
 
 
-def run_attached(connection: Remowt, argv: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
-    """Run ``argv`` with this process's stdio (or ``stdio``) wired through; return the shell-style exit status."""
+class Job(NamedTuple):
+    """What the CLI runs: argv (for the user's shell with ``user_shell``), on a terminal or not, as root or not."""
+
+    argv: List[str]
+    user_shell: bool
+    tty: bool
+    sudo: bool
+    no_stdin: bool
+
+
+class LocalTerminal:
+    """This process's terminal (on stdin) in raw mode while a child's terminal is driven through it.
+
+    Raw: every key goes to the child as typed (Ctrl-C, Ctrl-Z and Ctrl-\\ as
+    bytes, for the child's terminal to turn into signals there), nothing is
+    echoed here. :meth:`restore` puts the settings back, on every way out.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._saved: Optional[List[Any]] = None
+        self._lock = threading.Lock()
+
+    def raw(self) -> None:
+        import termios
+        import tty
+
+        with self._lock:
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd, termios.TCSANOW)
+
+    def restore(self) -> None:
+        import termios
+
+        with self._lock:
+            saved, self._saved = self._saved, None
+            if saved is not None:
+                with contextlib.suppress(termios.error):
+                    termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
+
+    def size(self) -> os.terminal_size:
+        return os.get_terminal_size(self.fd)
+
+
+class Keyboard:
+    """Keys from this terminal to the child's terminal, on a thread; paused while the caller's editor has them."""
+
+    def __init__(self, fd: int, write: Callable[[bytes], object], close: Callable[[], None]) -> None:
+        self._fd = fd
+        self._write = write
+        self._close = close
+        self._wake_r, self._wake_w = pipe_above_stdio()
+        os.set_blocking(self._wake_w, False)
+        self._lock = threading.Lock()
+        self._paused = False
+        self._stopped = False
+        self._parked = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="remowt-keyboard", daemon=True)
+        start(self._thread)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 512)
+                with self._lock:
+                    if self._stopped:
+                        return
+                    paused = self._paused
+                if paused:
+                    self._parked.set()
+                else:
+                    self._parked.clear()
+                if paused or self._fd not in ready:
+                    continue
+                data = os.read(self._fd, 4096)
+                if not data:
+                    self._close()
+                    return
+                self._write(data)
+        except (OSError, ValueError):  # the child's terminal is gone
+            return
+        finally:
+            self._parked.set()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"w")
+
+    @contextlib.contextmanager
+    def lent(self, terminal: Optional[LocalTerminal], signals: SignalForwarder) -> Iterator[None]:
+        """While the caller's editor runs: no keys read here, the terminal cooked, Ctrl-C left to the editor."""
+        with self._lock:
+            self._paused = True
+        self._parked.clear()
+        self._poke()
+        self._parked.wait()
+        signals.editing = True
+        if terminal is not None:
+            terminal.restore()
+        try:
+            yield
+        finally:
+            if terminal is not None:
+                terminal.raw()
+            signals.editing = False
+            with self._lock:
+                self._paused = False
+            self._poke()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self._poke()
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def run_attached(connection: Node, job: Job, signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
+    """Run ``job`` with this process's stdio (or ``stdio``) wired through; return the shell-style exit status."""
+    terminal = LocalTerminal(0) if job.tty and os.isatty(0) else None
+    node = connection.privileged if job.sudo else connection
     signals.starting = True
     try:
-        signals.process = connection.Popen(
-            argv, stdin=stdio.get("stdin"), stdout=stdio.get("stdout"), stderr=stdio.get("stderr")
+        if job.sudo:
+            node.ping()  # starts the privileged agent: a password is asked before this terminal goes raw
+        if terminal is not None:
+            terminal.raw()
+            signals.terminal = terminal
+        keys = job.tty and not job.no_stdin and "stdin" not in stdio
+        process = signals.process = node.Popen(
+            job.argv,
+            stdin=DEVNULL if job.no_stdin else PIPE if keys else stdio.get("stdin"),
+            stdout=stdio.get("stdout"),
+            stderr=None if job.tty else stdio.get("stderr"),
+            pty=make_terminal() if job.tty else False,
+            user_shell=job.user_shell,
+            bufsize=0,
         )
+    except BaseException:
+        signals.terminal = None
+        if terminal is not None:
+            terminal.restore()
+        raise
     finally:
         signals.starting = False
         signals.wake()
+    keyboard: Optional[Keyboard] = None
+    if process.stdin is not None:
+        keyboard = Keyboard(0, process.stdin.write, process.stdin.close)
+        lend_terminal(functools.partial(keyboard.lent, terminal, signals))
     try:
-        return exit_status(signals.process.wait())
+        return exit_status(process.wait())
     except ConnectionLost:
         raise
     except OSError as e:  # its output could not be written here, and it exited 0 regardless
         return output_failed(e)
     finally:
+        lend_terminal(None)
+        if keyboard is not None:
+            keyboard.stop()
         signals.process = None
+        signals.terminal = None
+        if terminal is not None:
+            terminal.restore()
         signals.wake()
 
 
@@ -288,13 +540,18 @@ def plug_closed_stdio() -> Dict[str, int]:
     return stdio
 
 
-def _argv(args: argparse.Namespace, parser: argparse.ArgumentParser, after: Optional[List[str]]) -> List[str]:
-    argv: List[str] = list(args.argv) if after is None else list(args.argv) + after
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
+def _job(args: argparse.Namespace, words: Words, parser: argparse.ArgumentParser) -> Job:
+    """What the command line asks to run: ARGV as it is, a command line for the shell, or a login shell."""
+    command = words.command
+    if command is None:  # a login shell, on a terminal when this one is
+        tty = os.isatty(0) if args.tty is None else args.tty
+        return Job([], True, tty, args.sudo, args.no_stdin)
+    if not command:
         parser.error(f"{args.command}: give the command to run after --")
-    return argv
+    tty = bool(args.tty)
+    if words.as_argv or args.command == "local":
+        return Job(command, False, tty, args.sudo, args.no_stdin)
+    return Job(["-c", " ".join(command)], True, tty, args.sudo, args.no_stdin)
 
 
 def _connection(args: argparse.Namespace) -> Remowt:
@@ -312,34 +569,59 @@ def _connection(args: argparse.Namespace) -> Remowt:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = _parser()
-    words = sys.argv[1:] if argv is None else list(argv)
-    after: Optional[List[str]] = None
-    if words[:1] == ["ssh"] and "--" in words:  # ssh's options may follow HOST; ARGV is all after --
-        cut = words.index("--")
-        words, after = words[:cut], words[cut + 1 :]
-    args = parser.parse_args(words)
+    words = split_words(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(words.options)
     if args.command == "bundle":
         sys.exit(_bundle_main(args))
-    command = _argv(args, parser, after)
+    if args.command == "edit":
+        sys.exit(_edit_main(args, parser))
+    job = _job(args, words, parser)
     stdio = plug_closed_stdio()
     with SignalForwarder() as signals:
         try:
-            status = signals.run(lambda: _run(args, command, signals, stdio))
+            status = signals.run(lambda: _run(args, job, signals, stdio))
         except Interrupted as e:  # a fourth signal while the third's kill was on its way
             status = 128 + e.signum
+        finally:
+            if signals.terminal is not None:
+                signals.terminal.restore()
     sys.exit(status)
 
 
-def _run(args: argparse.Namespace, command: List[str], signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
-    """Connect, run ``command`` and return the exit status; errors are told on stderr."""
+def _edit_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``remowt edit HOST:PATH``: the file read there, edited here, written back if changed."""
+    host, _, path = args.target.partition(":")
+    if not host or not path:
+        parser.error(f"edit: give the file as HOST:PATH, got {args.target!r}")
+    args.host = host
     try:
         with _connection(args) as connection:
-            return run_attached(connection, command, signals, stdio)
+            node = connection.privileged if args.sudo else connection
+            files = node.service(FileEditApi)
+            try:
+                content = files.read(path)
+            except FileNotFoundError:
+                content = b""  # a new file, as an editor makes it
+            edited = edit_locally(f"{host}:{path}", content)
+            if edited is not None:
+                files.replace(path, edited)
+    except (OSError, RuntimeError, RemowtError) as e:
+        print(f"remowt: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace, job: Job, signals: SignalForwarder, stdio: Mapping[str, int]) -> int:
+    """Connect, run ``job`` and return the exit status; errors are told on stderr."""
+    program = job.argv[0] if job.argv and not job.user_shell else "your shell"
+    try:
+        with _connection(args) as connection:
+            return run_attached(connection, job, signals, stdio)
     except FileNotFoundError as e:
-        print(f"remowt: {command[0]}: {e.strerror}", file=sys.stderr)
+        print(f"remowt: {program}: {e.strerror}", file=sys.stderr)
         return 127
     except PermissionError as e:
-        print(f"remowt: {command[0]}: {e.strerror}", file=sys.stderr)
+        print(f"remowt: {program}: {e.strerror}", file=sys.stderr)
         return 126
     except RemowtError as e:
         print(f"remowt: {e}", file=sys.stderr)

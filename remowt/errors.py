@@ -76,6 +76,20 @@ REMOTE_ERRORS = {
 }
 
 
+def os_name_text(name: object) -> str:
+    """A file name or argument as text that any peer can carry: bytes that are not UTF-8 written as ``\\xff``."""
+    if isinstance(name, str):
+        try:
+            data = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate that no decoding made
+            data = name.encode("utf-8", "backslashreplace")
+    elif isinstance(name, bytes):
+        data = name
+    else:
+        return str(name)
+    return data.decode("utf-8", "backslashreplace")
+
+
 def remote_os_error(errno: int, message: str, filename: Optional[str]) -> OSError:
     """Rebuild an ``OSError`` (with its subclass chosen by errno) raised remotely."""
     strerror = message or _errno.errorcode.get(errno, "error")

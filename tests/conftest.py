@@ -71,3 +71,15 @@ def private_sshd(ssh_client_keys: ClientKeys) -> Iterator[SshServer]:
     """An sshd of the test's own (aliases like ``sshd``), for tests that kill its sessions."""
     with SshServer(ssh_client_keys, "remowt-test-host", "remowt-test-root") as server:
         yield server
+
+
+@pytest.fixture(params=["loopback", "local", "ssh"])
+def any_conn(request: pytest.FixtureRequest) -> Iterator[remowt.Remowt]:
+    """A connection over each transport, ssh included (to the session's test sshd)."""
+    if request.param == "ssh":
+        sshd: SshServer = request.getfixturevalue("sshd")
+        connection = remowt.connect("remowt-test-host", ssh_config=sshd.ssh_config)
+    else:
+        connection = make_connection(request.param)
+    with connection:
+        yield connection

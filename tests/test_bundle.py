@@ -193,7 +193,15 @@ def test_artifact_is_deterministic_and_normalised(built: str, tmp_path: os.PathL
     assert {m.mode for m in entries if m.isfile()} == {0o644, 0o755}
     assert {"agent.py", "remowt/agent/main.py", "remowt/protocol/wire.py", "msgspec/__init__.py"} <= set(names)
     assert any(n.startswith("msgspec/_core.") and n.endswith(".so") for n in names)
-    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    tag = sys.implementation.cache_tag
+    modules = [n for n in names if n.endswith(".py") and n != "agent.py"]
+    bytecode = [n for n in names if n.endswith(".pyc")]
+    assert sorted(bytecode) == sorted(
+        f"{os.path.dirname(n)}/__pycache__/{os.path.basename(n)[:-3]}.{tag}.pyc" for n in modules
+    ), "the local platform's artifact brings the bytecode of each module, and nothing else"
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        pyc = tar.extractfile("remowt/agent/__pycache__/main." + tag + ".pyc")
+        assert pyc is not None and pyc.read(8)[4:] == (0b01).to_bytes(4, "little"), "unchecked-hash bytecode"
     assert not [n for n in names if n.split("/")[0] not in ("agent.py", "remowt", "msgspec")]
 
 
@@ -236,7 +244,7 @@ def run_isolated(argv: List[str]) -> str:
 
 def test_python_command_runs_the_entrys_main_isolated() -> None:
     argv = python_command(AGENT, "--help")
-    assert argv[:4] == [sys.executable, "-I", "-S", "-c"] and repr(agent_pythonpath()) in argv[4]
+    assert argv[:5] == [sys.executable, "-I", "-S", "-B", "-c"] and repr(agent_pythonpath()) in argv[5]
     assert "real-agent" in run_isolated(argv)
 
 
@@ -252,7 +260,7 @@ def test_an_agent_run_from_an_unpacked_artifact_starts_remowt_code_from_there(
         "print(json.dumps(python_command(AGENT, '--help')))"
     )
     argv = json.loads(run_isolated([sys.executable, "-I", "-S", "-c", probe, str(tmp_path)]))
-    assert argv[:4] == [sys.executable, "-I", "-S", "-c"] and repr([str(tmp_path)]) in argv[4]
+    assert argv[:5] == [sys.executable, "-I", "-S", "-B", "-c"] and repr([str(tmp_path)]) in argv[5]
     assert "real-agent" in run_isolated(argv)
 
 
@@ -417,3 +425,30 @@ def test_cli_help(action: List[str]) -> None:
     assert result.stdout.startswith("usage: remowt bundle")
     if action == ["add"]:
         assert "--platform PLATFORM" in result.stdout and "aarch64-cp39" in result.stdout
+
+
+def test_the_default_bundle_directory_is_made_private_whatever_the_umask(tmp_path: os.PathLike[str]) -> None:
+    """Others must not write what is deployed: the directories made for the bundle are 0700 under umask 000."""
+    cache = os.path.join(str(tmp_path), "xdg")
+    probe = "from remowt.deploy.bundle import AgentBundle; print(AgentBundle.default().directory)"
+    env = dict(os.environ, XDG_CACHE_HOME=cache)
+    env.pop("REMOWT_BUNDLE_DIR", None)
+    installed = os.path.join(str(tmp_path), "site")  # an installed remowt: no checkout around it
+    shutil.copytree(
+        os.path.dirname(os.path.dirname(os.path.abspath(bundle.__file__))), os.path.join(installed, "remowt")
+    )
+    env["PYTHONPATH"] = installed
+    result = subprocess.run(
+        ["sh", "-c", 'umask 000; exec "$@"', "sh", sys.executable, "-c", probe],
+        env=env,
+        cwd=installed,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    directory = os.path.join(cache, "remowt", "bundle")
+    assert result.stdout.strip() == directory
+    for path in (cache, os.path.dirname(directory), directory, os.path.join(directory, "wheels")):
+        if os.path.exists(path):
+            assert os.stat(path).st_mode & 0o777 == 0o700, path

@@ -37,6 +37,15 @@ def test_stdin_stdout_and_exit_code_pass_through() -> None:
     assert (result.returncode, result.stdout, result.stderr) == (7, b"piped in\n", b"to-stderr\n")
 
 
+def test_version_and_python_dash_m() -> None:
+    import remowt as package
+
+    assert remowt("--version").stdout == f"remowt {package.__version__}\n".encode()
+    as_module = [sys.executable, "-m", "remowt", "local", "--", "sh", "-c", "echo as a module; exit 3"]
+    result = subprocess.run(as_module, capture_output=True, timeout=25)
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"as a module\n", b"")
+
+
 def test_without_double_dash() -> None:
     result = remowt("local", "printf", "%s|", "a b", "--", "-x")
     assert (result.returncode, result.stdout, result.stderr) == (0, b"a b|--|-x|", b"")
@@ -93,9 +102,13 @@ def test_local_help() -> None:
     assert "ARGV" in out
 
 
-@pytest.mark.parametrize("args", [["local"], ["local", "--"]], ids=["nothing", "double-dash-only"])
-def test_local_without_a_command_is_a_usage_error(args: List[str]) -> None:
-    result = remowt(*args)
+def test_local_without_a_command_is_the_login_shell() -> None:
+    result = remowt("local", input=b"echo $0; exit 4\n")  # stdin is no terminal: the shell reads it
+    assert (result.returncode, result.stdout, result.stderr) == (4, b"-bash\n", b"")
+
+
+def test_local_with_nothing_after_double_dash_is_a_usage_error() -> None:
+    result = remowt("local", "--")
     assert result.returncode == 2
     assert result.stdout == b""
     err = result.stderr.decode()

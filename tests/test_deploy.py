@@ -7,15 +7,21 @@ cases), and the agent it starts serves a real connection.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import importlib.util
+import io
 import json
 import logging
+import marshal
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -214,14 +220,13 @@ def test_losing_the_install_race_uses_the_winners_copy(
         assert (status["kind"], status["installed"]) == ("status", False)
         winner = os.path.join(cache_root(home), built.hashes[LOCAL])
         shutil.copytree(report.path, winner)  # the other client won
-        marker = os.path.join(winner, "winner")
-        open(marker, "w").close()
+        won = os.stat(winner).st_ino
         artifact = built.read_artifact(LOCAL)
         process.stdin.write(struct.pack(">I", len(artifact)) + artifact)
         process.stdin.flush()
         ready = read_frame(process.stdout)
         assert (ready["kind"], ready["path"], ready["note"]) == ("ready", winner, "")
-        assert os.path.exists(marker)
+        assert os.stat(winner).st_ino == won
         assert os.listdir(cache_root(home)) == [built.hashes[LOCAL]], "the loser's staging directory was left behind"
     finally:
         process.stdin.close()  # the agent sees the end of its input and exits
@@ -288,12 +293,18 @@ def test_noexec_cache_falls_back(
     assert_ran_from_a_temporary_directory(report, conn, tmpdir_env, note)
 
 
-def test_read_only_cache_falls_back(
-    built: AgentBundle, target: Target, home: str, tmpdir_env: str, mounts: Callable[..., None]
-) -> None:
+def read_only_cache(target: Target, home: str, mounts: Callable[..., None]) -> str:
+    """The target's cache is on a read-only file system: its agents run from temporary directories."""
     xdg = os.path.join(home, "ro")
     target.env["XDG_CACHE_HOME"] = xdg
     mounts(xdg, "-t", "tmpfs", "-o", "ro", "tmpfs")
+    return xdg
+
+
+def test_read_only_cache_falls_back(
+    built: AgentBundle, target: Target, home: str, tmpdir_env: str, mounts: Callable[..., None]
+) -> None:
+    xdg = read_only_cache(target, home, mounts)
     report, conn = target.deploy(built)
     assert_ran_from_a_temporary_directory(
         report, conn, tmpdir_env, f"cannot write {xdg}/remowt (Read-only file system)"
@@ -351,7 +362,7 @@ def test_python_too_old(built: AgentBundle, target: Target, version: str) -> Non
 
 
 def test_platform_missing_names_the_command_that_adds_it(built: AgentBundle, target: Target, home: str) -> None:
-    other = AgentBundle(built.directory, {"aarch64-cp39": "0" * 64})
+    other = AgentBundle(built.directory, {"aarch64-cp39": "0" * 64}, {"aarch64-cp39": "1" * 64})
     transport = target.start(other)
     with pytest.raises(DeployError) as e:
         start_agent(transport, other, timeout=TIMEOUT)
@@ -426,6 +437,8 @@ def test_timeout_while_uploading(target: Target, tmp_path: os.PathLike[str]) -> 
         f.write(artifact)
     with open(os.path.join(directory, "hashes"), "w") as f:
         f.write(f"{LOCAL} {hashlib.sha256(artifact).hexdigest()}\n")
+    with open(os.path.join(directory, "trees"), "w") as f:
+        f.write(f"{hashlib.sha256(artifact).hexdigest()} {'0' * 64}\n")  # never unpacked
     big = AgentBundle.from_dir(directory)
     status = {"kind": "status", "platform": LOCAL, "python": "3", "executable": "x", "path": "/x", "installed": False}
     body = json.dumps(status).encode()
@@ -528,3 +541,162 @@ def test_a_new_cache_is_private_whatever_the_umask(built: AgentBundle, target: T
     assert report.path == os.path.join(cache_root(home), built.hashes[LOCAL])
     assert os.stat(os.path.join(home, ".cache")).st_mode & 0o777 == 0o700
     assert os.stat(cache_root(home)).st_mode & 0o777 == 0o700
+
+
+# --- the content itself: verified on every start -----------------------------------------
+
+
+def changed_source(path: str, mark: str) -> None:
+    """The agent's main module under ``path`` also leaves ``mark`` (its bytecode removed, so the change is seen)."""
+    module = os.path.join(path, "remowt", "agent", "main.py")
+    with open(module, "a") as f:
+        f.write(f"\nopen({mark!r}, 'w').close()\n")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(importlib.util.cache_from_source(module))
+
+
+def planted_bytecode(path: str, mark: str) -> None:
+    """Bytecode for the agent's main module under ``path`` that leaves ``mark``, valid for its unchanged source."""
+    module = os.path.join(path, "remowt", "agent", "main.py")
+    with open(module) as f:
+        code = compile(f"{f.read()}\nopen({mark!r}, 'w').close()\n", module, "exec", dont_inherit=True)
+    st = os.stat(module)
+    stamp = (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    pyc = importlib.util.cache_from_source(module)
+    os.makedirs(os.path.dirname(pyc), exist_ok=True)
+    with open(pyc, "wb") as f:
+        f.write(importlib.util.MAGIC_NUMBER + b"\0\0\0\0" + stamp + marshal.dumps(code))
+
+
+@pytest.mark.parametrize("tamper", [changed_source, planted_bytecode])
+def test_an_agent_changed_in_place_is_set_aside_and_installed_again(
+    built: AgentBundle, target: Target, home: str, tamper: Callable[[str, str], None]
+) -> None:
+    """The same user (or anything running as them) edits the cached agent: it never runs, and the cache is repaired."""
+    first, conn = target.deploy(built)
+    says_hi(conn)
+    mark = os.path.join(home, "tampered-agent-ran")
+    tamper(first.path, mark)
+    report, conn = target.deploy(built)
+    says_hi(conn)
+    assert not os.path.exists(mark), "the changed agent ran"
+    assert (report.path, report.uploaded) == (first.path, True)
+    assert report.fallback is not None and "is not the agent the client sent" in report.fallback, report.fallback
+    assert "set aside" in report.fallback
+    again, conn = target.deploy(built)
+    says_hi(conn)
+    assert (again.uploaded, again.fallback) == (False, None), "repaired once, then used as it is"
+    assert not os.path.exists(mark)
+
+
+def test_an_extra_file_in_the_cache_is_a_mismatch(built: AgentBundle, target: Target) -> None:
+    first, conn = target.deploy(built)
+    says_hi(conn)
+    open(os.path.join(first.path, "remowt", "sitecustomize.py"), "w").close()
+    report, conn = target.deploy(built)
+    says_hi(conn)
+    assert report.uploaded and "set aside" in (report.fallback or ""), report.fallback
+    assert not os.path.exists(os.path.join(first.path, "remowt", "sitecustomize.py"))
+
+
+def test_the_agent_writes_no_bytecode_into_its_tree(built: AgentBundle, target: Target) -> None:
+    """Python would add __pycache__ files as modules are imported: -B, and the artifact brings them instead."""
+    first, conn = target.deploy(built)
+    with conn:
+        conn.run(["true"], sudo=False)  # the subprocess service and its helpers are imported by now
+    before = sorted(os.path.relpath(os.path.join(p, n), first.path) for p, _, ns in os.walk(first.path) for n in ns)
+    with open(built.artifact_path(LOCAL), "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:gz") as tar:
+        assert before == sorted(m.name for m in tar if m.isfile())
+
+
+def test_a_corrupted_cache_is_repaired_by_the_next_start(built: AgentBundle, target: Target) -> None:
+    """A file cut short (a crash, a full disk) made every start fail during the handshake, with no hint."""
+    first, conn = target.deploy(built)
+    says_hi(conn)
+    module = os.path.join(first.path, "remowt", "rpc", "router.py")
+    os.truncate(module, os.path.getsize(module) // 2)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(importlib.util.cache_from_source(module))
+    report, conn = target.deploy(built)
+    says_hi(conn)
+    assert report.uploaded and "set aside" in (report.fallback or "")
+
+
+def changed_bundle(built: AgentBundle, directory: str, change: Dict[str, bytes]) -> AgentBundle:
+    """A bundle whose artifact is ``built``'s with the files of ``change`` replaced, and without bytecode."""
+    files = []
+    with open(built.artifact_path(LOCAL), "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:gz") as tar:
+        for member in tar:
+            content = tar.extractfile(member)
+            if content is not None and not member.name.endswith(".pyc"):
+                files.append((member.name, change.get(member.name, content.read())))
+    artifact = bundle.build_artifact(files)
+    os.makedirs(directory)
+    with open(os.path.join(directory, artifact_name(LOCAL)), "wb") as f:
+        f.write(artifact)
+    with open(os.path.join(directory, "hashes"), "w") as f:
+        f.write(f"{LOCAL} {hashlib.sha256(artifact).hexdigest()}\n")
+    return AgentBundle.from_dir(directory)
+
+
+def test_an_agent_that_does_not_import_is_a_clear_error(
+    built: AgentBundle, target: Target, tmpdir_env: str, tmp_path: os.PathLike[str]
+) -> None:
+    broken = changed_bundle(built, os.path.join(str(tmp_path), "b"), {"remowt/agent/main.py": b"def broken(:\n"})
+    transport = target.start(broken)
+    with pytest.raises(
+        DeployError, match=r"cannot load the agent from .*SyntaxError: invalid syntax \(main.py, line 1\)"
+    ) as e:
+        start_agent(transport, broken, timeout=TIMEOUT)
+    assert e.value.kind == "install"
+    assert os.listdir(tmpdir_env) == []
+
+
+def test_an_agent_that_fails_to_start_shows_its_stderr(
+    built: AgentBundle, target: Target, tmp_path: os.PathLike[str]
+) -> None:
+    entry = b"import sys\nsys.exit('remowt-test: this agent does not start')\n"
+    failing = changed_bundle(built, os.path.join(str(tmp_path), "b"), {"agent.py": entry})
+    with pytest.raises(remowt.ConnectionLost, match=r"the agent's stderr:\nremowt-test: this agent does not start"):
+        target.deploy(failing)
+
+
+# --- temporary directories: the next one when one is full, none left behind ----------------
+
+
+def test_a_full_temporary_directory_falls_back_to_the_next(
+    built: AgentBundle, target: Target, home: str, tmpdir_env: str, mounts: Callable[..., None]
+) -> None:
+    read_only_cache(target, home, mounts)
+    mounts(tmpdir_env, "-t", "tmpfs", "-o", "size=64k", "tmpfs")
+    report, conn = target.deploy(built)
+    try:
+        assert os.path.dirname(report.path) == "/var/tmp", report.path
+        assert f"cannot unpack the agent into {tmpdir_env}/remowt-agent-" in (report.fallback or ""), report.fallback
+        assert "No space left on device" in (report.fallback or "")
+        assert os.listdir(tmpdir_env) == [], "the half-unpacked directory was left behind"
+    finally:
+        says_hi(conn)
+    assert not os.path.exists(report.path), "the temporary directory outlived its agent"
+
+
+def test_a_killed_agents_temporary_directory_is_removed_by_the_next_start(
+    built: AgentBundle, target: Target, home: str, tmpdir_env: str, mounts: Callable[..., None]
+) -> None:
+    read_only_cache(target, home, mounts)
+    theirs = os.path.join(tmpdir_env, "remowt-agent-theirs")  # another user's: never touched
+    os.mkdir(theirs)
+    subprocess.run(["chown", OTHER_USER, theirs], check=True, timeout=10)
+    killed, victim = target.deploy(built)
+    running, alive = target.deploy(built)
+    os.kill(victim.info().pid, signal.SIGKILL)
+    with pytest.raises(remowt.ConnectionLost):
+        victim.run(["true"], timeout=TIMEOUT)
+    victim.close()
+    assert os.path.isdir(killed.path), "a killed agent cannot clean up after itself"
+    _, conn = target.deploy(built)
+    assert not os.path.exists(killed.path), "the next start removes what the killed agent left"
+    assert os.path.isdir(running.path), "a running agent's directory is kept"
+    says_hi(alive)
+    says_hi(conn)
+    assert os.listdir(tmpdir_env) == ["remowt-agent-theirs"]

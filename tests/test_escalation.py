@@ -9,12 +9,15 @@ client in this process, as root.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import importlib.util
 import json
 import os
 import pwd
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,7 @@ from _util import kill_quietly, memory_hits, proc_gone, wait_until
 from sshd import SshServer
 
 import remowt
+from remowt.deploy.bundle import AgentBundle, local_platform
 from remowt.errors import ConnectionLost, EscalationError
 
 TEST_USER = "remowt-test"
@@ -445,6 +449,29 @@ def test_default_prompter_without_terminal_says_to_pass_a_prompter(user_env: str
     assert "no terminal" in failed["message"] and "prompter=" in failed["message"]
 
 
+@pytest.mark.timeout(90)
+def test_the_askpass_directory_of_a_killed_agent_is_removed_by_the_next_start(user_env: str) -> None:
+    uid = pwd.getpwnam(TEST_USER).pw_uid
+
+    def ours() -> List[str]:
+        return [path for path in glob.glob("/tmp/remowt-escalate-*") if os.stat(path).st_uid == uid]
+
+    before = set(ours())
+    left: List[str] = []
+
+    def kill_the_agent(n: int, text: str) -> Dict[str, Any]:
+        left.extend(set(ours()) - before)
+        os.kill(int(text.split("local agent pid ")[1].split()[0]), signal.SIGKILL)
+        return {"answer": TEST_PASSWORD}
+
+    config = {"transport": "local", "tool": "sudo", "actions": [{"do": "run", "sudo": True}]}
+    killed = drive(user_env, config, kill_the_agent)["results"][0]
+    assert "error" in killed, killed
+    assert len(left) == 1 and os.path.isdir(left[0]), "the killed agent left its askpass directory"
+    assert values(drive(user_env, config, password)) == [[0, "0"]]
+    assert not os.path.exists(left[0]), "the next start removed it"
+
+
 def run0_usable() -> bool:
     return shutil.which("run0") is not None and os.path.isdir("/run/systemd/system")
 
@@ -550,6 +577,53 @@ def test_ssh_password_is_in_no_argv_environment_file_or_agent_memory(sshd: SshSe
         sleeper.kill()
         assert sleeper.wait(10) == -9
     assert scans == [[], [], []]
+
+
+def root_copies() -> List[str]:
+    """The private copies of the agent that root runs the privileged agent from."""
+    return glob.glob("/run/remowt-root-*") + glob.glob("/var/tmp/remowt-root-*") + glob.glob("/tmp/remowt-root-*")
+
+
+def cached_agent() -> str:
+    """Where the test user's cache holds the agent that ``remowt.connect`` deploys."""
+    home = pwd.getpwnam(TEST_USER).pw_dir
+    digest = AgentBundle.default().hashes[local_platform()]
+    return os.path.join(home, ".cache", "remowt", digest)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("tool", TOOLS)
+def test_ssh_a_tampered_user_cache_never_runs_as_root(sshd: SshServer, tool: str, tmp_path: os.PathLike[str]) -> None:
+    """The user's agent is changed while it runs (by anything running as the user): root refuses its code."""
+    mark = os.path.join(str(tmp_path), "ran-as-root")
+    with ssh_connect(sshd, Prompts(TEST_PASSWORD), tool) as conn:
+        assert conn.check_output(["true"]) == b""
+        module = os.path.join(cached_agent(), "remowt", "agent", "main.py")
+        with open(module, "a") as f:
+            f.write(f"\nimport os as _os\nif _os.geteuid() == 0:\n    open({mark!r}, 'w').close()\n")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(importlib.util.cache_from_source(module))
+        with pytest.raises(
+            EscalationError, match=r"refusing to run the agent as root: .* is not the agent the client sent"
+        ):
+            conn.privileged.ping()
+        assert not os.path.exists(mark), "the tampered agent ran as root"
+        assert conn.run(["true"]).returncode == 0
+    assert root_copies() == [], "the refused copy was left behind"
+
+
+@pytest.mark.timeout(60)
+def test_ssh_the_privileged_agent_runs_from_a_private_copy_of_roots(sshd: SshServer) -> None:
+    with ssh_connect(sshd, Prompts(TEST_PASSWORD), "sudo") as conn:
+        pid = conn.privileged.info().pid
+        [copy] = root_copies()
+        st = os.stat(copy)
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+        with open(f"/proc/{pid}/maps") as f:
+            loaded = {line.split()[-1] for line in f if "msgspec" in line}
+        assert loaded and all(path.startswith(copy + "/") for path in loaded), loaded
+        conn.privileged.close()
+        assert wait_until(lambda: not os.path.exists(copy), 10), "the copy outlived the privileged agent"
 
 
 # --- as root, in this process: no tool, no prompt ----------------------------------

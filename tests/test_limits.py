@@ -371,6 +371,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> AgentBundle:
         f.write(artifact)
     with open(os.path.join(directory, "hashes"), "w") as f:
         f.write(f"{local_platform()} {hashlib.sha256(artifact).hexdigest()}\n")
+    with open(os.path.join(directory, "trees"), "w") as f:
+        f.write(f"{hashlib.sha256(artifact).hexdigest()} {'0' * 64}\n")  # never unpacked
     return AgentBundle.from_dir(directory)
 
 

@@ -9,6 +9,7 @@ written once, so the three must give the same answer.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import os
@@ -206,6 +207,65 @@ def test_env_inherited_by_default(sp: Any) -> None:
     assert child == mine
 
 
+# --- names that are not UTF-8 (issue 12, item 3) ------------------------------------
+
+UNDECODABLE = b"\xff\xfe-not-utf8"
+
+
+@pytest.mark.parametrize("kind", ["bytes", "surrogateescape-str"])
+def test_undecodable_argv(sp: Any, kind: str) -> None:
+    arg: Any = UNDECODABLE if kind == "bytes" else os.fsdecode(UNDECODABLE)
+    result = sp.run([PRINTF, b"%s|", arg, "plain"], stdout=PIPE)
+    assert result.stdout == UNDECODABLE + b"|plain|"
+    assert result.args == [PRINTF, b"%s|", arg, "plain"]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "surrogateescape-str"])
+def test_undecodable_env(sp: Any, kind: str) -> None:
+    # as CPython's test_undecodable_env: names and values that are not UTF-8, given as str or as bytes
+    name, value = b"REMOWT_\xff", b"v\xfe"
+    env: Dict[Any, Any] = {name: value} if kind == "bytes" else {os.fsdecode(name): os.fsdecode(value)}
+    assert sp.run([ENV], env=env, stdout=PIPE).stdout == name + b"=" + value + b"\n"
+    script = "import os, sys; sys.stdout.buffer.write(os.environb[b'REMOWT_\\xff'])"
+    assert sp.run([PY, "-c", script], env={**os.environ, **env}, stdout=PIPE).stdout == value
+
+
+@pytest.mark.parametrize("kind", ["bytes", "surrogateescape-str"])
+def test_undecodable_cwd_and_program(sp: Any, tmp_path: pathlib.Path, kind: str) -> None:
+    where = os.path.join(os.fsencode(tmp_path), UNDECODABLE)
+    os.mkdir(where)
+    make_script(pathlib.Path(os.fsdecode(os.path.join(where, b"prog\xff"))), 'printf %s "$(pwd)"\n')
+    cwd: Any = where if kind == "bytes" else os.fsdecode(where)
+    program: Any = b"./prog\xff" if kind == "bytes" else os.fsdecode(b"./prog\xff")
+    assert sp.run([program], cwd=cwd, stdout=PIPE).stdout == where
+
+
+@pytest.mark.parametrize(
+    "program", [b"/no/such/prog\xff", os.fsdecode(b"/no/such/prog\xff"), pathlib.Path("/no/such/prog")]
+)
+def test_failure_names_the_program_as_given(sp: Any, program: Any) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        sp.run([program])
+    expected = subprocess_failure(lambda: subprocess.run([program]))
+    assert (type(info.value.filename), info.value.filename) == (type(expected.filename), expected.filename)
+
+
+def test_failure_names_the_cwd_as_given(sp: Any, tmp_path: pathlib.Path) -> None:
+    cwd = os.path.join(os.fsencode(tmp_path), b"missing\xff")
+    with pytest.raises(FileNotFoundError) as info:
+        sp.run(["true"], cwd=cwd)
+    assert info.value.filename == subprocess_failure(lambda: subprocess.run(["true"], cwd=cwd)).filename
+
+
+def subprocess_failure(call: Callable[[], Any]) -> OSError:
+    """The ``OSError`` that subprocess itself raises for ``call``."""
+    try:
+        call()
+    except OSError as e:
+        return e
+    raise AssertionError("subprocess did not fail")
+
+
 # --- bufsize ----------------------------------------------------------------
 
 
@@ -277,6 +337,52 @@ def test_bufsize_1_binary_warns(sp: Any) -> None:
         proc = sp.Popen([CAT], stdin=PIPE, stdout=PIPE, bufsize=1)
     assert isinstance(proc.stdout, io.BufferedIOBase)
     assert proc.communicate(b"x") == (b"x", None)
+
+
+def test_os_close_of_stdin_fileno_gives_the_child_eof(sp: Any) -> None:
+    # CPython's test_bufsize_equal_one_binary_mode: the written line is never flushed, the fd is closed under the file
+    with pytest.warns(RuntimeWarning, match="line buffering"):
+        proc = sp.Popen(
+            [PY, "-c", "import sys; sys.stdout.write(sys.stdin.readline()); sys.stdout.flush()"],
+            stdin=PIPE,
+            stdout=PIPE,
+            bufsize=1,
+        )
+    proc.stdin.write(b"line\n")
+    os.close(proc.stdin.fileno())
+    assert proc.stdout.readline() == b""
+    with pytest.raises(OSError):
+        proc.stdin.close()  # its fd is gone: flushing the line fails, as locally
+    proc.stdin = None
+    assert proc.wait(timeout=10) == 0
+    proc.stdout.close()
+
+
+def default_pipe_size() -> int:
+    read_fd, write_fd = os.pipe()
+    try:
+        return int(fcntl.fcntl(write_fd, F_GETPIPE_SZ))
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+
+def test_pipesize(sp: Any) -> None:
+    # as CPython's test_pipesizes: the pipes of the child, and those seen through fileno(), get the size asked for
+    pipesize = default_pipe_size() // 2
+    script = "import fcntl, sys; sys.stdin.read(); print([fcntl.fcntl(fd, 1032) for fd in (0, 2)])"
+    proc = sp.Popen([PY, "-c", script], stdin=PIPE, stdout=PIPE, stderr=PIPE, pipesize=pipesize)
+    sizes = [fcntl.fcntl(pipe.fileno(), F_GETPIPE_SZ) for pipe in (proc.stdin, proc.stdout, proc.stderr)]
+    out, err = proc.communicate(timeout=10)
+    assert (sizes, out, err) == ([pipesize] * 3, f"{[pipesize] * 2}\n".encode(), b"")
+    with pytest.raises(TypeError, match="pipesize must be an integer"):
+        sp.Popen([CAT], pipesize=1.5)
+    # CPython's test_pipesize_default: without one, the pipes seen through fileno() have the default size
+    with sp.Popen([CAT], stdin=PIPE, stdout=PIPE) as proc:
+        assert [fcntl.fcntl(p.fileno(), F_GETPIPE_SZ) for p in (proc.stdin, proc.stdout)] == [default_pipe_size()] * 2
 
 
 # --- text mode ----------------------------------------------------------------
@@ -1012,7 +1118,9 @@ def test_getoutput_and_getstatusoutput(sp: Any) -> None:
     assert sp.getstatusoutput("echo out; exit 4") == (4, "out")
     assert sp.getstatusoutput("printf 'one\\ntwo'") == (0, "one\ntwo")
     assert sp.getstatusoutput("kill -KILL $$") == (-signal.SIGKILL, "")
-    assert sp.getstatusoutput(MISSING) == (127, f"/bin/sh: 1: {MISSING}: not found")
+    # the shell's own wording of "not found" (dash and bash differ): what subprocess gets here
+    assert sp.getstatusoutput(MISSING) == subprocess.getstatusoutput(MISSING)
+    assert sp.getstatusoutput(MISSING)[0] == 127
 
 
 # --- argument checks ----------------------------------------------------------------
@@ -1038,6 +1146,32 @@ def test_argument_errors(sp: Any) -> None:
         sp.Popen(cat, creationflags=1)
     with pytest.raises(TypeError, match="bufsize must be an integer"):
         sp.Popen(cat, bufsize=1.5)
+    with pytest.raises(TypeError, match="path-like args is not allowed when shell is true"):
+        sp.run(pathlib.Path(CAT), shell=True)
+    for check in (False, True):
+        with pytest.raises(ValueError, match="check argument not allowed, it will be overridden"):
+            sp.check_output(cat, check=check)
+
+
+def test_user_and_group_ids_are_checked(sp: Any) -> None:
+    with pytest.raises(ValueError, match="User ID cannot be negative"):
+        sp.run(["true"], user=-1)
+    with pytest.raises(ValueError, match="Group ID cannot be negative"):
+        sp.run(["true"], group=-1)
+    with pytest.raises(OverflowError):
+        sp.run(["true"], user=2**64)
+    with pytest.raises(ValueError):
+        sp.run(["true"], extra_groups=[2**64])
+
+
+def test_popen_is_subscriptable(sp: Any) -> None:
+    assert sp.Popen[bytes].__origin__ is sp.Popen
+
+
+def test_close_fds_false_is_accepted(sp: Any) -> None:
+    # locally the child would also inherit this process's inheritable fds; remotely there are none to inherit
+    result = sp.run([PRINTF, "%s", "fds"], stdout=PIPE, close_fds=False)
+    assert (result.returncode, result.stdout) == (0, b"fds")
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,6 @@ def originals() -> Dict[str, Any]:
 LOCAL_ONLY = [
     ({"preexec_fn": os.getpid}, "preexec_fn"),
     ({"pass_fds": (0,)}, "pass_fds"),
-    ({"close_fds": False}, "close_fds"),
 ]
 
 

@@ -292,7 +292,7 @@ def test_closed_stdio(conn: remowt.Remowt) -> None:
     assert proc.stdout.readall(timeout=10) == b"cat: -: Bad file descriptor\n1\nstderr failed\n"
     assert proc.wait(timeout=10) == 0
     for closed in (["stdin", "stdin"], ["fd3"]):
-        spec = {"handle": 10**6, "argv": ["true"], "closed": closed}
+        spec = {"handle": 10**6, "argv": [b"true"], "closed": closed}
         with pytest.raises(BadArguments, match="closed"):
             conn.router.call(conn.address, SubprocessApi.namespace, 1, wire.encode_value([spec])).result(10)
     with pytest.raises(ValueError, match="CLOSED"):

@@ -33,17 +33,6 @@ TRIES = 50
 AT_ONCE = 3
 
 
-@pytest.fixture(params=["loopback", "local", "ssh"])
-def any_conn(request: pytest.FixtureRequest) -> Iterator[remowt.Remowt]:
-    if request.param == "ssh":
-        sshd: SshServer = request.getfixturevalue("sshd")
-        connection = remowt.connect("remowt-test-host", ssh_config=sshd.ssh_config)
-    else:
-        connection = remowt.loopback() if request.param == "loopback" else remowt.connect_local()
-    with connection:
-        yield connection
-
-
 @pytest.fixture(params=["local", "ssh"])
 def where(request: pytest.FixtureRequest) -> str:
     """Where the CLI and the client program connect: ``local``, or the test sshd's ssh_config."""
@@ -103,7 +92,9 @@ def start_client(how: str, where: str) -> Tuple[subprocess.Popen[str], int]:
     if how == "wait":
         lines.append(program.stdout.readline())
     pids = [line for line in lines if line.strip().isdigit()]
-    assert len(pids) == 1 and set(lines) - set(pids) <= {"waiting\n"}, (lines, program.communicate(timeout=10))
+    if not (len(pids) == 1 and set(lines) - set(pids) <= {"waiting\n"}):
+        program.kill()
+        raise AssertionError((lines, program.communicate(timeout=10)))
     return program, int(pids[0])
 
 

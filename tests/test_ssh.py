@@ -273,6 +273,36 @@ def test_channel_closes_during_rekeys_do_not_stall(sshd: SshServer) -> None:
         transport.close()
 
 
+@pytest.mark.timeout(120)
+def test_frames_read_on_paramikos_thread_survive_rekeys(conn: remowt.Remowt) -> None:
+    """paramiko's thread reads and dispatches frames (and never sends): pings, calls and data both ways,
+    all at once, through a re-key every 64 KiB, arrive whole and in order."""
+    transport = conn.link.transport
+    assert isinstance(transport, ChannelTransport)
+    session = transport.channel.get_transport()
+    session.packetizer.REKEY_BYTES = 1 << 16
+    kex_init, rekeys = session._send_kex_init, []
+    session._send_kex_init = lambda: (rekeys.append(1), kex_init())[-1]  # type: ignore[method-assign]
+    data = os.urandom(3 << 20)
+    errors: List[BaseException] = []
+
+    def pings() -> None:
+        try:
+            for _ in range(300):
+                conn.ping()
+        except BaseException as e:
+            errors.append(e)
+
+    pinger = threading.Thread(target=pings)
+    pinger.start()
+    echoed = conn.run(["cat"], input=data, capture_output=True, timeout=60).stdout
+    pinger.join(60)
+    assert not pinger.is_alive() and not errors, errors
+    assert echoed == data
+    assert len(rekeys) >= 5
+    assert conn.check_output(["echo", "still here"], text=True, timeout=20) == "still here\n"
+
+
 def test_cli_ssh(sshd: SshServer, tmp_path: Path) -> None:
     result = subprocess.run(
         ["remowt", "ssh", "-F", sshd.ssh_config, "remowt-test-host", "--", "sh", "-c", "cat; echo err >&2; exit 7"],

@@ -1,4 +1,4 @@
-"""Agent entry point: ``real-agent [--local] [--privileged]``, and ``askpass [PROMPT]``.
+"""Agent entry point: ``real-agent [--local] [--privileged] [--tree=DIGEST]``, and ``askpass [PROMPT]``.
 
 The agent speaks the framed protocol on its stdin/stdout, serves its
 endpoints, and when its link to the user side is gone (or silent past the
@@ -18,6 +18,7 @@ import threading
 from typing import List, Optional
 
 from ..endpoints.control import Control
+from ..endpoints.editor import FileEdits
 from ..endpoints.escalate import Escalator
 from ..endpoints.subprocess import Subprocesses
 from ..endpoints.watchdog import Watchdog, start_watchdog
@@ -37,16 +38,19 @@ class Agent:
     which children to kill should this process die before :meth:`shutdown`.
     """
 
-    def __init__(self, address: str = wire.AGENT, watchdog: Optional[Watchdog] = None) -> None:
+    def __init__(
+        self, address: str = wire.AGENT, watchdog: Optional[Watchdog] = None, tree: Optional[str] = None
+    ) -> None:
         self.router = Router(address)
         self.silence = SilenceWatch()
         self.router.register(Control(address, on_keepalive=self.silence.arm))
         self.watchdog = watchdog
         self.subprocesses = Subprocesses(self.router, watchdog)
         self.router.register(self.subprocesses)
+        self.router.register(FileEdits())
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:
-            self.escalator = Escalator(self.router)
+            self.escalator = Escalator(self.router, tree)
             self.router.register(self.escalator)
         self.upstream_lost = threading.Event()
         self._finished = threading.Event()
@@ -95,10 +99,13 @@ def _take_stdio() -> FdTransport:
     return FdTransport(read_fd, write_fd)
 
 
-USAGE = """usage: remowt-agent real-agent [--local] [--privileged]
+USAGE = """usage: remowt-agent real-agent [--local] [--privileged] [--tree=DIGEST]
        remowt-agent askpass [PROMPT]
+       remowt-agent editor FILE...
 real-agent serves the remowt protocol on stdin/stdout (--local: the user side is on this machine;
---privileged: take the address agent-privileged); askpass is sudo's password helper (sudo -A)."""
+--privileged: take the address agent-privileged; --tree: the digest of the deployed tree it runs from,
+which the privileged agent's copy must have); askpass is sudo's password helper (sudo -A); editor is the
+EDITOR of children on a terminal (the caller edits the file)."""
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -107,11 +114,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         from ..endpoints.askpass import main as askpass
 
         sys.exit(askpass(args_list[1] if len(args_list) > 1 else "Password: "))
+    if args_list[:1] == ["editor"]:  # EDITOR of a child on a terminal: the caller edits
+        from ..endpoints.editor import main as editor
+
+        sys.exit(editor(args_list[1:]))
     if args_list[:1] in (["--help"], ["-h"]):
         print(USAGE)
         return
-    options = args_list[1:]
-    if args_list[:1] != ["real-agent"] or not set(options) <= {"--local", "--privileged"}:
+    trees = [option[len("--tree=") :] for option in args_list[1:] if option.startswith("--tree=")]
+    options = [option for option in args_list[1:] if not option.startswith("--tree=")]
+    if args_list[:1] != ["real-agent"] or not set(options) <= {"--local", "--privileged"} or len(trees) > 1:
         # argparse would cost the agent's start-up more than this whole function
         sys.exit(f"{USAGE}\nremowt-agent: bad arguments {args_list!r}")
     privileged = "--privileged" in options
@@ -125,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         # (A handler, not SIG_IGN, so the children get the default back at exec.)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
     watchdog = start_watchdog()
-    agent = Agent(wire.AGENT_PRIVILEGED if privileged else wire.AGENT, watchdog)
+    agent = Agent(wire.AGENT_PRIVILEGED if privileged else wire.AGENT, watchdog, trees[0] if trees else None)
     try:
         agent.serve(_take_stdio())
         agent.upstream_lost.wait()

@@ -4,8 +4,12 @@ A bundle is a directory with a ``hashes`` file (one ``<platform> <sha256>``
 line per platform; platform = ``uname -m`` machine + Python tag, e.g.
 ``x86_64-cp311``) and one artifact per platform, ``agent-<platform>.tar.gz``:
 a deterministic tar of the ``remowt`` package, ``msgspec`` built for that
-platform and the entry script ``agent.py``. The same inputs give the same
-bytes, so the same sha256 and the same cache directory on the target.
+platform and the entry script ``agent.py``, with the bytecode of every module
+when the platform's Python is the one building it (see :func:`with_bytecode`).
+The same inputs give the same bytes, so the same sha256 and the same cache
+directory on the target. ``trees`` holds, for each artifact's sha256, the
+digest of the tree it unpacks to (:mod:`remowt.deploy.tree`), which the
+target checks before every start.
 
 ``sources.json`` records how each artifact was made (from what is installed
 here, or from a msgspec wheel kept under ``wheels/``) and a fingerprint of its
@@ -21,9 +25,11 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import logging
+import marshal
 import os
 import re
 import shlex
@@ -37,16 +43,18 @@ from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence
 
 from ..errors import RemowtError
 from ..runtime.real_subprocess import Popen as LocalPopen
+from .tree import artifact_digest
 
 BUNDLE_DIR_ENV = "REMOWT_BUNDLE_DIR"
 HASHES = "hashes"
+TREES = "trees"
 SOURCES = "sources.json"
 WHEELS = "wheels"
 LOCK = ".lock"
 INSTALLED = "installed"
 ENTRY_NAME = "agent.py"
 # part of every fingerprint: bump it when the artifact's layout changes
-FORMAT = "remowt-agent-artifact/1"
+FORMAT = "remowt-agent-artifact/2"
 IMPLEMENTATION_TAGS = {"cpython": "cp", "pypy": "pp"}
 PIP_TIMEOUT = 300.0
 log = logging.getLogger("remowt.bundle")
@@ -157,6 +165,18 @@ def _locked(directory: str, exclusive: bool) -> Iterator[None]:
             os.close(fd)
 
 
+def _make_private(directory: str) -> None:
+    """Make ``directory`` and its missing parents, each private to this user (0700) whatever the umask."""
+    parent = os.path.dirname(directory)
+    if not os.path.isdir(directory) and parent != directory:
+        _make_private(parent)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            return
+        os.chmod(directory, 0o700)
+
+
 def _write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -216,6 +236,25 @@ def _read_hashes(directory: str, missing_ok: bool) -> Dict[str, str]:
     return parse_hashes(text, path)
 
 
+def _read_trees(directory: str) -> Dict[str, str]:
+    """Artifact sha256 → tree digest, as recorded when the artifacts were built; {} for a bundle made elsewhere."""
+    path = os.path.join(directory, TREES)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"cannot read {path}: {e}") from None
+    trees = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if len(fields) != 2 or not all(_SHA256_RE.fullmatch(field) for field in fields):
+            raise BundleError(f"{path} line {number}: expected '<artifact sha256> <tree sha256>', got {line!r}")
+        trees[fields[0]] = fields[1]
+    return trees
+
+
 def _read_sources(directory: str) -> Dict[str, Dict[str, str]]:
     """How each artifact was made (see the module docstring); {} for a bundle made elsewhere."""
     path = os.path.join(directory, SOURCES)
@@ -242,11 +281,12 @@ def _read_sources(directory: str) -> Dict[str, Dict[str, str]]:
 
 
 class AgentBundle:
-    """A validated bundle: its directory and the sha256 of each platform's artifact."""
+    """A validated bundle: its directory, the sha256 of each platform's artifact and the digest of its tree."""
 
-    def __init__(self, directory: str, hashes: Mapping[str, str]) -> None:
+    def __init__(self, directory: str, hashes: Mapping[str, str], trees: Mapping[str, str]) -> None:
         self.directory = directory
         self.hashes: Dict[str, str] = dict(hashes)
+        self.trees: Dict[str, str] = dict(trees)
 
     def __repr__(self) -> str:
         return f"<AgentBundle {self.directory} {' '.join(sorted(self.hashes))}>"
@@ -267,9 +307,14 @@ class AgentBundle:
                     f"agent bundle {directory} lists no platforms in {HASHES}; "
                     f"build one with: remowt bundle build --dir {shlex.quote(directory)}"
                 )
-            bundle = cls(directory, hashes)
+            recorded = _read_trees(directory)
+            bundle = cls(directory, hashes, {})
             for platform in sorted(hashes):
-                bundle._check(platform)
+                data = bundle._check(platform)
+                tree = recorded.get(hashes[platform])
+                bundle.trees[platform] = (
+                    tree if tree is not None else _tree_digest(data, bundle.artifact_path(platform))
+                )
         return bundle
 
     @classmethod
@@ -315,6 +360,13 @@ class AgentBundle:
             return self._check(platform)
 
 
+def _tree_digest(artifact: bytes, path: str) -> str:
+    try:
+        return artifact_digest(artifact)
+    except (OSError, ValueError, tarfile.TarError) as e:
+        raise BundleError(f"{path} is not an agent artifact: {e}") from None
+
+
 # --- building --------------------------------------------------------------
 
 
@@ -352,6 +404,35 @@ def build_artifact(files: Sequence[Tuple[str, bytes]]) -> bytes:
                 info.mode = 0o755 if name.endswith(".so") else 0o644
                 tar.addfile(info, io.BytesIO(content))
     return raw.getvalue()
+
+
+def builds_bytecode(platform: str) -> bool:
+    """Whether ``platform``'s Python is this one (its version and implementation), so its bytecode can be built here."""
+    parsed = parse_platform(platform)
+    name = sys.implementation.name
+    here = (IMPLEMENTATION_TAGS.get(name, name), sys.version_info[0], sys.version_info[1])
+    return (parsed.implementation, parsed.major, parsed.minor) == here
+
+
+def with_bytecode(files: Sequence[Tuple[str, bytes]]) -> List[Tuple[str, bytes]]:
+    """``files`` and the bytecode of each module in them, as this Python imports it from ``__pycache__``.
+
+    The ``.pyc`` files are unchecked-hash ones (PEP 552): Python loads them
+    without looking at the source, which is right here because the target
+    verifies the whole tree before the agent runs, and the agent writes no
+    bytecode of its own (``-B``). The entry script is run, not imported.
+    """
+    out = list(files)
+    for name, source in files:
+        directory, _, module = name.rpartition("/")
+        if not name.endswith(".py") or not directory:
+            continue
+        code = compile(source, name, "exec", dont_inherit=True, optimize=0)
+        header = importlib.util.MAGIC_NUMBER + (0b01).to_bytes(4, "little") + importlib.util.source_hash(source)
+        out.append(
+            (f"{directory}/__pycache__/{module[:-3]}.{sys.implementation.cache_tag}.pyc", header + marshal.dumps(code))
+        )
+    return out
 
 
 def _tree(root: str, prefix: str, suffixes: Tuple[str, ...]) -> List[Tuple[str, str]]:
@@ -439,7 +520,7 @@ class _Recipe:
         else:
             files += _wheel_files(self.wheel)
         files.append((ENTRY_NAME, ENTRY.encode()))
-        return build_artifact(files)
+        return build_artifact(with_bytecode(files) if builds_bytecode(self.platform) else files)
 
     def record(self, digest: str) -> Dict[str, str]:
         return {
@@ -473,12 +554,13 @@ def _make(directory: str, wanted: Mapping[str, str], force: bool) -> Dict[str, s
     With ``force``, build them all. Returns the bundle's hashes afterwards.
     """
     try:
-        os.makedirs(directory, exist_ok=True)
+        _make_private(directory)
     except OSError as e:
         raise BundleError(f"cannot create the agent bundle {directory}: {e.strerror}") from None
     with _locked(directory, exclusive=True):
         hashes = _read_hashes(directory, missing_ok=True)
         sources = _read_sources(directory)
+        trees = _read_trees(directory)
         remowt_files = _remowt_files()
         changed = False
         for platform in sorted(wanted):
@@ -493,9 +575,12 @@ def _make(directory: str, wanted: Mapping[str, str], force: bool) -> Dict[str, s
                 raise BundleError(f"cannot write the agent bundle {directory}: {e.strerror}") from None
             hashes[platform] = digest
             sources[platform] = recipe.record(digest)
+            trees[digest] = _tree_digest(data, artifact_name(platform))
             changed = True
         if changed:
+            kept = "".join(f"{digest} {trees[digest]}\n" for digest in sorted(set(hashes.values())) if digest in trees)
             try:
+                _write_atomic(os.path.join(directory, TREES), kept.encode())
                 _write_atomic(os.path.join(directory, HASHES), _format_hashes(hashes))
                 _write_atomic(os.path.join(directory, SOURCES), json.dumps(sources, indent=1, sort_keys=True).encode())
             except OSError as e:
@@ -599,7 +684,7 @@ def add_platform(directory: str, platform: str, msgspec_version: Optional[str] =
     _addable(platform)
     wheels = os.path.join(directory, WHEELS)
     try:
-        os.makedirs(wheels, exist_ok=True)
+        _make_private(wheels)
         download = tempfile.mkdtemp(prefix=".tmp-pip-", dir=directory)
     except OSError as e:
         raise BundleError(f"cannot write the agent bundle {directory}: {e.strerror}") from None

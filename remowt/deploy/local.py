@@ -15,6 +15,7 @@ from typing import List, Optional
 import msgspec
 
 from ..transports.stdio import ChildTransport, spawn_framed_child
+from .tree import PRIVILEGED
 
 AGENT = "remowt.agent.main"
 """The agent's entry module: ``real-agent [--local] [--privileged]`` or ``askpass [PROMPT]``."""
@@ -35,11 +36,27 @@ def python_command(entry: str, *args: str, python: Optional[str] = None) -> List
     """The command that runs module ``entry``'s ``main()`` with ``args`` as its ``sys.argv[1:]``.
 
     The interpreter (``python``, default this one) is isolated (``-I -S``: no
-    environment, no user or site directories) and imports only from
-    :func:`agent_pythonpath`.
+    environment, no user or site directories), imports only from
+    :func:`agent_pythonpath` and writes no bytecode there (``-B``: a deployed
+    agent's tree is verified whole, so nothing may add to it).
     """
     bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from {entry} import main; main()"
-    return [python or sys.executable, "-I", "-S", "-c", bootstrap, *args]
+    return [python or sys.executable, "-I", "-S", "-B", "-c", bootstrap, *args]
+
+
+def privileged_command(tree: Optional[str]) -> List[str]:
+    """The command that starts the privileged agent, which the escalation tool runs as root.
+
+    ``tree`` is the digest the client sent for a deployed agent (see
+    :mod:`remowt.deploy.tree`): root copies the tree this agent runs from
+    into a private directory of its own, verifies the copy against ``tree``
+    and runs only that. Without one (a local agent runs the client's own
+    installation), the agent's code is imported from where it is.
+    """
+    if tree is None:
+        return python_command(AGENT, "real-agent", "--privileged")
+    [source] = agent_pythonpath()  # a deployed agent's remowt and msgspec are in its tree
+    return [sys.executable, "-I", "-S", "-B", "-c", PRIVILEGED, source, tree, "real-agent", "--privileged"]
 
 
 def agent_argv(python: Optional[str] = None) -> List[str]:

@@ -1,9 +1,12 @@
 """Start the agent on a target through one remote shell line, installing it there first if needed.
 
 :func:`remote_start_command` is that line: it checks that Python is there and
-execs ``python3 -I -S -c <STUB> <platform>=<sha256>...``. The stub announces
-itself with :data:`MAGIC`, checks the Python version in code that parses on
-any Python 3, reads the bootstrap (:data:`BOOT`) from its stdin and runs it.
+execs ``python3 -I -S -B -c <STUB> <platform>=<sha256>:<tree digest>...`` (the
+artifact's sha256 and the digest of the tree it unpacks to, see
+:mod:`remowt.deploy.tree`; ``-B``: nothing writes bytecode, the artifact
+brings it). The stub announces itself with :data:`MAGIC`, checks the Python
+version in code that parses on any Python 3, reads the bootstrap
+(:data:`BOOT`) from its stdin and runs it.
 The client sends the bootstrap at once, without waiting, so a start costs no
 round trip more than the agent's own handshake when the agent is cached.
 
@@ -13,16 +16,22 @@ big-endian length, then JSON), so the client never reads past them:
 
 1. BOOT sends ``status``: platform, Python version and executable, the
    cache directory (``$XDG_CACHE_HOME/remowt/<sha256>``, else
-   ``~/.cache/remowt/<sha256>``), whether a loadable agent is there already,
+   ``~/.cache/remowt/<sha256>``), whether a loadable agent is there already
+   (trusted: only this user could have written it; verified: its tree
+   digest is the one the client sent; loading: the agent's modules import),
    and a note when it will have to use a temporary directory instead (the
-   cache cannot be written, is mounted noexec, ...). Or an ``error`` frame:
-   platform missing from the bundle, Python too old.
+   cache cannot be written, is mounted noexec, ...). A cached agent that is
+   not trusted or not verified is set aside (never run) and installed
+   again. Or an ``error`` frame: platform missing from the bundle, Python
+   too old.
 2. Only when not installed: the client sends the artifact as one frame;
    BOOT checks its sha256, unpacks it into a temporary directory beside the
    cache directory and renames it into place (the rename is the last step,
    so nobody runs a half-written agent; when another client won the race,
-   its copy is used). When that fails, or msgspec does not load from there,
-   it uses a fresh private temporary directory, removed when the agent ends.
+   its copy is used once verified). When that fails, or the agent does not
+   load from there, it uses a fresh private temporary directory (the next
+   candidate when one is full), locked while the agent runs and removed
+   when it ends; those left by killed agents are removed then.
 3. BOOT sends ``ready`` (the directory and any note) and runs the agent
    (``agent.py real-agent``) in the same process.
 """
@@ -46,6 +55,7 @@ from ..runtime.deadline import Deadline
 from ..runtime.interrupts import start
 from ..transports.base import Transport
 from .bundle import AgentBundle
+from .tree import CODE
 
 log = logging.getLogger("remowt.deploy")
 
@@ -78,9 +88,11 @@ if sys.version_info < (3, 9):
 exec(compile(r(int.from_bytes(r(4), "big")), "remowt-boot", "exec"))
 """.replace("MAGIC", repr(MAGIC))
 
-# Sent by the client and run by the stub on Python >= 3.9; ``r`` reads exactly n bytes of stdin.
-BOOT = r"""
-import json, struct
+# Sent by the client, run by the stub on Python >= 3.9 (``r`` reads n bytes of stdin), after remowt.deploy.tree's CODE.
+BOOT = (
+    CODE
+    + r"""
+import struct
 want = dict(arg.split("=", 1) for arg in sys.argv[1:])
 impl = sys.implementation.name
 plat = "%s-%s%d%d" % (os.uname().machine, {"cpython": "cp", "pypy": "pp"}.get(impl, impl), *sys.version_info[:2])
@@ -100,48 +112,39 @@ def fail(error, message):
     sys.exit(3)
 
 
-def complete(d):
-    return os.path.isfile(os.path.join(d, "agent.py"))
-
-
-def noexec(d):
-    try:
-        return bool(os.statvfs(d).f_flag & os.ST_NOEXEC)
-    except (OSError, AttributeError):
-        return False
-
-
-# None when msgspec (a compiled extension) imports from d, else why not
+# None when the agent's modules (msgspec, a compiled extension, among them) import from d, else why not
 def loads(d):
     sys.path.insert(0, d)
     try:
-        import msgspec
+        import remowt.agent.main
         return None
     except Exception as e:
         sys.path.remove(d)
-        for name in [m for m in sys.modules if m == "msgspec" or m.startswith("msgspec.")]:
+        for name in [m for m in sys.modules if m.split(".")[0] in ("msgspec", "remowt")]:
             del sys.modules[name]
         return "%s: %s" % (type(e).__name__, e)
 
 
-# None when the artifact is unpacked into dest, else why not
+# None when the artifact is unpacked into dest (modes as the client's digest has them), else why not
 def unpack(data, dest):
     import io, tarfile
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
             for member in tar:
                 parts = member.name.split("/")
-                if member.name.startswith("/") or ".." in parts or not (member.isdir() or member.isfile()):
+                odd = member.name.startswith("/") or ".." in parts or "" in parts
+                if odd or not (member.isdir() or member.isfile()):
                     fail("install", "refusing the archive member %r" % member.name)
-                path = os.path.join(dest, *parts)
-                if member.isdir():
-                    os.makedirs(path, exist_ok=True)
-                    continue
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(tar.extractfile(member).read())
-                    os.fchmod(f.fileno(), member.mode & 0o755)
-                    os.fsync(f.fileno())  # whole on disk before the rename makes it the cache
+                for depth in range(1, len(parts) + member.isdir()):
+                    path = os.path.join(dest, *parts[:depth])
+                    if not os.path.isdir(path):
+                        os.mkdir(path, 0o700)
+                        os.chmod(path, 0o755)
+                if member.isfile():
+                    with open(os.path.join(dest, *parts), "wb") as f:
+                        f.write(tar.extractfile(member).read())
+                        os.fchmod(f.fileno(), 0o755 if member.mode & 0o100 else 0o644)
+                        os.fsync(f.fileno())  # whole on disk before the rename makes it the cache
     except (OSError, tarfile.TarError) as e:
         return "cannot unpack the agent into %s (%s)" % (dest, e)
     return None
@@ -149,7 +152,6 @@ def unpack(data, dest):
 
 # None when path is a directory (or, with file=True, a regular file) of this user that nobody else can write
 def trusted(path, file=False):
-    import stat
     try:
         st = os.lstat(path)
     except OSError as e:
@@ -197,6 +199,12 @@ def set_aside(why):
     return "%s was not trusted (%s): set aside in %s and installed again" % (target, why, aside)
 
 
+# None when d holds the agent and it loads, else why not
+def loading(d):
+    why = loads(d)
+    return None if why is None else "cannot load the agent from %s (%s)" % (d, why)
+
+
 # unpack beside the cache dir and rename into place: None when it is there and loads, else why not
 def install_cache(data):
     import shutil, tempfile
@@ -211,39 +219,39 @@ def install_cache(data):
         try:
             os.rename(staging, target)
         except OSError as e:
-            if not complete(target):  # else another client installed it first
+            if not os.path.isdir(target):  # else another client installed it first: checked like any cached agent
                 return "cannot install into %s (%s)" % (target, e.strerror or e)
-        why = loads(target)
-        return None if why is None else "cannot load the agent from %s (%s)" % (target, why)
+        return trusted_tree(target) or verify(target, tree) or loading(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-# a fresh private directory that allows running code, with the agent unpacked and loading
+# fill a new private directory with the agent: None when it runs from there, else why not (ValueError: nowhere)
+def fill_private(data, d):
+    why = unpack(data, d)
+    if why is not None:
+        return why
+    why = verify(d, tree)
+    if why is not None:  # the artifact and the digest sent with it disagree: a broken bundle
+        raise ValueError("the agent unpacked from the artifact does not match: %s" % why)
+    return loading(d)
+
+
+# a fresh private directory (allowing running code) with the agent unpacked and loading, and the lock held on it
 def install_private(data):
-    import shutil, tempfile
-    tried = []
-    for base in (tempfile.gettempdir(), "/var/tmp", "/dev/shm"):
-        if base in tried:
-            continue
-        tried.append(base)
-        if noexec(base):
-            continue
-        try:
-            d = tempfile.mkdtemp(prefix="remowt-agent-", dir=base)
-        except OSError:
-            continue
-        why = unpack(data, d) or loads(d)
-        if why is None:
-            return d
-        shutil.rmtree(d, ignore_errors=True)
-        fail("load", "cannot run the agent from %s: %s" % (d, why))
-    fail("install", "no writable directory that allows running code: the cache dir, %s all refused" % ", ".join(tried))
+    import tempfile
+    bases = [tempfile.gettempdir(), "/var/tmp", "/dev/shm"]
+    d, lock, why = private_tree(bases, "remowt-agent-", lambda d: fill_private(data, d))
+    if d is None:
+        fail("install", "no temporary directory could hold the agent: %s" % "; ".join(why))
+    notes.extend(why)
+    return d, lock
 
 
-digest = want.get(plat)
-if digest is None:
+wanted = want.get(plat)
+if wanted is None:
     fail("platform-missing", "the bundle has no agent for %s (it has: %s)" % (plat, ", ".join(sorted(want)) or "none"))
+digest, _, tree = wanted.partition(":")
 xdg = os.environ.get("XDG_CACHE_HOME", "")
 base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
 root = os.path.join(base, "remowt") if os.path.isabs(base) else None
@@ -260,25 +268,24 @@ elif not os.path.lexists(target):
     cache_usable = not noexec(root)
     if not cache_usable:
         notes.append("%s is on a filesystem mounted noexec" % root)
-elif trusted_tree(target) is not None:
-    try:
-        notes.append(set_aside(trusted_tree(target)))
-        cache_usable = True
-    except OSError as e:
-        notes.append("%s is not trusted and cannot be moved (%s)" % (target, e.strerror or e))
-elif not complete(target):
-    notes.append("%s is incomplete (not made by remowt?); remove it" % target)
 else:
-    why = loads(target)
-    if why is None:
-        final = target
+    untrusted = trusted_tree(target) or verify(target, tree)
+    if untrusted is None:
+        why = loading(target)
+        if why is None:
+            final = target
+        else:
+            notes.append(why)
     else:
-        notes.append("cannot load the agent from %s (%s)" % (target, why))
+        try:
+            notes.append(set_aside(untrusted))
+            cache_usable = True
+        except OSError as e:
+            notes.append("%s is not trusted and cannot be moved (%s)" % (target, e.strerror or e))
 send("status", path=target, installed=final is not None, note="; ".join(notes))
-fallback = False
+lock = -1  # held while the agent runs from a private directory, which is removed after
 if final is None:
     data = r(struct.unpack(">I", r(4))[0])
-    import hashlib
     got = hashlib.sha256(data).hexdigest()
     if got != digest:
         fail("hash-mismatch", "the artifact received for %s has sha256 %s, not %s" % (plat, got, digest))
@@ -289,22 +296,22 @@ if final is None:
         else:
             notes.append(why)
     if final is None:
-        final = install_private(data)
-        fallback = True
+        final, lock = install_private(data)
         notes.append("running the agent from the temporary directory %s" % final)
     del data
 send("ready", path=final, note="; ".join(notes))
 entry = os.path.join(final, "agent.py")
-sys.argv = [entry, "real-agent"]
+sys.argv = [entry, "real-agent", "--tree=" + tree]
 try:
     with open(entry) as f:
         code = compile(f.read(), entry, "exec")
     exec(code, {"__name__": "__main__", "__file__": entry})
 finally:
-    if fallback:
+    if lock >= 0:
         import shutil
         shutil.rmtree(final, ignore_errors=True)
 """
+)
 
 
 class DeployError(RemowtError):
@@ -376,10 +383,13 @@ def remote_start_command(bundle: AgentBundle, python: str = "python3") -> str:
     said = MAGIC + _frame({"kind": "error", "error": "no-python", "python": python})
     missing = "".join(f"\\{byte:03o}" for byte in said)
     message = shlex.quote(f"remowt: {python} not found on the PATH; the agent needs Python 3.9 or newer")
-    platforms = " ".join(shlex.quote(f"{platform}={digest}") for platform, digest in sorted(bundle.hashes.items()))
+    platforms = " ".join(
+        shlex.quote(f"{platform}={digest}:{bundle.trees[platform]}")
+        for platform, digest in sorted(bundle.hashes.items())
+    )
     return (
         f"command -v {quoted} >/dev/null 2>&1 || {{ printf '{missing}'; echo {message} >&2; exit {NO_PYTHON_EXIT}; }}; "
-        f"exec {quoted} -I -S -c {shlex.quote(STUB)} {platforms}"
+        f"exec {quoted} -I -S -B -c {shlex.quote(STUB)} {platforms}"
     )
 
 

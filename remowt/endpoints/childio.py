@@ -20,7 +20,7 @@ import select
 import struct
 import termios
 import threading
-from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple, Union
 
 from ..errors import ConnectionLost, Unreachable
 from ..rpc.link import held_sends
@@ -80,6 +80,7 @@ class ChildIO:
         self._lock = threading.Lock()
         self._exits: Dict[int, Child] = {}
         self._outputs: Dict[int, Output] = {}
+        self._read_only: Set[int] = set()  # outputs that are not pipes: never spliced
         self._lazy: Dict[int, List[Tuple[int, LazyOutput]]] = {}  # a child's lazy outputs, by its pid
         self._fallback: List[threading.Thread] = []
         self._thread: Optional[threading.Thread] = None
@@ -111,14 +112,17 @@ class ChildIO:
             self._epoll.register(fd, select.EPOLLIN)
             self._ensure_thread()
 
-    def pump(self, fd: int, stream: Output, pid: int = 0) -> None:
+    def pump(self, fd: int, stream: Output, pid: int = 0, splice: bool = True) -> None:
         """Copy pipe ``fd`` into ``stream`` until EOF; the loop owns and closes ``fd``.
 
         A :class:`LazyOutput` is opened at the first output, or before the exit
         of child ``pid`` (watched after this call) is reported if the pipe is still open then.
+        Without ``splice`` (``fd`` is no pipe: a terminal's master) the bytes are read and sent.
         """
         os.set_blocking(fd, False)
         with self._lock:
+            if not splice:
+                self._read_only.add(fd)
             self._outputs[fd] = stream
             if isinstance(stream, LazyOutput):
                 self._lazy.setdefault(pid, []).append((fd, stream))
@@ -138,6 +142,7 @@ class ChildIO:
         with self._lock:
             exits, self._exits = self._exits, {}
             outputs, self._outputs = self._outputs, {}
+            self._read_only.clear()
         for fd in exits:
             os.close(fd)
         for fd, output in outputs.items():
@@ -254,7 +259,7 @@ class ChildIO:
             else:
                 stream.when_writable(lambda: self._arm(fd))
             return
-        if readable and stream.splices:
+        if readable and stream.splices and fd not in self._read_only:
             count = min(_available(fd), credit, SPLICE_CHUNK)
             if count:  # else end of output, or nothing after all: the read says which
                 try:
@@ -290,6 +295,7 @@ class ChildIO:
         with self._lock:
             if self._outputs.pop(fd, None) is None:  # stop() got there first
                 return
+            self._read_only.discard(fd)
             self._epoll.unregister(fd)
         if isinstance(output, Stream):
             output.close()  # before the fd number can be reused: a callback it runs must not arm another pipe

@@ -4,7 +4,9 @@ The privileged agent speaks the framed protocol on its stdin/stdout, like
 every agent, and becomes one more link of this agent's router: its address
 ``agent-privileged`` is announced to the user like any other, and the user
 reaches it through this agent. One per agent, started on the first
-``elevate`` and reused.
+``elevate`` and reused. A deployed agent's privileged copy runs only code
+root copied to a private directory of its own and verified against the
+digest the client sent.
 
 Passwords come from the prompt service of whoever asked
 (:class:`remowt.endpoints.prompt.PromptApi`) and reach the tool through a pipe (sudo
@@ -37,7 +39,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
-from ..deploy.local import AGENT, python_command
+from ..deploy.local import AGENT, privileged_command, python_command
+from ..deploy.tree import clean_stale, locked_dir
 from ..errors import BadArguments, ConnectionLost, EscalationError, ProtocolError, RemoteError, Unreachable
 from ..protocol import wire
 from ..protocol.service import Service, proxy, rpc
@@ -63,6 +66,8 @@ SUDO_PROMPT = "[sudo] password for %p@%H: "
 #: How long the tool may take to start the agent, not counting the time spent answering prompts.
 START_TIMEOUT = 60.0
 ASKPASS_IO_TIMEOUT = 10.0
+#: The private directory of one start (sudo's askpass script and socket); those of killed agents are removed.
+WORKDIR_PREFIX = "remowt-escalate-"
 _PEERCRED = struct.Struct("3i")
 _MAX_DEPTH = 64  # how many parents the peer check climbs before it gives up
 _AUTH_FAILED = re.compile(r"authentication fail|incorrect password|sorry, try again", re.IGNORECASE)
@@ -163,10 +168,11 @@ def _runtime_dir() -> Optional[str]:
 class _Attempt:
     """One try at starting the privileged agent: spawn the tool, answer its prompts, shake hands."""
 
-    def __init__(self, router: Router, owner: str, choice: Optional[str]) -> None:
+    def __init__(self, router: Router, owner: str, choice: Optional[str], tree: Optional[str]) -> None:
         import secrets
 
         self.router = router
+        self.tree = tree
         self.prompt = proxy(PromptApi, router, owner)
         if os.geteuid() == 0:
             self.tool, self.path = "", ""
@@ -203,12 +209,14 @@ class _Attempt:
         import shutil
         import tempfile
 
-        workdir = tempfile.mkdtemp(prefix="remowt-escalate-", dir=_runtime_dir())
+        base = _runtime_dir() or tempfile.gettempdir()
+        clean_stale(base, WORKDIR_PREFIX)
+        workdir, lock = locked_dir(base, WORKDIR_PREFIX)
         listener: Optional[socket.socket] = None
         transport: Optional[ChildTransport] = None
         watch = -1
         try:
-            argv = agent_command("real-agent", "--privileged")
+            argv = privileged_command(self.tree)
             env: Optional[Dict[str, str]] = None
             pass_fds: Tuple[int, ...] = ()
             if self.tool == "sudo":
@@ -218,7 +226,7 @@ class _Attempt:
                 self.master, self.slave = os.openpty()
                 pass_fds = (self.slave,)
                 argv = [sys.executable, "-I", "-S", "-c", _CTTY, str(self.slave), self.path, *TOOLS[self.tool], "--"]
-                argv += agent_command("real-agent", "--privileged")
+                argv += privileged_command(self.tree)
             process = self._spawn(argv, env, pass_fds)
             assert process.stdout is not None
             watch = os.dup(process.stdout.fileno())
@@ -237,6 +245,7 @@ class _Attempt:
             if listener is not None:
                 listener.close()
             shutil.rmtree(workdir, ignore_errors=True)
+            os.close(lock)
 
     def close_tty(self) -> None:
         """Close the pty (once the tool and the agent it started are gone)."""
@@ -449,10 +458,15 @@ class _Privileged:
 
 
 class Escalator(EscalateApi):
-    """The agent's implementation: at most one privileged agent, started on demand."""
+    """The agent's implementation: at most one privileged agent, started on demand.
 
-    def __init__(self, router: Router) -> None:
+    ``tree``: the digest of the deployed tree this agent runs from, which root
+    verifies its own copy against (:func:`~remowt.deploy.local.privileged_command`).
+    """
+
+    def __init__(self, router: Router, tree: Optional[str] = None) -> None:
         self._router = router
+        self._tree = tree
         self._start = threading.Lock()
         self._lock = threading.Lock()
         self._privileged: Optional[_Privileged] = None
@@ -472,7 +486,7 @@ class Escalator(EscalateApi):
                     raise ConnectionLost("the agent is shutting down")
                 if self._privileged is not None:
                     return self._privileged.attempt.tool
-                attempt = self._attempt = _Attempt(self._router, owner, tool)
+                attempt = self._attempt = _Attempt(self._router, owner, tool, self._tree)
             try:
                 link = attempt.run()
             finally:

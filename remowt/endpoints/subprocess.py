@@ -8,42 +8,83 @@ it. Exits are pushed to the caller's :class:`ProcessEventsApi` as they happen.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
+from msgspec.structs import force_setattr
 
-from ..errors import BadArguments, ConnectionLost, Unreachable
+from ..deploy.local import AGENT, python_command
+from ..errors import BadArguments, ConnectionLost, Unreachable, os_name_text
 from ..protocol.service import Service, proxy, rpc
+from ..protocol.wire import USER
 from ..rpc.router import Router
-from ..rpc.streams import MAX_CHUNK, Stream
-from ..runtime.interrupts import start
+from ..rpc.streams import Stream
 from ..runtime.real_subprocess import Popen as LocalPopen
 from ..transports.stdio import enlarge_pipe
+from .childinput import ChildInput
 from .childio import Child, ChildIO, LazyOutput
 from .watchdog import Watchdog
 
+if TYPE_CHECKING:
+    from . import editor
+
 log = logging.getLogger("remowt.subprocess")
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's number; fcntl names it from Python 3.10
+
+
+OsName = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+
+def os_bytes(value: object, what: str) -> bytes:
+    """``value`` (str, bytes or a path) as the bytes the OS takes (``os.fsencode``); ``TypeError`` naming ``what``."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return os.fsencode(value)
+    raise TypeError(f"{what} must be str, bytes or a path-like object, got {type(value).__name__}")
+
+
+class Terminal(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A pseudo-terminal for the child: its stdin, stdout and stderr, and its controlling terminal.
+
+    The child leads a session of its own; ``term`` is its ``TERM``.
+    """
+
+    term: str = "xterm-256color"
+    cols: int = 80
+    rows: int = 24
 
 
 class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """How a child starts, in :class:`subprocess.Popen`'s terms: one set, from ``Popen`` through the node to the agent.
 
-    ``env`` replaces the agent's environment when ``replace_env``, else
-    extends it. Each child gets its own process group unless
-    ``start_new_session`` or ``process_group`` say otherwise; children die
-    with the connection unless ``keep_on_disconnect``.
+    ``executable``, ``cwd`` and ``env`` travel as bytes, as the OS takes them,
+    so names that are not UTF-8 arrive unchanged; a ``str`` (surrogate-escaped
+    ones included) or a path given here is encoded with ``os.fsencode`` when
+    the options are made. ``env`` replaces the agent's environment when
+    ``replace_env``, else extends it. Each child gets its own process group
+    unless ``start_new_session`` or ``process_group`` say otherwise; children
+    die with the connection unless ``keep_on_disconnect``. ``pipesize`` > 0
+    sets the size of the child's stdio pipes (``F_SETPIPE_SZ``). With
+    ``user_shell`` the argv are arguments of the user's shell (from the
+    password database; ``["-c", line]`` runs a line as ssh does); without
+    any, it is that shell as a login shell, in the home directory, as ssh
+    starts one.
     """
 
-    executable: Optional[str] = None
-    cwd: Optional[str] = None
-    env: Optional[Dict[str, str]] = None
+    executable: Optional[bytes] = None
+    cwd: Optional[bytes] = None
+    env: Optional[Dict[bytes, bytes]] = None
     replace_env: bool = False
     start_new_session: bool = False
     process_group: Optional[int] = None
@@ -53,6 +94,18 @@ class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     group: Union[int, str, None] = None
     extra_groups: Optional[List[Union[int, str]]] = None
     keep_on_disconnect: bool = False
+    pipesize: int = -1
+    terminal: Optional[Terminal] = None
+    user_shell: bool = False
+
+    def __post_init__(self) -> None:
+        if self.executable is not None:
+            force_setattr(self, "executable", os_bytes(self.executable, "executable"))
+        if self.cwd is not None:
+            force_setattr(self, "cwd", os_bytes(self.cwd, "cwd"))
+        if self.env is not None:
+            env = {os_bytes(k, "an env name"): os_bytes(v, f"env[{k!r}]") for k, v in self.env.items()}
+            force_setattr(self, "env", env)
 
 
 class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,7 +123,7 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     handle: int
-    argv: List[str]
+    argv: List[bytes]
     options: SpawnOptions = SpawnOptions()
     stdin: Optional[int] = None
     stdout: Optional[int] = None
@@ -114,6 +167,11 @@ class SubprocessApi(Service, namespace=10):
         """Signal the child's process group, as a terminal signals its job; False if the child had exited."""
         raise NotImplementedError
 
+    @rpc(7, inline=True)
+    def resize(self, handle: int, cols: int, rows: int) -> bool:
+        """Set the size of the child's terminal (its foreground job gets SIGWINCH); False if it had exited."""
+        raise NotImplementedError
+
 
 class ProcessEventsApi(Service, namespace=11):
     """Served by whoever spawns children: exits are pushed here."""
@@ -137,27 +195,7 @@ class _Child:
         self.keep = keep
         self.returncode: Optional[int] = None
         self.exited = threading.Event()
-
-
-def _pump_in(stream: Stream, fd: int) -> None:
-    """Stream → child pipe, until EOF; a child that stops reading resets the stream.
-
-    A thread of its own per child stdin: writing to the child may block, and
-    only this child's input should wait for it.
-    """
-    try:
-        while True:
-            data = stream.read(MAX_CHUNK)
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-    except (BrokenPipeError, ConnectionLost):
-        pass
-    finally:
-        os.close(fd)
-        stream.close()
+        self.terminal = -1  # the master of its terminal, if it has one (for resizing)
 
 
 def _check_closed(spec: SpawnSpec) -> None:
@@ -171,6 +209,49 @@ def _check_closed(spec: SpawnSpec) -> None:
         if claimed.get(name, True):
             raise BadArguments(f"closed: {name!r} is not stdin, stdout or stderr, or was given another way too")
         claimed[name] = True
+
+
+def _check_terminal(spec: SpawnSpec) -> None:
+    """A terminal is the child's stdin, stdout and stderr: its output must be read, no other stdio given."""
+    terminal = spec.options.terminal
+    if terminal is None:
+        return
+    if spec.stderr is not None or spec.lazy_stderr or spec.stderr_to_stdout or spec.closed:
+        raise BadArguments("a child on a terminal writes its stderr there too: give no other stderr or closed stdio")
+    if spec.stdout is None and not spec.lazy_stdout:
+        raise BadArguments("the output of a child on a terminal must be read: give a stdout stream")
+    if not 0 < terminal.cols < 65536 or not 0 < terminal.rows < 65536:
+        raise BadArguments(f"a terminal of {terminal.cols}x{terminal.rows} characters: each must be 1 to 65535")
+    if not terminal.term or "\0" in terminal.term:
+        raise BadArguments(f"TERM must be a name, got {terminal.term!r}")
+
+
+def set_size(fd: int, cols: int, rows: int) -> None:
+    """Give terminal ``fd`` a size of ``cols`` x ``rows`` characters."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_terminal() -> None:
+    """In the child, after setsid: its stdin (a terminal) becomes its controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _user_shell(argv: List[bytes], options: SpawnOptions) -> Tuple[List[bytes], SpawnOptions]:
+    """``argv`` for the user's shell; none: it as a login shell (``-bash``) in the home directory.
+
+    Either way it gets the login's ``HOME``, ``SHELL``, ``USER`` and ``LOGNAME``, as sshd gives them.
+    """
+    import pwd
+
+    entry = pwd.getpwuid(os.getuid())
+    shell = os.fsencode(entry.pw_shell or "/bin/sh")
+    home, user = os.fsencode(entry.pw_dir), os.fsencode(entry.pw_name)
+    login = {b"HOME": home, b"SHELL": shell, b"USER": user, b"LOGNAME": user}
+    env = {**login, **(options.env or {})}
+    cwd = options.cwd if options.cwd is not None or argv else home
+    name = os.path.basename(shell)
+    argv = [name, *argv] if argv else [b"-" + name]
+    return argv, msgspec.structs.replace(options, executable=shell, cwd=cwd, env=env, user_shell=False)
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
@@ -194,6 +275,7 @@ class Subprocesses(SubprocessApi):
         self._by_pid: Dict[int, _Child] = {}
         self._pumps: List[threading.Thread] = []
         self._closed = False
+        self._editor: Optional[editor.EditorHost] = None
 
     def _child(self, handle: int) -> _Child:
         key = (self._router.caller(), handle)
@@ -205,9 +287,14 @@ class Subprocesses(SubprocessApi):
 
     def spawn(self, spec: SpawnSpec) -> int:
         owner = self._router.caller()
+        if spec.options.user_shell:
+            argv, options = _user_shell(spec.argv, spec.options)
+            spec = msgspec.structs.replace(spec, argv=argv, options=options)
+        terminal = spec.options.terminal
         if not spec.argv:
             raise BadArguments("argv must not be empty")
         _check_closed(spec)
+        _check_terminal(spec)
         key = (owner, spec.handle)
         with self._lock:
             if self._closed:
@@ -224,16 +311,22 @@ class Subprocesses(SubprocessApi):
         # A pipe per stream, made here rather than by Popen: the child gets one end, the pumps own the other.
         ours: Dict[str, int] = {}
         theirs: Dict[str, int] = {}
-        for name in [*streams, *lazy]:
-            read_fd, write_fd = os.pipe()
-            ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
-        for name in spec.closed:
-            theirs[name] = os.open(os.devnull, os.O_WRONLY if name == "stdin" else os.O_RDONLY)
         try:
             try:
+                if terminal is not None:
+                    self._open_terminal(terminal, "stdin" in streams, ours, theirs)
+                for name in [] if terminal is not None else [*streams, *lazy]:
+                    read_fd, write_fd = os.pipe()
+                    ours[name], theirs[name] = (write_fd, read_fd) if name == "stdin" else (read_fd, write_fd)
+                    if spec.options.pipesize > 0:  # as subprocess raises it when the size is refused
+                        fcntl.fcntl(ours[name], F_SETPIPE_SZ, spec.options.pipesize)
+                    elif name != "stdin":  # fewer, larger reads of the child's output
+                        enlarge_pipe(ours[name])
+                for name in spec.closed:
+                    theirs[name] = os.open(os.devnull, os.O_WRONLY if name == "stdin" else os.O_RDONLY)
                 process = LocalPopen(spec.argv, **self._popen_kwargs(spec, theirs))
             except (ValueError, KeyError, TypeError) as e:  # bad env, unknown user or group: the caller's mistake
-                raise BadArguments(f"cannot start {spec.argv[0]!r}: {e}") from None
+                raise BadArguments(f"cannot start {os_name_text(spec.argv[0])!r}: {e}") from None
         except BaseException:
             for fd in ours.values():
                 os.close(fd)
@@ -241,31 +334,47 @@ class Subprocesses(SubprocessApi):
                 stream.close()
             raise
         finally:
-            for fd in theirs.values():
+            for fd in set(theirs.values()):
                 os.close(fd)
         child = _Child(owner, spec.handle, process, spec.options.keep_on_disconnect)
+        if terminal is not None:
+            child.terminal = os.dup(ours["stdout"])
         if self._watchdog is not None and not child.keep:
             self._watchdog.watch(process.pid)
         with self._lock:
             self._children[key] = child
             self._by_pid[process.pid] = child
-        self._start_pumps(process.pid, streams, ours)
+        self._start_pumps(process.pid, streams, ours, terminal is None)
         for name in lazy:
-            enlarge_pipe(ours[name])
             output = LazyOutput(functools.partial(self._open_output, owner, spec.handle, name))
-            self._io.pump(ours[name], output, process.pid)
+            self._io.pump(ours[name], output, process.pid, terminal is None)
         self._io.watch_exit(child.process)
         return process.pid
+
+    @staticmethod
+    def _open_terminal(terminal: Terminal, stdin: bool, ours: Dict[str, int], theirs: Dict[str, int]) -> None:
+        """A pty: its master is our stdout (and, dup'd, stdin), its slave the child's stdin, stdout and stderr."""
+        master, slave = os.openpty()
+        try:
+            set_size(master, terminal.cols, terminal.rows)
+            if stdin:
+                ours["stdin"] = os.dup(master)
+        except BaseException:
+            os.close(master)
+            os.close(slave)
+            raise
+        ours["stdout"] = master
+        theirs.update(stdin=slave, stdout=slave, stderr=slave)
 
     def _popen_kwargs(self, spec: SpawnSpec, fds: Dict[str, int]) -> Dict[str, Any]:
         """Popen's arguments; ``fds`` are the child's ends of its stdio pipes (the rest is /dev/null)."""
         options = spec.options
         stderr = subprocess.STDOUT if spec.stderr_to_stdout else fds.get("stderr", subprocess.DEVNULL)
-        env: Optional[Dict[str, str]] = None
+        env: Optional[Dict[bytes, bytes]] = None
         if options.replace_env:
             env = dict(options.env or {})
         elif options.env:
-            env = {**os.environ, **options.env}
+            env = {**os.environb, **options.env}
         kwargs: Dict[str, Any] = dict(
             executable=options.executable,
             stdin=fds.get("stdin", subprocess.DEVNULL),
@@ -282,7 +391,11 @@ class Subprocesses(SubprocessApi):
             extra_groups=options.extra_groups,
             start_new_session=options.start_new_session,
         )
-        if sys.version_info >= (3, 11):
+        if options.terminal is not None:
+            kwargs.update(start_new_session=True, preexec_fn=_take_terminal)
+            editor = self._editor_host().environment
+            kwargs["env"] = {**(os.environb if env is None else env), b"TERM": options.terminal.term.encode(), **editor}
+        elif sys.version_info >= (3, 11):
             if not options.start_new_session:
                 kwargs["process_group"] = 0 if options.process_group is None else options.process_group
         elif options.process_group is not None:
@@ -291,21 +404,33 @@ class Subprocesses(SubprocessApi):
             kwargs["start_new_session"] = True
         return kwargs
 
-    def _start_pumps(self, pid: int, streams: Dict[str, Stream], fds: Dict[str, int]) -> None:
+    def _editor_host(self) -> editor.EditorHost:
+        """Where the ``EDITOR`` of children on a terminal reaches the caller's editor (made on first need)."""
+        from .editor import EditorApi, EditorHost
+
+        with self._lock:
+            if self._editor is None:
+                router = self._router
+
+                def ask(name: str, content: bytes) -> Optional[bytes]:
+                    return proxy(EditorApi, router, USER, None).edit(name, content)
+
+                self._editor = EditorHost(ask, python_command(AGENT, "editor"))
+            return self._editor
+
+    def _start_pumps(self, pid: int, streams: Dict[str, Stream], fds: Dict[str, int], pipes: bool) -> None:
         for name in ("stdout", "stderr"):
             if name in streams:
-                enlarge_pipe(fds[name])
-                self._io.pump(fds[name], streams[name])
+                self._io.pump(fds[name], streams[name], splice=pipes)
         stdin = streams.get("stdin")
         if stdin is not None:
-            stdin.close_write()
-            thread = threading.Thread(
-                target=_pump_in, args=(stdin, fds["stdin"]), name=f"remowt-stdin-{pid}", daemon=True
-            )
-            with self._lock:
-                self._pumps = [pump for pump in self._pumps if pump.is_alive()]
-                self._pumps.append(thread)
-            start(thread)
+            ChildInput(stdin, fds["stdin"], f"stdin-{pid}", self._add_pump)
+
+    def _add_pump(self, thread: threading.Thread) -> None:
+        """A thread writing a child's stdin: joined by :meth:`join`."""
+        with self._lock:
+            self._pumps = [pump for pump in self._pumps if pump.is_alive()]
+            self._pumps.append(thread)
 
     def _open_output(self, owner: str, handle: int, name: str) -> Stream:
         """Open the stream of a lazy output and announce it to ``owner`` (before anything is sent on it)."""
@@ -316,6 +441,9 @@ class Subprocesses(SubprocessApi):
     def _child_exited(self, process: Child) -> None:
         with self._lock:
             child = self._by_pid.pop(process.pid)
+            terminal, child.terminal = child.terminal, -1
+        if terminal >= 0:
+            os.close(terminal)
         child.returncode = child.process.returncode
         child.exited.set()
         assert child.returncode is not None
@@ -337,6 +465,18 @@ class Subprocesses(SubprocessApi):
 
     def signal_group(self, handle: int, signum: int) -> bool:
         return self._signal(handle, signum, _signal_group)
+
+    def resize(self, handle: int, cols: int, rows: int) -> bool:
+        if not 0 < cols < 65536 or not 0 < rows < 65536:
+            raise BadArguments(f"a terminal of {cols}x{rows} characters: each must be 1 to 65535")
+        child = self._child(handle)
+        with self._lock:
+            if child.terminal < 0:
+                if child.returncode is None:
+                    raise BadArguments(f"child {handle} has no terminal")
+                return False
+            set_size(child.terminal, cols, rows)
+        return True
 
     def _signal(self, handle: int, signum: int, send: Callable[[subprocess.Popen[bytes], int], None]) -> bool:
         """``send`` the signal about the child unless it exited (its pid is not reaped meanwhile)."""
@@ -378,6 +518,10 @@ class Subprocesses(SubprocessApi):
     def join(self, timeout: float = 5.0) -> None:
         """Stop the exit watcher and join the stdio pumps (after the router closed their streams)."""
         self._io.stop(timeout)
+        with self._lock:
+            editor, self._editor = self._editor, None
+        if editor is not None:
+            editor.close()
         with self._lock:
             pumps = list(self._pumps)
         for pump in pumps:

@@ -132,6 +132,7 @@ class Link:
         self._deferred: List[Callable[[], None]] = []
         self.sent = False  # set by every send, cleared by a keepalive sender (remowt.rpc.keepalive)
         self.heard = False  # set by every read that brought bytes, cleared by a silence watch
+        self._turn = threading.Lock()  # held by whichever thread reads and dispatches (see _read_here)
         self._reader = threading.Thread(target=self._read_loop, name=f"remowt-read-{name}", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"remowt-write-{name}", daemon=True)
 
@@ -139,6 +140,7 @@ class Link:
         """Start the reader and writer threads."""
         start(self._writer)
         start(self._reader)
+        self.transport.on_arrival(self._read_here)
 
     @property
     def closed(self) -> bool:
@@ -293,8 +295,9 @@ class Link:
         try:
             while True:
                 self.transport.wait_readable(None)
-                if not self._read_available():
-                    break
+                with self._turn:
+                    if not self._read_available():
+                        break
         finally:
             self._run_deferred()
             self._shut()
@@ -313,8 +316,22 @@ class Link:
         for action in deferred:
             action()
 
+    def _read_here(self) -> Optional[bool]:
+        """Read and dispatch on the calling thread, which brought data (see :meth:`Transport.on_arrival`).
+
+        None if another thread has the turn (it will see the data); else
+        whether the link goes on. When it does not, the reader thread must
+        be woken: it closes the transport and reports the close.
+        """
+        if not self._turn.acquire(False):
+            return None
+        try:
+            return self._read_available()
+        finally:
+            self._turn.release()
+
     def _read_available(self) -> bool:
-        """Read and dispatch what is there now; False once the link is done."""
+        """Read and dispatch what is there now; False once the link is done (the reader thread then closes it)."""
         if self._eof:
             return False
         try:
@@ -345,7 +362,6 @@ class Link:
             log.exception("closing %s after an unexpected error", self.name)
             self._set_reason(e)
         self._eof = True
-        self.transport.close()
         return False
 
     def _set_reason(self, error: BaseException) -> None:

@@ -27,6 +27,7 @@ from ..errors import (
     ResultTooLarge,
     UnknownMethod,
     Unreachable,
+    os_name_text,
     remote_os_error,
 )
 from ..protocol import dispatch, wire
@@ -528,7 +529,7 @@ class Router:
                 "os-error",
                 clip(error.strerror or str(error)),
                 error.errno,
-                None if error.filename is None else clip(str(error.filename)),
+                None if error.filename is None else clip(os_name_text(error.filename)),
             )
         elif isinstance(error, RemoteError):
             fail = wire.Fail(message.id, self.address, message.src, error.kind, clip(error.message))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 class Transport(abc.ABC):
@@ -31,6 +31,20 @@ class Transport(abc.ABC):
         The link gives how much the frame it is gathering still lacks, so a
         transport that can count what it holds may let :meth:`wait_readable`
         sleep until then. Ignoring it is always correct.
+        """
+        return None
+
+    def on_arrival(self, read_here: Callable[[], Optional[bool]]) -> None:
+        """An offer: the thread that brings data in may call ``read_here()`` rather than wake the reader.
+
+        For a transport that has a thread of its own receiving (paramiko's),
+        this saves a thread switch per message. ``read_here`` reads and
+        dispatches on the calling thread unless the reader thread is at it
+        (then it returns None and the reader must be woken as usual); it
+        returns False when the link ended, and then too the reader must be
+        woken. Frames handled there may send: :meth:`write` without
+        ``block`` from that thread must not wait. Ignoring the offer is
+        always correct.
         """
         return None
 

@@ -12,9 +12,10 @@ import collections
 import contextlib
 import functools
 import logging
+import select
 import socket
 import threading
-from typing import Any, Callable, Deque, List, Optional, Tuple, cast
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple, cast
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
@@ -34,11 +35,13 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
 WINDOW_SIZE = 8 * 1024 * 1024
 MAX_EXPECT = WINDOW_SIZE // 4  # a reader waits for at most this much: the window must let the peer send it
 MAX_PACKET_SIZE = 32768
+SMALL_WRITE = 4096  # a write this small is sent whole or not at all, with signals held off (see ChannelTransport)
 STDERR_TAIL = 8192
 CLOSE_TIMEOUT = 5.0
 # What paramiko raises when the connection under a channel has gone.
 _SESSION_ENDED = (OSError, EOFError, paramiko.SSHException)
 TCP_QUICKACK: Optional[int] = getattr(socket, "TCP_QUICKACK", None)
+_MAIN_THREAD = threading.main_thread().ident
 
 
 def _deferred_during_kex(handler: Callable[[paramiko.Channel, paramiko.Message], None]) -> Any:
@@ -86,12 +89,22 @@ class ParamikoTransport(paramiko.Transport):
         self._deferred_running = False
         self._quick_ack = sock if isinstance(sock, socket.socket) and TCP_QUICKACK is not None else None
         self._quick_ack_option = TCP_QUICKACK or 0
+        self._poller: Optional[select.poll] = None
+        if isinstance(sock, socket.socket):
+            self._poller = select.poll()
+            self._poller.register(sock, select.POLLOUT)
 
     def _send_user_message(self, data: Any) -> None:
         vars(paramiko.Transport)["_send_user_message"](self, data)
         if self._quick_ack is not None:
             with contextlib.suppress(OSError):
                 self._quick_ack.setsockopt(socket.IPPROTO_TCP, self._quick_ack_option, 1)
+
+    def takes_bytes_now(self) -> bool:
+        """Whether a small message goes out without waiting: a real socket with room (poll says writable)."""
+        if self._poller is None:
+            return False
+        return bool(self._poller.poll(0))
 
     def run_handler(self, handler: Callable[..., None], channel: paramiko.Channel, message: Any) -> None:
         with self._deferred_lock:
@@ -125,8 +138,10 @@ class _Inbox:
     OpenSSH). Here a packet is kept as the bytes paramiko made; a read takes
     them (joined when there are several), and :meth:`wait` sleeps until
     ``want`` bytes are there, so a reader gathering a large frame wakes once
-    for it, not once per packet. It offers what ``paramiko.Channel`` uses of
-    its ``in_buffer``.
+    for it, not once per packet. Better still, paramiko's thread reads and
+    dispatches them itself through ``read_here`` when the link's reader is
+    idle (:meth:`Transport.on_arrival`), saving the thread switch. It offers
+    what ``paramiko.Channel`` uses of its ``in_buffer``.
     """
 
     def __init__(self) -> None:
@@ -136,12 +151,24 @@ class _Inbox:
         self._closed = False
         self._kicked = False
         self.want = 1
+        self.read_here: Optional[Callable[[], Optional[bool]]] = None
 
     def feed(self, data: bytes) -> None:
+        """Take a packet (on paramiko's thread); when enough is there, read it here or wake the reader."""
         with self._cond:
             self._parts.append(data)
             self._size += len(data)
-            if self._size >= self.want:
+            if self._size < self.want:
+                return
+            read_here = self.read_here
+            if read_here is None:
+                self._cond.notify_all()
+                return
+        going_on = read_here()
+        with self._cond:
+            if going_on is False:
+                self._kicked = True
+            if self._kicked or self._size >= self.want or self._closed:
                 self._cond.notify_all()
 
     def read_ready(self) -> bool:
@@ -207,6 +234,7 @@ class ChannelTransport(Transport):
     """
 
     name = "ssh"
+    atomic_write = SMALL_WRITE
 
     def __init__(self, channel: paramiko.Channel, description: str) -> None:
         """Take over ``channel``'s input: call before its command runs, while nothing was received."""
@@ -238,9 +266,17 @@ class ChannelTransport(Transport):
         with self._stderr_lock:
             return self._stderr.decode(errors="replace")
 
+    def on_arrival(self, read_here: Callable[[], Optional[bool]]) -> None:
+        self._inbox.read_here = read_here
+
     def read(self, size: int) -> Optional[bytes]:
         channel = self.channel
         if channel.recv_ready():
+            if (
+                threading.current_thread() is channel.transport
+                and channel.in_window_sofar + min(size, len(self._inbox)) > channel.in_window_threshold
+            ):
+                return None  # that read owes the window adjustment: sent by the reader, never paramiko's thread
             return channel.recv(size)
         if channel.eof_received or channel.closed or self._closed:
             return channel.recv(size) if channel.recv_ready() else b""
@@ -254,7 +290,45 @@ class ChannelTransport(Transport):
     def expect(self, count: int) -> None:
         self._inbox.want = max(1, min(count, MAX_EXPECT))
 
+    def writev(self, buffers: Sequence[memoryview], block: bool) -> int:
+        """Small writes whole as one packet (so the main thread may send them, see :meth:`_send_whole`)."""
+        if len(buffers) == 1:
+            return self.write(buffers[0], block)
+        size = sum(len(buffer) for buffer in buffers)
+        if size > SMALL_WRITE:
+            return self.write(buffers[0], block)
+        return self.write(memoryview(b"".join(buffers)), block)
+
     def write(self, data: memoryview, block: bool) -> int:
+        if not block and threading.current_thread() is self.channel.transport:
+            return 0  # paramiko's own thread (reading here) never waits to send: the link's writer sends it
+        if block or len(data) > SMALL_WRITE or threading.get_ident() != _MAIN_THREAD:
+            return self._send(data, block)
+        return interrupts.without_interrupts(functools.partial(self._send_whole, data))
+
+    def _send_whole(self, data: memoryview) -> int:
+        """Send ``data`` as one packet if that cannot wait now; else 0.
+
+        The main thread sends small frames itself this way (the link's
+        ``atomic_write``), with the asynchronous signals held off so that a
+        Ctrl-C cannot cut paramiko's packet in two. It must therefore not
+        wait: the channel's window must take all of it, no key exchange may
+        be under way, and the socket must have room now (checked only when
+        it is a real socket, not a ProxyJump channel or a ProxyCommand).
+        """
+        channel = self.channel
+        transport = channel.transport
+        if (
+            channel.out_window_size >= len(data)
+            and len(data) <= channel.out_max_packet_size - 64
+            and isinstance(transport, ParamikoTransport)
+            and transport.clear_to_send.is_set()
+            and transport.takes_bytes_now()
+        ):
+            return self._send(data, False)
+        return 0
+
+    def _send(self, data: memoryview, block: bool) -> int:
         channel = self.channel
         if self._closed or channel.closed or channel.eof_sent:
             raise BrokenPipeError(f"{self.description}: channel is closed")

@@ -31,6 +31,7 @@ from ..transports import loopback as loopback_transport
 from ..transports.base import Transport
 from ..transports.stdio import spawn_framed_child
 from .connection import Remowt
+from .editing import LocalEditor
 from .privileged import serve_user_side
 
 _KEEPALIVE = ControlApi.methods["keepalive"]
@@ -86,6 +87,12 @@ def connect_transport(
     try:
         timeout = HANDSHAKE_TIMEOUT if deadline is None else deadline.shorter(HANDSHAKE_TIMEOUT)
         link = router.add_link(transport, name=f"user-{transport.name}", timeout=timeout)
+    except ConnectionLost as e:
+        router.close()
+        for hook in on_close:
+            hook()
+        tail = transport.stderr_tail().strip()
+        raise ConnectionLost(f"{e}; the agent's stderr:\n{tail}" if tail else str(e)) from None
     except BaseException:
         router.close()
         for hook in on_close:
@@ -105,6 +112,7 @@ def connect_transport(
         call_timeout=call_timeout,
     )
     router.register(_ProcessEvents(connection))
+    router.register(LocalEditor())
     serve_user_side(router, connection)
     return connection
 
@@ -164,7 +172,7 @@ def connect_command(
             deadline=deadline,
         )
     except ConnectionLost as e:
-        raise ConnectionLost(f"{name} failed to start: {e}\n{transport.stderr_tail()}") from None
+        raise ConnectionLost(f"{name} failed to start: {e}") from None
     except BaseException:
         transport.close()
         raise

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 import msgspec
 
 from ..endpoints.control import ControlApi, NodeInfo
-from ..endpoints.subprocess import SpawnOptions, SpawnSpec, SubprocessApi
-from ..errors import ConnectionLost, MessageTooLarge, RemoteError, Unreachable
+from ..endpoints.subprocess import OsName, SpawnOptions, SpawnSpec, SubprocessApi, os_bytes
+from ..errors import ConnectionLost, MessageTooLarge, RemoteError, Unreachable, os_name_text
 from ..protocol.service import Result, Service, proxy, timed
 from ..rpc.link import Link, held_mark, held_sends, held_undo, holding_sends
 from ..rpc.router import Pending, Router
@@ -131,6 +131,18 @@ class Node:
             self._popen_class = type("Popen", (_popen.Popen,), {"_bound_connection": self})
         return self._popen_class
 
+    def open_shell(
+        self, term: Optional[str] = None, cols: Optional[int] = None, rows: Optional[int] = None, *, sudo: bool = False
+    ) -> _popen.Popen:
+        """The login shell on a terminal of its own here, as ``ssh HOST`` opens one (as root with ``sudo``).
+
+        Its ``stdin`` and ``stdout`` are pipes to the terminal; ``TERM``
+        and the size are this process's own unless given (else
+        ``xterm-256color``, 80x24). ``resize()`` changes the size.
+        """
+        terminal = _popen.make_terminal(term, cols, rows)
+        return self.Popen([], stdin=_popen.PIPE, stdout=_popen.PIPE, pty=terminal, sudo=sudo, user_shell=True)
+
     @overload
     def run(self, args: Args, *, text: Literal[True], **kwargs: Any) -> _popen.CompletedProcess[str]: ...
     @overload
@@ -210,7 +222,7 @@ class Node:
 
     def spawn(
         self,
-        argv: Sequence[str],
+        argv: Sequence[OsName],
         options: SpawnOptions = NO_OPTIONS,
         *,
         stdin: int = DEVNULL,
@@ -219,7 +231,7 @@ class Node:
         outputs: Optional[Mapping[str, OutputHandler]] = None,
         timeout: Optional[float] = None,
     ) -> RemoteProcess:
-        """Start ``argv`` here, as ``options`` say.
+        """Start ``argv`` here, as ``options`` say; its items go to ``execve`` as ``os.fsencode`` makes them.
 
         Each of ``stdin``/``stdout``/``stderr`` is ``PIPE`` (a
         :class:`~remowt.rpc.streams.Stream` on the result), ``DEVNULL`` or
@@ -236,9 +248,9 @@ class Node:
         it raises ``TimeoutError``; a child the agent starts after that is
         killed as soon as its start is reported.
         """
-        args = [str(a) for a in argv]
-        if not args:
-            raise ValueError("argv must not be empty")
+        args = [os_bytes(a, f"argv[{i}]") for i, a in enumerate(argv)]
+        if not args and not options.user_shell:
+            raise ValueError("argv must not be empty (but for the user's login shell)")
         _check_mode("stdin", stdin, (PIPE, DEVNULL, CLOSED))
         _check_mode("stdout", stdout, (PIPE, DEVNULL, CLOSED))
         _check_mode("stderr", stderr, (PIPE, DEVNULL, STDOUT, CLOSED))
@@ -269,7 +281,7 @@ class Node:
                 self._send_releases()
                 mark = held_mark()
                 streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
-                process = RemoteProcess(self._subprocess, handle, args, *streams, lazy)
+                process = RemoteProcess(self._subprocess, handle, [os.fsdecode(a) for a in args], *streams, lazy)
                 self.children.add(self.address, process, repr(self))
                 spec = SpawnSpec(
                     handle=handle,
@@ -290,7 +302,7 @@ class Node:
                 except MessageTooLarge as e:
                     _unsend(opened, mark)
                     why = f"the spawn request is {e.size} bytes, over the agent's frame limit of {e.limit}"
-                    program = options.executable or args[0]
+                    program = os_name_text(options.executable or args[0]) if args else "the login shell"
                     raise OSError(errno.E2BIG, f"{os.strerror(errno.E2BIG)} ({why})", program) from None
             try:
                 process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))

@@ -89,13 +89,17 @@ class _PipeFile(io.RawIOBase):
     ``fileno()`` puts a real OS pipe between the file and the stream (on the
     first call): a thread copies between the stream and the pipe, so
     ``select()``, non-blocking I/O and local processes given the file work
-    as with a local child's pipe.
+    as with a local child's pipe. From then on the OS pipe is the file's
+    end: the thread holds the file's share of the stream and lets it go when
+    the pipe ends, so ``os.close(p.stdin.fileno())`` gives the child EOF as
+    it would with a local child. ``pipesize`` > 0 is that pipe's size.
     """
 
-    def __init__(self, end: PipeEnd, name: str) -> None:
+    def __init__(self, end: PipeEnd, name: str, pipesize: int = -1) -> None:
         super().__init__()
         self.end = end
         self.name = name
+        self.pipesize = pipesize
         self._fd = -1
         self._lock = threading.Lock()
 
@@ -106,19 +110,17 @@ class _PipeFile(io.RawIOBase):
 
     def fileno(self) -> int:
         """This side of the OS pipe (made on the first call)."""
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
         with self._lock:
+            if self.closed:
+                raise ValueError("I/O operation on closed file")
             if self._fd < 0:
-                # the copying thread holds the stream too: the OS pipe may outlive this file (a local child has it)
-                if not self.end.hold():
-                    raise ValueError("I/O operation on closed file")
                 without_interrupts(self._make_pipe)
             return self._fd
 
     def _make_pipe(self) -> None:
         read_fd, write_fd = os.pipe()
-        enlarge_pipe(write_fd)
+        if self.pipesize > 0:  # else the default size, as a local child's pipe has
+            enlarge_pipe(write_fd, self.pipesize)
         mine, theirs = (write_fd, read_fd) if self.end.writable else (read_fd, write_fd)
         start(threading.Thread(target=self._copy, args=(theirs,), name=f"remowt{self.name}", daemon=True))
         self._fd = mine
@@ -128,20 +130,22 @@ class _PipeFile(io.RawIOBase):
         """The thread between the stream and ``fd``, the other side of the OS pipe; lets go of the stream at the end."""
 
     def close(self) -> None:
-        if not self.closed:
-            with self._lock:
-                fd, self._fd = self._fd, -1
-            if fd >= 0:
-                os.close(fd)
+        with self._lock:
+            if self.closed:
+                return
+            fd, self._fd = self._fd, -1
+            super().close()
+        if fd >= 0:
+            os.close(fd)  # the copying thread sees the pipe end and lets go of the stream
+        else:
             self.end.release()
-        super().close()
 
 
 class StreamReader(_PipeFile):
     """A readable raw file over the receiving side of a stream."""
 
-    def __init__(self, end: PipeEnd, name: str) -> None:
-        super().__init__(end, name)
+    def __init__(self, end: PipeEnd, name: str, pipesize: int = -1) -> None:
+        super().__init__(end, name, pipesize)
         self.touched = False
         self._feed_error: Optional[BaseException] = None
 

@@ -16,11 +16,12 @@ import os
 import select
 import subprocess
 import threading
+import types
 import warnings
-from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
-from ..endpoints.subprocess import SpawnOptions
-from ..errors import ConnectionLost
+from ..endpoints.subprocess import SpawnOptions, Terminal, os_bytes
+from ..errors import ConnectionLost, os_name_text
 from ..runtime.deadline import KILL_GRACE, Deadline
 from ..runtime.interrupts import start, without_interrupts
 from ..runtime.waiting import Gate, wait_on
@@ -62,13 +63,9 @@ class TimeoutExpired(subprocess.TimeoutExpired, SubprocessError):
 _LOCAL_ONLY = "{} runs in this process, but the child runs on the target; it cannot be honoured"
 
 
-def _check_local_only(
-    preexec_fn: Any, close_fds: bool, pass_fds: Sequence[int], startupinfo: Any, creationflags: int
-) -> None:
+def _check_local_only(preexec_fn: Any, pass_fds: Sequence[int], startupinfo: Any, creationflags: int) -> None:
     if preexec_fn is not None:
         raise ValueError("preexec_fn: " + _LOCAL_ONLY.format("a preexec_fn"))
-    if not close_fds:
-        raise ValueError("close_fds=False: this process's fds do not exist on the target")
     if pass_fds:
         raise ValueError("pass_fds: this process's fds do not exist on the target")
     if startupinfo is not None:
@@ -77,41 +74,108 @@ def _check_local_only(
         raise ValueError("creationflags is Windows only")
 
 
-def _no_nul(value: str, what: str) -> str:
-    if "\0" in value:
+def _os_bytes(value: Any, what: str) -> bytes:
+    """``value`` as the bytes ``execve`` gets, refused as subprocess refuses it: a NUL anywhere."""
+    data = os_bytes(value, what)
+    if b"\0" in data:
         raise ValueError(f"embedded null byte in {what}: {value!r}")
-    return value
+    return data
 
 
-def _argv(args: Args, shell: bool, executable: Optional[StrOrBytesPath]) -> Tuple[List[str], Optional[str]]:
-    if isinstance(args, (str, bytes, os.PathLike)):
-        argv = [_no_nul(os.fsdecode(args), "args")]
+def _argv(args: Args, shell: bool, executable: Optional[StrOrBytesPath]) -> Tuple[List[bytes], Optional[bytes], Any]:
+    """The argv and executable to send, and what subprocess would name in a failure to run them."""
+    if isinstance(args, (str, bytes)):
+        items: List[Any] = [args]
+    elif isinstance(args, os.PathLike):
+        if shell:
+            raise TypeError("path-like args is not allowed when shell is true")
+        items = [args]
     else:
-        argv = [_no_nul(os.fsdecode(a), f"args[{i}]") for i, a in enumerate(args)]
-    exe = None if executable is None else _no_nul(os.fsdecode(executable), "executable")
+        items = list(args)
+    argv = [_os_bytes(a, f"args[{i}]") for i, a in enumerate(items)]
+    exe = None if executable is None else _os_bytes(executable, "executable")
     if shell:
-        argv = [exe or "/bin/sh", "-c", *argv]
+        argv = [exe or b"/bin/sh", b"-c", *argv]
+        items = [executable or "/bin/sh", "-c", *items]
         exe = None
     if not argv:
         raise ValueError("args must name a program to run, got an empty sequence")
-    return argv, exe
+    return argv, exe, items[0] if executable is None or shell else executable
 
 
-def _environment(name: str, env: Optional[Mapping[Any, Any]]) -> Optional[Dict[str, str]]:
-    """``env`` as strings, refused as subprocess refuses it: NUL anywhere, or '=' in a name."""
+def _sequence(args: Args) -> Sequence[StrOrBytesPath]:
+    return [args] if isinstance(args, (str, bytes, os.PathLike)) else args
+
+
+def _environment(name: str, env: Optional[Mapping[Any, Any]]) -> Optional[Dict[bytes, bytes]]:
+    """``env`` as bytes, refused as subprocess refuses it: NUL anywhere, or '=' in a name."""
     if env is None:
         return None
-    result: Dict[str, str] = {}
+    result: Dict[bytes, bytes] = {}
     for key, value in env.items():
-        k, v = os.fsdecode(key), os.fsdecode(value)
-        if "=" in k:
-            raise ValueError(f"illegal environment variable name in {name}: {k!r}")
-        result[_no_nul(k, f"{name} name")] = _no_nul(v, f"{name}[{k!r}]")
+        k = _os_bytes(key, f"{name} name")
+        if b"=" in k:
+            raise ValueError(f"illegal environment variable name in {name}: {key!r}")
+        result[k] = _os_bytes(value, f"{name}[{key!r}]")
     return result
+
+
+def _check_id(value: Any, what: str, too_large: Type[Exception]) -> None:
+    """A user or group as subprocess checks it (names are looked up on the target): ``too_large`` past 32 bits."""
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, int):
+        raise TypeError(f"{what} must be a string or an integer, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{what} ID cannot be negative, got {value}")
+    if value >= 2**32:
+        raise too_large(f"{what} ID {value} is out of range")
+
+
+def _named_as_given(error: OSError, program: bytes, caller_program: Any, cwd: Optional[bytes], caller_cwd: Any) -> None:
+    """Name the program or cwd in a failure to start as the caller gave it (the agent names it as text)."""
+    if error.filename == os_name_text(program):
+        error.filename = caller_program
+    elif cwd is not None and error.filename == os_name_text(cwd):
+        error.filename = caller_cwd
+
+
+def terminal_for(pty: Union[bool, Terminal]) -> Optional[Terminal]:
+    """The terminal ``pty`` asks for: ``True`` takes ``TERM`` and the size of this process's terminal, if any."""
+    if isinstance(pty, Terminal):
+        return pty
+    return make_terminal() if pty else None
+
+
+def make_terminal(term: Optional[str] = None, cols: Optional[int] = None, rows: Optional[int] = None) -> Terminal:
+    """A terminal like this process's (``TERM``, size), else ``xterm-256color`` of 80x24; what is given wins."""
+    size = _local_size()
+    return Terminal(
+        term=term or os.environ.get("TERM") or "xterm-256color",
+        cols=cols or (size.columns if size else 80),
+        rows=rows or (size.lines if size else 24),
+    )
+
+
+def _local_size() -> Optional[os.terminal_size]:
+    """The size of the terminal on this process's stdin, stdout or stderr, if one of them is one."""
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            return os.get_terminal_size(fd)
+    return None
 
 
 _STD_FDS = {"stdin": 0, "stdout": 1, "stderr": 2}
 Choice = Union[int, PipeEnd]
+
+
+def _terminal_stdio(stdout: Stdio, stderr: Stdio) -> Stdio:
+    """On a terminal stderr is the terminal: only None or STDOUT say so; its output must go somewhere."""
+    if stderr not in (None, STDOUT):
+        raise ValueError("with pty, stderr goes to the terminal with stdout: give stderr=None or STDOUT")
+    if stdout == DEVNULL:
+        raise ValueError("with pty, the terminal's output must be read: give stdout=PIPE, None or a file")
+    return DEVNULL
 
 
 def _resolve_stdio(name: str, value: Any) -> Choice:
@@ -198,9 +262,18 @@ class Popen:
     - When output copied to a local fd cannot be written there (its reader
       went away, the disk is full), the child's further writes to that pipe
       fail with EPIPE; if it exits 0 regardless, ``wait()`` raises the error.
+    - ``close_fds=False`` is accepted, but no fd of this process exists
+      where the child runs: it gets its stdio and nothing else, as with
+      ``close_fds=True``. ``pass_fds`` and ``preexec_fn`` are refused.
+    - ``pipesize`` sizes the child's pipes on the target and the local pipe
+      that ``fileno()`` makes.
     """
 
     _bound_connection: Optional[Node] = None
+
+    def __class_getitem__(cls, item: Any) -> types.GenericAlias:
+        """``Popen[bytes]``, as ``subprocess.Popen[bytes]`` (an alias for annotations)."""
+        return types.GenericAlias(cls, item)
 
     def __init__(
         self,
@@ -235,6 +308,8 @@ class Popen:
         extra_env: Optional[Mapping[str, str]] = None,
         sudo: bool = False,
         spawn_timeout: Optional[float] = None,
+        pty: Union[bool, Terminal] = False,
+        user_shell: bool = False,
     ) -> None:
         self.args = args
         self.returncode: Optional[int] = None
@@ -254,11 +329,15 @@ class Popen:
         self._io_running = 0
         self._io_error: Optional[BaseException] = None
         self._abandoned = False  # given up on after a timeout: the agent did not confirm the kill
-        _check_local_only(preexec_fn, close_fds, pass_fds, startupinfo, creationflags)
+        _check_local_only(preexec_fn, pass_fds, startupinfo, creationflags)
         if bufsize is None:
             bufsize = -1
         if not isinstance(bufsize, int):
             raise TypeError("bufsize must be an integer")
+        if pipesize is None:
+            pipesize = -1
+        if not isinstance(pipesize, int):
+            raise TypeError("pipesize must be an integer")
         if text is not None and universal_newlines is not None and bool(universal_newlines) != bool(text):
             raise SubprocessError(
                 "Cannot disambiguate when both text and universal_newlines are supplied but different. "
@@ -280,14 +359,26 @@ class Popen:
                 stacklevel=2,
             )
             bufsize = -1
-        argv, exe = _argv(args, shell, executable)
+        terminal = terminal_for(pty)
+        if terminal is not None:
+            stderr = _terminal_stdio(stdout, stderr)
+        if user_shell:
+            argv: List[bytes] = [_os_bytes(a, f"args[{i}]") for i, a in enumerate(_sequence(args))]
+            exe: Optional[bytes] = None
+            caller_program: Any = None
+        else:
+            argv, exe, caller_program = _argv(args, shell, executable)
+        _check_id(user, "User", OverflowError)
+        _check_id(group, "Group", OverflowError)
+        for extra in extra_groups or ():
+            _check_id(extra, "Group", ValueError)
         environment = _environment("env", env)
         extra_environment = _environment("extra_env", extra_env)
         if environment is not None and extra_environment is not None:
             raise ValueError("give env (replace) or extra_env (extend), not both")
         options = SpawnOptions(
             executable=exe,
-            cwd=None if cwd is None else _no_nul(os.fsdecode(cwd), "cwd"),
+            cwd=None if cwd is None else _os_bytes(cwd, "cwd"),
             env=environment if environment is not None else extra_environment or None,
             replace_env=environment is not None,
             start_new_session=start_new_session,
@@ -297,6 +388,9 @@ class Popen:
             user=user,
             group=group,
             extra_groups=None if extra_groups is None else list(extra_groups),
+            pipesize=pipesize,
+            terminal=terminal,
+            user_shell=user_shell,
         )
         choices: Dict[str, Choice] = {}
         try:
@@ -326,20 +420,28 @@ class Popen:
                 outputs=outputs,
                 timeout=spawn_timeout,
             )
+        except OSError as e:
+            _named_as_given(e, exe or (argv[0] if argv else b""), caller_program, options.cwd, cwd)
+            self._undo_stdio(choices)
+            raise
         except BaseException:
-            for choice in choices.values():
-                if isinstance(choice, PipeEnd):
-                    choice.release()
-            for sink in self._sinks:
-                sink.close()
+            self._undo_stdio(choices)
             raise
         self._process = process
         self.pid = process.pid
         try:
-            self._wire_stdio(process, choices, bufsize, line_buffering)
+            self._wire_stdio(process, choices, bufsize, line_buffering, pipesize)
         except BaseException:  # an interrupt, say: end the child's pipes, or it waits for its input for good
             process.close()
             raise
+
+    def _undo_stdio(self, choices: Dict[str, Choice]) -> None:
+        """Let go of what a failed start held: other children's pipes, copies of local fds."""
+        for choice in choices.values():
+            if isinstance(choice, PipeEnd):
+                choice.release()
+        for sink in self._sinks:
+            sink.close()
 
     def _copy_output(self, name: str, fd: int) -> Callable[[Optional[Stream]], None]:
         """The handler of output ``name`` copied to local ``fd``: the stream is opened only when there is output."""
@@ -357,7 +459,7 @@ class Popen:
         return opened
 
     def _wire_stdio(
-        self, process: RemoteProcess, choices: Dict[str, Choice], bufsize: int, line_buffering: bool
+        self, process: RemoteProcess, choices: Dict[str, Choice], bufsize: int, line_buffering: bool, pipesize: int
     ) -> None:
         choice = choices["stdin"]
         if process.stdin is not None:
@@ -365,7 +467,7 @@ class Popen:
             if isinstance(choice, PipeEnd):
                 Relay(choice, end)
             elif choice == PIPE:
-                raw_in: Any = StreamWriter(end, "<stdin>")
+                raw_in: Any = StreamWriter(end, "<stdin>", pipesize)
                 handle_in: Any = raw_in if bufsize == 0 else io.BufferedWriter(raw_in, _buffer_size(bufsize))
                 self.stdin = handle_in
                 if self.text_mode:
@@ -386,7 +488,7 @@ class Popen:
             if isinstance(choice, PipeEnd):
                 Relay(PipeEnd(stream, writable=False), choice)
             elif choice == PIPE:
-                raw = StreamReader(PipeEnd(stream, writable=False), f"<{name}>")
+                raw = StreamReader(PipeEnd(stream, writable=False), f"<{name}>", pipesize)
                 self._raw_readers[name] = raw
                 handle: Any = raw if bufsize == 0 else io.BufferedReader(raw, _buffer_size(bufsize))
                 if self.text_mode:
@@ -494,6 +596,11 @@ class Popen:
         """
         if self._process is not None:
             self._process.signal_group(sig)
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the size of the child's terminal (``pty=True``); its foreground job gets SIGWINCH."""
+        if self._process is not None:
+            self._process.resize(cols, rows)
 
     def terminate(self) -> None:
         self.send_signal(15)
@@ -671,7 +778,8 @@ def run(
         if kwargs.get("stdout") is not None or kwargs.get("stderr") is not None:
             raise ValueError("stdout and stderr arguments may not be used with capture_output.")
         kwargs["stdout"] = PIPE
-        kwargs["stderr"] = PIPE
+        if not kwargs.get("pty"):  # on a terminal stderr is in stdout
+            kwargs["stderr"] = PIPE
     deadline = Deadline(timeout)
     with _spawn(deadline, popenargs, kwargs) as process:
         try:
@@ -731,8 +839,9 @@ def check_call(*popenargs: Any, **kwargs: Any) -> int:
 
 def check_output(*popenargs: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
     """Run a command and return its stdout; raise :class:`CalledProcessError` if it fails."""
-    if "stdout" in kwargs:
-        raise ValueError("stdout argument not allowed, it will be overridden.")
+    for name in ("stdout", "check"):
+        if name in kwargs:
+            raise ValueError(f"{name} argument not allowed, it will be overridden.")
     if "input" in kwargs and kwargs["input"] is None:
         text = kwargs.get("universal_newlines") or kwargs.get("text") or kwargs.get("encoding") or kwargs.get("errors")
         kwargs["input"] = "" if text else b""

@@ -104,6 +104,11 @@ class RemoteProcess:
         if self.returncode is None:
             self._api.signal_group(self.handle, int(signum))
 
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the size of the child's terminal (it gets SIGWINCH); nothing happens if it exited."""
+        if self.returncode is None:
+            self._api.resize(self.handle, cols, rows)
+
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 

@@ -1,0 +1,5 @@
+"""``python -m remowt``: the ``remowt`` command."""
+
+from .cli import main
+
+main()

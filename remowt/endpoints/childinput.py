@@ -1,0 +1,112 @@
+"""A child's stdin fed from a stream: written by the thread that reads the link, while the child takes it at once.
+
+Each chunk that arrives is written to the child's pipe (or terminal) without
+waiting, right where it arrives: a key typed into a remote terminal reaches
+the program without another thread being woken. What the child does not take
+at once waits in a queue that a thread of this input's own writes as the
+child reads, and its credit goes back to the sender only once written, so
+a child that stops reading stops its sender as it would locally. A child
+that closes its stdin resets the stream (the sender gets ``BrokenPipeError``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import threading
+from typing import Callable, Deque, Optional
+
+from ..rpc.streams import Chunk, Stream
+from ..runtime.interrupts import start
+
+log = logging.getLogger("remowt.childinput")
+
+
+class ChildInput:
+    """Copies ``stream`` into ``fd`` (ours, closed at the end); ``on_thread`` is told of each waiting thread started."""
+
+    def __init__(self, stream: Stream, fd: int, name: str, on_thread: Callable[[threading.Thread], None]) -> None:
+        self._stream = stream
+        self._fd = fd
+        self._name = name
+        self._on_thread = on_thread
+        self._lock = threading.Lock()
+        self._queue: Deque[memoryview] = collections.deque()
+        self._waiting = False  # a thread writes the queue: arrivals join it
+        self._ended = False  # the stream ended: close once the queue is written
+        self._closed = False
+        os.set_blocking(fd, False)
+        stream.close_write()
+        stream.deliver_to(self._arrived)
+
+    def _arrived(self, chunk: Chunk) -> None:
+        """A chunk (``b""``: the end) from the link's reader thread: write it now, or queue it; never wait."""
+        view = memoryview(chunk)
+        with self._lock:
+            if self._closed:
+                return
+            if not view:
+                self._ended = True
+            if self._waiting:
+                if view:
+                    self._queue.append(view)
+                return
+        if not view:
+            self._close()
+            return
+        written = self._write(view)
+        if written is None:
+            return
+        if written < len(view):
+            with self._lock:
+                self._queue.append(view[written:])
+                self._waiting = True
+            thread = threading.Thread(target=self._write_queue, name=f"remowt-{self._name}", daemon=True)
+            self._on_thread(thread)
+            start(thread)
+
+    def _write(self, view: memoryview) -> Optional[int]:
+        """Write what ``fd`` takes now and return the credit; None when the child no longer reads (all closed)."""
+        try:
+            written = os.write(self._fd, view)
+        except BlockingIOError:
+            return 0
+        except OSError as e:  # EPIPE: the child closed its stdin; EIO: its terminal is gone
+            log.debug("%s: the child no longer reads (%s)", self._name, e)
+            self._close()
+            return None
+        self._stream.ack(written)
+        return written
+
+    def _write_queue(self) -> None:
+        """The waiting thread: write the queue as the child reads, until it is empty (or the child stops)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                if not self._queue:
+                    self._waiting = False
+                    ended = self._ended
+                    break
+                view = self._queue.popleft()
+            while view:
+                poller.poll()
+                written = self._write(view)
+                if written is None:
+                    return
+                view = view[written:]
+        if ended:
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.clear()
+        os.close(self._fd)
+        self._stream.close()
