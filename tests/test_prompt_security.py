@@ -115,7 +115,7 @@ def test_an_askpass_token_is_used_up_by_its_first_request(tmp_path: Path) -> Non
     prompts = Recorder()
     user.register(PromptService(prompts))
     connect_routers(user, agent)
-    attempt = _Attempt(agent, wire.USER, "sudo", None)  # no tree: the privileged agent would run this code
+    attempt = _Attempt(agent, wire.USER, "sudo", None)  # only its askpass side is used: no agent tree needed
     listener, env = attempt._askpass(str(tmp_path))
     try:
         argv = ["sh", "-c", TWO_ATTEMPTS_AND_A_REPLAY, "sh", *agent_command("askpass")]
