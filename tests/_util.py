@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
@@ -64,6 +65,29 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def memory_hits(pid: int, secrets: List[bytes]) -> List[str]:
+    """Where any of ``secrets`` lies in the memory of ``pid`` (as root: /proc/<pid>/maps and mem), one entry a copy."""
+    hits = []
+    with open(f"/proc/{pid}/maps") as maps:
+        regions = [line.split() for line in maps]
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for fields in regions:
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            name = fields[5] if len(fields) > 5 else "[anon]"
+            if not fields[1].startswith("r") or name in ("[vvar]", "[vsyscall]"):
+                continue
+            try:
+                data = os.pread(fd, end - start, start)
+            except OSError:
+                continue
+            for secret in secrets:
+                hits += [f"{secret!r} in {name}+{m.start():#x}" for m in re.finditer(re.escape(secret), data)]
+    finally:
+        os.close(fd)
+    return hits
 
 
 def children_of(pid: int) -> Set[int]:

@@ -1,10 +1,12 @@
 """The client side of the escalation tests, run as the unprivileged test user.
 
 ``python3 escalation_client.py CONFIG_JSON``: connects (loopback or local),
-runs the configured actions and reports on stdout, one JSON object a line:
+runs the configured actions (with ``core_limit``: under that soft limit on
+core dumps, which the agent inherits) and reports on stdout, one JSON object a line:
 ``{"event": "prompt", "text": ...}`` when the prompter is asked (the test
 answers on stdin with ``{"answer": ...}`` or ``{"cancel": reason}``),
-``{"event": "pause"}`` for a ``pause`` action (the test answers ``{}``), and
+``{"event": "pause", "agent": PID}`` for a ``pause`` action
+(the test answers ``{}``), and
 finally ``{"event": "result", "results": [...], "prompts": N, "tool": ...}``.
 Passwords come only on stdin, so they are in no argv or environment.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 import threading
@@ -107,14 +110,16 @@ def run_action(conn: remowt.Remowt, action: Dict[str, Any]) -> Any:
         with contextlib.suppress(remowt.ConnectionLost):  # the privileged agent is gone: nobody reports the exit
             group.wait(timeout=30)
         return pids
-    if kind == "pause":
-        emit(event="pause")
+    if kind == "pause":  # the test looks at the processes meanwhile
+        emit(event="pause", agent=conn.info().pid)
         reply()
         return None
     raise ValueError(f"unknown action {kind!r}")
 
 
 def main() -> None:
+    if "core_limit" in CONFIG:  # a soft limit on core dumps, which the agent inherits
+        resource.setrlimit(resource.RLIMIT_CORE, (CONFIG["core_limit"], resource.getrlimit(resource.RLIMIT_CORE)[1]))
     connect = {"loopback": remowt.loopback, "local": remowt.connect_local}[CONFIG["transport"]]
     chosen = None if CONFIG.get("default_prompter") else prompter
     with connect(prompter=chosen, escalation=CONFIG.get("tool")) as conn:

@@ -23,11 +23,11 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import msgspec
 import pytest
-from _util import kill_quietly, proc_gone, wait_until
+from _util import kill_quietly, memory_hits, proc_gone, wait_until
 from sshd import SshServer
 
 import remowt
@@ -89,21 +89,31 @@ def user_env() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def user_run(argv: List[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """Start ``argv`` as the test user (another process of the user the agent runs as), text on stdout/stderr."""
+    user = pwd.getpwnam(TEST_USER)
+    kwargs.setdefault("cwd", "/")
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
+        **kwargs,
+    )
+
+
 class UserClient:
     """``escalation_client.py`` running as the test user, in a session of its own (no terminal)."""
 
     def __init__(self, directory: str, config: Dict[str, Any]) -> None:
         user = pwd.getpwnam(TEST_USER)
         config = {"path": [directory], **config}
-        self.process = subprocess.Popen(
+        self.process = user_run(
             [USER_PYTHON, "-I", os.path.join(directory, "escalation_client.py"), json.dumps(config)],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            user=user.pw_uid,
-            group=user.pw_gid,
-            extra_groups=[],
             env={"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": user.pw_dir, "USER": TEST_USER},
             cwd=user.pw_dir,
             start_new_session=True,
@@ -154,7 +164,7 @@ def drive(
     directory: str,
     config: Dict[str, Any],
     answer: Answer,
-    on_pause: Optional[Callable[[], None]] = None,
+    on_pause: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Dict[str, Any]:
     """Run the client; answer prompt ``n`` (from 1) with ``answer(n, text)``; return its result."""
     client = UserClient(directory, config)
@@ -167,7 +177,7 @@ def drive(
                 client.send(answer(prompts, event["text"]))
             elif event["event"] == "pause":
                 if on_pause is not None:
-                    on_pause()
+                    on_pause(event)
                 client.send({})
             else:
                 assert event["event"] == "result"
@@ -210,18 +220,60 @@ def scan_for(secrets: List[bytes]) -> List[str]:
     return found
 
 
-def askpass_running() -> bool:
-    uid = pwd.getpwnam(TEST_USER).pw_uid
+def askpass_helper() -> Optional[int]:
+    """The pid of a running askpass helper (sudo started it, as the test user), if any."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            owner = os.stat(f"/proc/{pid}").st_uid
         except OSError:
             continue
-        if owner == uid and b"askpass" in argv:
-            return True
-    return False
+        if b"askpass" in argv:
+            return int(pid)
+    return None
+
+
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rpartition(b")")[2].split()[1])
+
+
+def protection(pid: int) -> Tuple[bool, str]:
+    """Whether process ``pid`` is undumpable (its /proc files then belong to root), and its core size limit."""
+    with open(f"/proc/{pid}/limits") as f:
+        core = next(line for line in f if line.startswith("Max core file size")).split()[4]
+    return os.stat(f"/proc/{pid}/environ").st_uid == 0, core
+
+
+# An attacker running as the same user: sends a token and its own prompt to the agent's askpass socket.
+REPLAY = """
+import json, socket, sys
+path, token = sys.argv[1:]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(path)
+sock.sendall(json.dumps({"token": token, "prompt": "Your bank password: "}).encode())
+sock.shutdown(socket.SHUT_WR)
+print("sent", flush=True)
+try:
+    reply = b"".join(iter(lambda: sock.recv(4096), b""))
+except OSError as e:
+    reply = repr(e).encode()
+print(reply.decode("utf-8", "replace"), flush=True)
+"""
+
+
+class Replay:
+    """:data:`REPLAY` run as the test user with ``token``; returns once its request is sent."""
+
+    def __init__(self, path: str, token: str) -> None:
+        self.process = user_run([USER_PYTHON, "-I", "-c", REPLAY, path, token])
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "sent\n", self.process.communicate(timeout=10)
+
+    def reply(self) -> str:
+        out, err = self.process.communicate(timeout=30)
+        assert self.process.returncode == 0, err
+        return out
 
 
 # --- as the test user: real prompts -------------------------------------------
@@ -301,29 +353,69 @@ def test_start_timeout_does_not_count_the_users_time_at_the_prompt(user_env: str
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("tool", TOOLS)
-def test_password_is_in_no_argv_environment_or_file(user_env: str, tool: str) -> None:
+def test_password_is_in_no_argv_environment_file_or_agent_memory(user_env: str, tool: str) -> None:
+    """No password anywhere while the tool runs; none in the agent's memory after (sudo: a wrong one first)."""
     wrong = "wrong-password-7f3a9c"
     secrets = [TEST_PASSWORD.encode(), wrong.encode()]
     scans: Dict[str, List[str]] = {}
+    states: Dict[str, Tuple[bool, str]] = {}
 
     def answer(n: int, text: str) -> Dict[str, Any]:
         # sudo: a wrong password first, then scan while the second prompt is pending (sudo, its
         # askpass helper and both agents are alive); doas asks once: scan while it is pending.
-        if tool == "sudo" and n == 1:
-            return {"answer": wrong}
         if tool == "sudo":
-            assert askpass_running(), "the scan should see the askpass helper"
+            helper = askpass_helper()
+            assert helper is not None, "the scan should see the askpass helper"
+            states[f"prompt {n}"] = protection(parent(parent(helper)))  # sudo's parent is the agent
+            if n == 1:
+                return {"answer": wrong}
         scans[f"prompt {n}"] = scan_for(secrets)
         return {"answer": TEST_PASSWORD}
 
-    def paused() -> None:
+    def paused(event: Dict[str, Any]) -> None:
         scans["privileged agent running"] = scan_for(secrets)
+        scans["agent's memory"] = memory_hits(event["agent"], secrets)
+        states["after"] = protection(event["agent"])
 
-    actions = [{"do": "run", "sudo": True}, {"do": "pause"}]
-    result = drive(user_env, {"transport": "local", "tool": tool, "actions": actions}, answer, paused)
-    assert result["results"][0]["value"] == [0, "0"]
-    assert len(scans) == 2
+    actions = [{"do": "run", "sudo": True}, {"do": "pause"}, {"do": "run", "sudo": True}]
+    config = {"transport": "local", "tool": tool, "actions": actions, "core_limit": 4096}
+    result = drive(user_env, config, answer, paused)
+    assert values(result) == [[0, "0"], None, [0, "0"]]
+    assert len(scans) == 3
     assert scans == {key: [] for key in scans}
+    if tool == "sudo":  # open; closed while the wrong password is held; open again, its core limit back
+        assert states == {"prompt 1": (False, "4096"), "prompt 2": (True, "0"), "after": (False, "4096")}
+    else:
+        assert states == {"after": (False, "4096")}
+
+
+@pytest.mark.timeout(90)
+def test_askpass_answers_neither_a_replayed_token_nor_a_process_sudo_did_not_start(user_env: str) -> None:
+    """Another process of the user replays a waiting helper's token, then shows the next one: both get nothing."""
+    attacks: List[Replay] = []
+
+    def answer(n: int, text: str) -> Dict[str, Any]:
+        helper = askpass_helper()
+        assert helper is not None
+        reader = user_run(["cat", f"/proc/{helper}/environ"])
+        assert reader.communicate(timeout=10)[0] == "" and reader.returncode != 0, "the helper is not dumpable"
+        with open(f"/proc/{helper}/environ", "rb") as f:  # root reads it for the attacker
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        path = env[b"REMOWT_ASKPASS_SOCKET"].decode()
+        if n == 1:  # the token the waiting helper used
+            attacks.append(Replay(path, env[b"REMOWT_ASKPASS_TOKEN"].decode()))
+            return {"answer": "wrong"}
+        with open(os.path.join(os.path.dirname(path), "askpass")) as f:  # the one sudo's next helper would get
+            fresh = next(line for line in f if line.startswith("REMOWT_ASKPASS_TOKEN="))
+        attacks.append(Replay(path, fresh.split("=", 1)[1].strip().strip("'")))
+        return {"answer": TEST_PASSWORD}
+
+    result = drive(user_env, {"transport": "local", "tool": "sudo", "actions": [{"do": "run", "sudo": True}]}, answer)
+    replies = [attack.reply() for attack in attacks]
+    assert values(result) == [[0, "0"]]
+    assert result["prompts"] == 2 and not any("bank" in text for text in result["prompt_texts"]), result
+    assert len(replies) == 2 and all(TEST_PASSWORD not in reply and "wrong" not in reply for reply in replies)
+    assert "did not start it" in replies[0], replies
 
 
 @pytest.mark.timeout(60)
@@ -467,7 +559,7 @@ def test_ssh_wrong_password_then_cancel(sshd: SshServer, tool: str) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("tool", TOOLS)
-def test_ssh_password_is_in_no_argv_environment_or_file(sshd: SshServer, tool: str) -> None:
+def test_ssh_password_is_in_no_argv_environment_file_or_agent_memory(sshd: SshServer, tool: str) -> None:
     wrong = "wrong-password-5d1e02"
     secrets = [TEST_PASSWORD.encode(), wrong.encode()]
     scans: List[List[str]] = []
@@ -481,9 +573,10 @@ def test_ssh_password_is_in_no_argv_environment_or_file(sshd: SshServer, tool: s
     with ssh_connect(sshd, prompts, tool) as conn:
         sleeper = conn.Popen(["sleep", "60"], sudo=True)
         scans.append(scan_for(secrets))
+        scans.append(memory_hits(conn.info().pid, secrets))  # the agent, as the test user over ssh
         sleeper.kill()
         assert sleeper.wait(10) == -9
-    assert scans == [[], []]
+    assert scans == [[], [], []]
 
 
 def root_copies() -> List[str]:

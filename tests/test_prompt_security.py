@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import select
+import subprocess
 import threading
-from typing import Iterator, List, Tuple
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
 
 import paramiko
 import pytest
+from _util import connect_routers
 
 import remowt
 from remowt.endpoints.control import Control
-from remowt.endpoints.prompt import PromptApi
+from remowt.endpoints.escalate import EscalateApi, _Attempt, agent_command
+from remowt.endpoints.prompt import MAX_REMOTE_TEXT, PromptApi, PromptService
 from remowt.protocol import wire
 from remowt.protocol.service import proxy
 from remowt.rpc.router import Router
+from remowt.runtime.real_subprocess import Popen as LocalPopen
 from remowt.transports import loopback
 from remowt.transports.ssh import interactive_answers
 
@@ -58,6 +64,74 @@ def test_an_unsolicited_prompt_never_reaches_the_prompter(fake_agent: Tuple[Rout
         ask("[sudo] password for you: ", "sudo")
     assert prompts.asked == []
     assert conn.ping() < 5  # refusing does not harm the connection
+
+
+class PhishingEscalator(EscalateApi):
+    """A compromised agent's escalation: its prompt tries to hide who asks, as a terminal would show it."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.answers: List[bytearray] = []
+
+    def elevate(self, tool: Optional[str]) -> str:
+        ask = proxy(PromptApi, self.router, wire.USER, 10).ask
+        self.answers.append(ask("\r\x1b[2KYour bank password\u202e: ", "sudo\x1b[8m"))
+        self.answers.append(ask("x" * 5000, "doas"))
+        return "sudo"
+
+    def drop(self) -> bool:
+        return False
+
+
+@pytest.mark.timeout(30)
+def test_the_targets_words_are_shown_marked_and_escaped(fake_agent: Tuple[Router, remowt.Remowt, Recorder]) -> None:
+    """The prompter sees who asks first; what the target says cannot move the cursor, erase or reorder it."""
+    agent, conn, prompts = fake_agent
+    escalator = PhishingEscalator(agent)
+    agent.register(escalator)
+    assert conn.privileged.start(timeout=10) == "sudo"
+    phish, long = prompts.asked
+    assert phish == "fake target asks for sudo\\x1b[8m: \\r\\x1b[2KYour bank password\\u202e: "
+    assert long.startswith("fake target asks for doas: xxx") and len(long) < MAX_REMOTE_TEXT + 40
+    assert all(text.isprintable() for text in prompts.asked)
+    assert escalator.answers == [bytearray(b"hunter2")] * 2
+
+
+# Stands in for sudo, which runs its askpass helper ($SUDO_ASKPASS) once per attempt. Between two
+# runs, a process in its own tree replays the token of the first (from the environment sudo got, or the
+# script): the peer check cannot tell it apart.
+TWO_ATTEMPTS_AND_A_REPLAY = """
+token=${REMOWT_ASKPASS_TOKEN:-$(sed -n "s/^REMOWT_ASKPASS_TOKEN=//p" "$SUDO_ASKPASS" | tr -d "'")}
+"$SUDO_ASKPASS" first
+REMOWT_ASKPASS_TOKEN=$token "$@" replayed
+"$SUDO_ASKPASS" second
+"""
+
+
+@pytest.mark.timeout(30)
+def test_an_askpass_token_is_used_up_by_its_first_request(tmp_path: Path) -> None:
+    """Even a process that the tool started gets nothing for a token already shown; the tool's next run works."""
+    user, agent = Router(wire.USER), Router(wire.AGENT)
+    prompts = Recorder()
+    user.register(PromptService(prompts))
+    connect_routers(user, agent)
+    attempt = _Attempt(agent, wire.USER, "sudo", None)  # only its askpass side is used: no agent tree needed
+    listener, env = attempt._askpass(str(tmp_path))
+    try:
+        argv = ["sh", "-c", TWO_ATTEMPTS_AND_A_REPLAY, "sh", *agent_command("askpass")]
+        attempt.process = LocalPopen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3):
+            assert select.select([listener], [], [], 10)[0], "the helper did not connect"
+            attempt._serve_askpass(listener)
+        out, err = attempt.process.communicate(timeout=10)
+    finally:
+        attempt._secrets.clear()
+        listener.close()
+        user.close()
+        agent.close()
+    assert out == "hunter2\nhunter2\n"
+    assert "its token was used already" in err, err
+    assert prompts.asked == ["first", "second"]
 
 
 @pytest.mark.timeout(10)

@@ -474,7 +474,7 @@ class RecordingCaller:
         self.sent: List[Tuple[str, str, int, int, Any]] = []
         self.answer: Optional[Answered] = None
 
-    def call(self, dst: str, ns: int, method: int, args: bytes) -> Answered:
+    def call(self, dst: str, ns: int, method: int, args: bytes, secret: bool = False) -> Answered:
         self.sent.append(("call", dst, ns, method, msgspec.msgpack.decode(args)))
         self.answer = Answered(wire.encode_value(msgspec.msgpack.decode(args)[0]))
         return self.answer

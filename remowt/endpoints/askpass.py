@@ -2,19 +2,26 @@
 
 sudo runs it, as the user, with the prompt as its argument. It asks the
 agent that started sudo over a unix socket in the agent's private directory
-(named in the environment, with a one-time token; the agent also checks
-that the peer runs as its own uid) and prints the answer on stdout, which is
-a pipe to sudo. No answer (the prompt was cancelled): exit status 1, and sudo
-gives up without asking again.
+(named in the environment) and prints the answer on stdout, which is a pipe
+to sudo. No answer (the prompt was cancelled, or the agent refused): exit
+status 1, and sudo gives up without asking again.
+
+The agent answers only a process that descends from the sudo it started,
+and only once per token: the token comes from the script sudo runs, which
+the agent rewrites with a new one after each request. The helper makes
+itself undumpable at once, so other processes of the user cannot read the
+token from its environment or the password from its memory.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List
 
 import msgspec
+
+from ..runtime.secret import protected
 
 if TYPE_CHECKING:
     import socket
@@ -22,20 +29,15 @@ if TYPE_CHECKING:
 SOCKET_ENV = "REMOWT_ASKPASS_SOCKET"
 TOKEN_ENV = "REMOWT_ASKPASS_TOKEN"
 MAX_MESSAGE = 64 * 1024
+#: The first byte of the agent's reply: the password follows, or why there is none (UTF-8).
+PASSWORD, REFUSED = b"\x01", b"\x00"
 
 
 class AskpassRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What the helper sends: the agent's token and the tool's prompt."""
+    """What the helper sends: the token it was started with and the tool's prompt."""
 
     token: str
     prompt: str
-
-
-class AskpassReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The password, or why there is none."""
-
-    password: Optional[str] = None
-    error: Optional[str] = None
 
 
 def read_message(sock: socket.socket) -> bytes:
@@ -54,6 +56,11 @@ def read_message(sock: socket.socket) -> bytes:
 
 def main(prompt: str) -> int:
     """Ask the agent for the answer to ``prompt``; print it for sudo. Returns the exit status."""
+    with protected():
+        return _ask(prompt)
+
+
+def _ask(prompt: str) -> int:
     import socket
 
     path = os.environ.get(SOCKET_ENV)
@@ -66,18 +73,13 @@ def main(prompt: str) -> int:
             sock.connect(path)
             sock.sendall(msgspec.json.encode(AskpassRequest(token, prompt)))
             sock.shutdown(socket.SHUT_WR)
-            data = read_message(sock)
+            reply = read_message(sock)
     except (OSError, ValueError) as e:
         print(f"remowt askpass: cannot ask the agent at {path}: {e}", file=sys.stderr)
         return 1
-    try:
-        reply = msgspec.json.decode(data, type=AskpassReply)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        print(f"remowt askpass: the agent's answer is malformed: {e}", file=sys.stderr)
+    if reply[:1] != PASSWORD:
+        why = reply[1:].decode("utf-8", "replace") if reply[:1] == REFUSED else "the agent's answer is malformed"
+        print(f"remowt askpass: {why or 'no password was given'}", file=sys.stderr)
         return 1
-    if reply.password is None:
-        print(f"remowt askpass: {reply.error or 'no password was given'}", file=sys.stderr)
-        return 1
-    sys.stdout.buffer.write(reply.password.encode() + b"\n")
-    sys.stdout.flush()
+    os.writev(sys.stdout.fileno(), [memoryview(reply)[1:], b"\n"])
     return 0

@@ -14,6 +14,13 @@ runs the agent's ``askpass`` mode, which asks this agent over a private unix
 socket) or through a pty this agent owns (doas and run0 read from their
 controlling terminal): never argv, the environment or a file. The tool's own
 limit on attempts applies; nothing here asks again.
+
+The socket answers only a process descended from the sudo this agent started
+(its peer credentials, and the parents in ``/proc/<pid>/stat``), once per
+token: a token is used up by the first request that shows it, and sudo's next
+run of the helper gets a new one. Passwords are held as bytearrays, never as
+``str``, and wiped when the attempt ends; meanwhile the agent is not dumpable
+(:mod:`remowt.runtime.secret`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -41,8 +48,9 @@ from ..rpc.link import Link
 from ..rpc.router import Router
 from ..runtime.deadline import Deadline, poll_timeout
 from ..runtime.real_subprocess import Popen as LocalPopen
+from ..runtime.secret import Secrets
 from ..transports.stdio import ChildTransport, enlarge_pipe
-from .askpass import SOCKET_ENV, TOKEN_ENV, AskpassReply, AskpassRequest, read_message
+from .askpass import PASSWORD, REFUSED, SOCKET_ENV, TOKEN_ENV, AskpassRequest, read_message
 from .prompt import PromptApi
 
 if TYPE_CHECKING:
@@ -61,6 +69,7 @@ ASKPASS_IO_TIMEOUT = 10.0
 #: The private directory of one start (sudo's askpass script and socket); those of killed agents are removed.
 WORKDIR_PREFIX = "remowt-escalate-"
 _PEERCRED = struct.Struct("3i")
+_MAX_DEPTH = 64  # how many parents the peer check climbs before it gives up
 _AUTH_FAILED = re.compile(r"authentication fail|incorrect password|sorry, try again", re.IGNORECASE)
 _PROMPT_WORD = re.compile(r"password|passphrase|\bpin\b", re.IGNORECASE)
 # The implementation imports what only a start needs when it starts: the agent starts faster.
@@ -133,6 +142,22 @@ def agent_command(*args: str) -> List[str]:
     return python_command(AGENT, *args)
 
 
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``ancestor`` is a parent, grandparent … of process ``pid`` (by the parents in ``/proc/<pid>/stat``)."""
+    for _ in range(_MAX_DEPTH):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        pid = int(stat.rpartition(b")")[2].split()[1])  # after the name, which may hold anything
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
 def _runtime_dir() -> Optional[str]:
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(runtime) and os.access(runtime, os.W_OK | os.X_OK):
@@ -160,7 +185,8 @@ class _Attempt:
         self.slave = -1
         self.process: Optional[subprocess.Popen[bytes]] = None
         self._token = secrets.token_urlsafe(32)
-        self._secrets: List[str] = []
+        self._script = ""
+        self._secrets = Secrets()
         self._pending = bytearray()
         self._lock = threading.Lock()
         self._aborted = False
@@ -238,16 +264,24 @@ class _Attempt:
             listener.bind(path)
             listener.listen(4)
             listener.setblocking(False)
-            script = os.path.join(workdir, "askpass")
-            command = " ".join(shlex.quote(arg) for arg in agent_command("askpass"))
-            fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
-            with open(fd, "w") as f:
-                f.write(f'#!/bin/sh\nexec {command} "$@"\n')
+            self._script = os.path.join(workdir, "askpass")
+            self._write_script()
         except BaseException:
             listener.close()
             raise
-        env = dict(os.environ, SUDO_ASKPASS=script, **{SOCKET_ENV: path, TOKEN_ENV: self._token})
+        env = dict(os.environ, SUDO_ASKPASS=self._script, **{SOCKET_ENV: path})
+        env.pop(TOKEN_ENV, None)
         return listener, env
+
+    def _write_script(self) -> None:
+        """(Re)write the askpass script sudo runs, with the current token (in its environment, not its argv)."""
+        command = " ".join(shlex.quote(arg) for arg in agent_command("askpass"))
+        text = f'#!/bin/sh\n{TOKEN_ENV}={shlex.quote(self._token)}\nexport {TOKEN_ENV}\nexec {command} "$@"\n'
+        new = self._script + ".new"
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with open(fd, "w") as f:
+            f.write(text)
+        os.replace(new, self._script)
 
     def _spawn(
         self, argv: List[str], env: Optional[Dict[str, str]], pass_fds: Tuple[int, ...]
@@ -301,26 +335,23 @@ class _Attempt:
                     poller.unregister(self.master)
                 deadline = Deadline(START_TIMEOUT)
 
-    def _ask(self, prompt: str) -> Optional[str]:
-        """The user's answer to ``prompt``; None (and the reason kept) when there is none."""
+    def _ask(self, prompt: str) -> Optional[bytearray]:
+        """The answer to ``prompt``, held until the attempt ends; None (and the reason kept) when there is none."""
         if self.cancelled is None:
             try:
-                answer = self.prompt.ask(prompt, self.tool)
+                answer = self._secrets.keep(self.prompt.ask(prompt, self.tool))
             except (RemoteError, ConnectionLost, Unreachable) as e:
                 self.cancelled = str(e)
             else:
-                if any(c in answer for c in "\r\n\0"):
+                if any(c in answer for c in b"\r\n\0"):
                     self.cancelled = "the password contains a line break or NUL, which the tool cannot read"
                 else:
                     self.answers += 1
-                    self._secrets.append(answer)
                     return answer
         return None
 
     def _serve_askpass(self, listener: socket.socket) -> None:
-        import hmac
-        import socket
-
+        """Answer one request on the askpass socket, if one waits: only a helper that sudo started, once a token."""
         try:
             conn, _ = listener.accept()
         except BlockingIOError:
@@ -328,18 +359,43 @@ class _Attempt:
         with conn:
             try:
                 conn.settimeout(ASKPASS_IO_TIMEOUT)
-                pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-                if uid != os.getuid():
-                    log.warning("askpass: refusing pid %d of uid %d", pid, uid)
-                    return
-                request = msgspec.json.decode(read_message(conn), type=AskpassRequest)
-                if not hmac.compare_digest(request.token, self._token):
-                    log.warning("askpass: refusing pid %d: wrong token", pid)
+                request = self._admit(conn)
+                if isinstance(request, str):
+                    log.warning("askpass: %s", request)
+                    conn.sendall(REFUSED + request.encode())
                     return
                 password = self._ask(request.prompt)
-                conn.sendall(msgspec.json.encode(AskpassReply(password, self.cancelled if password is None else None)))
+                if password is None:
+                    conn.sendall(REFUSED + (self.cancelled or "no password was given").encode())
+                else:
+                    conn.sendmsg([PASSWORD, password])
             except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
                 log.warning("askpass: bad request: %s", e)
+
+    def _admit(self, conn: socket.socket) -> Union[AskpassRequest, str]:
+        """The request on ``conn`` if it may be answered, else why not.
+
+        The peer must descend from the sudo we started; its token, ours.
+        Ours is used up by any request that gets this far, whatever it
+        showed: the script sudo runs next has a new one.
+        """
+        import hmac
+        import secrets
+        import socket
+
+        pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if uid != os.getuid():
+            return f"refused pid {pid}: it runs as uid {uid}, not {os.getuid()}"
+        message = read_message(conn)  # all of it, even to refuse: a close with unread bytes would lose our reply
+        assert self.process is not None
+        if not descends_from(pid, self.process.pid):
+            return f"refused pid {pid}: the {self.tool} this agent started (pid {self.process.pid}) did not start it"
+        request = msgspec.json.decode(message, type=AskpassRequest)
+        expected, self._token = self._token, secrets.token_urlsafe(32)
+        self._write_script()
+        if not hmac.compare_digest(request.token, expected):
+            return f"refused pid {pid}: its token was used already, or was never ours"
+        return request
 
     def _read_tty(self) -> bool:
         """Read what the tool wrote on the pty and answer a prompt; False once the pty has ended."""
@@ -359,14 +415,15 @@ class _Attempt:
             if password is None:
                 self.abort()
             else:
-                os.write(self.master, password.encode() + b"\n")
+                os.writev(self.master, [password, b"\n"])
         return True
 
     def _tty_text(self) -> str:
         """What the tool wrote on the pty, without any password, for error messages."""
-        text = self.output.decode("utf-8", "replace")
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
+        output = self.output
+        for secret in self._secrets:  # in bytes: a password never becomes a str
+            output = output.replace(secret, b"***")
+        text = output.decode("utf-8", "replace")
         return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
     def _handshake(self, transport: ChildTransport) -> Link:

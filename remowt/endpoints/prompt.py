@@ -17,6 +17,8 @@ from ..errors import EscalationError
 from ..protocol.service import Service, rpc
 
 Prompter = Callable[[str], str]
+MAX_REMOTE_TEXT = 200
+"""How much of a prompt's text from the target is shown."""
 
 _terminal = threading.Lock()
 
@@ -24,9 +26,12 @@ _terminal = threading.Lock()
 class PromptApi(Service, namespace=21):
     """Served by the user side: the agent asks for secrets here."""
 
-    @rpc(1)
-    def ask(self, prompt: str, tool: str) -> str:
-        """Ask the user ``prompt`` (``tool``'s own text); EscalationError if the user cancelled or it is refused."""
+    @rpc(1, secret=True)
+    def ask(self, prompt: str, tool: str) -> bytearray:
+        """Ask the user ``prompt`` (``tool``'s own text): the password in UTF-8, wiped by the caller after use.
+
+        EscalationError if the user cancelled or it is refused.
+        """
         raise NotImplementedError
 
 
@@ -40,7 +45,7 @@ class PromptService(PromptApi):
         """The prompter to ask now."""
         return self._prompter or terminal_prompter
 
-    def ask(self, prompt: str, tool: str) -> str:
+    def ask(self, prompt: str, tool: str) -> bytearray:
         try:
             answer = self.prompter()(prompt)
         except EscalationError:
@@ -49,7 +54,17 @@ class PromptService(PromptApi):
             raise EscalationError(f"password prompt cancelled: {type(e).__name__}: {e}") from None
         if not isinstance(answer, str):
             raise EscalationError(f"the prompter returned {type(answer).__name__}, expected the password as str")
-        return answer
+        return bytearray(answer, "utf-8")
+
+
+def remote_text(text: str, limit: int = MAX_REMOTE_TEXT) -> str:
+    """``text`` from the target, safe to show after our own words: what does not print escaped, at most ``limit`` chars.
+
+    A carriage return, an escape sequence or a bidi override would let the
+    remote text hide or rewrite what we put before it on a terminal.
+    """
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
+    return shown if len(shown) <= limit else shown[: limit - 1] + "\u2026"
 
 
 def check_prompter(prompter: Optional[Prompter]) -> Optional[Prompter]:

@@ -16,7 +16,7 @@ two ends are built from the same annotations and cannot drift.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Tuple, Type, TypeVar, get_type_hints
+from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Tuple, Type, TypeVar, Union, get_type_hints
 
 import msgspec
 
@@ -26,37 +26,45 @@ from . import wire
 F = TypeVar("F", bound=Callable[..., Any])
 _VARARGS, _VARKEYWORDS = 0x04, 0x08  # code object flags: *args, **kwargs
 S = TypeVar("S", bound="Service")
+Result = Union[bytes, bytearray]
+"""A call's raw msgpack result: a bytearray (the caller's to wipe) for a ``secret`` method."""
 
 
 class Answer(Protocol):
     """The future of one call."""
 
-    def result(self, timeout: Optional[float] = None) -> bytes:
+    def result(self, timeout: Optional[float] = None) -> Result:
         """The raw msgpack result, once it came; raises the remote error or ``TimeoutError``."""
 
 
 class Caller(Protocol):
     """What a proxy calls through (:class:`remowt.rpc.router.Router` is one)."""
 
-    def call(self, dst: str, ns: int, method: int, args: bytes) -> Answer:
-        """Send a call of method ``method`` in namespace ``ns`` at ``dst`` with encoded ``args``."""
+    def call(self, dst: str, ns: int, method: int, args: bytes, secret: bool = False) -> Answer:
+        """Send a call of method ``method`` in namespace ``ns`` at ``dst`` with encoded ``args``.
+
+        ``secret``: the result is the caller's to wipe, and no other copy of it stays.
+        """
 
     def notify(self, dst: str, ns: int, method: int, args: bytes) -> None:
         """Send a one-way call."""
 
 
-def rpc(number: int, *, inline: bool = False, oneway: bool = False) -> Callable[[F], F]:
+def rpc(number: int, *, inline: bool = False, oneway: bool = False, secret: bool = False) -> Callable[[F], F]:
     """Mark a declared method with its number.
 
     ``inline`` handlers run on the link's reader thread: only for handlers
     that never block. ``oneway`` methods are notifications: no reply, the
-    proxy returns None at once.
+    proxy returns None at once. A ``secret`` method's result (a password)
+    is wiped from the caller's memory once decoded (see
+    :meth:`remowt.rpc.router.Router.call`); declare it ``bytearray``, which
+    the caller can wipe in turn.
     """
     if not 0 <= number <= 0xFFFF:
         raise ValueError(f"method number must be in 0..65535, got {number}")
 
     def mark(fn: F) -> F:
-        fn.__remowt_rpc__ = (number, inline, oneway)  # type: ignore[attr-defined]
+        fn.__remowt_rpc__ = (number, inline, oneway, secret)  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -65,12 +73,15 @@ def rpc(number: int, *, inline: bool = False, oneway: bool = False) -> Callable[
 class MethodSpec:
     """What both ends know about one method: number, parameters and codecs."""
 
-    def __init__(self, service: str, fn: Callable[..., Any], number: int, inline: bool, oneway: bool) -> None:
+    def __init__(
+        self, service: str, fn: Callable[..., Any], number: int, inline: bool, oneway: bool, secret: bool
+    ) -> None:
         self.name = f"{service}.{fn.__name__}"
         self.attr = fn.__name__
         self.number = number
         self.inline = inline
         self.oneway = oneway
+        self.secret = secret
         hints = get_type_hints(fn)
         code = fn.__code__  # not inspect.signature: importing inspect costs the agent's start-up ~3 ms
         if code.co_kwonlyargcount or code.co_flags & (_VARARGS | _VARKEYWORDS):
@@ -93,7 +104,7 @@ class MethodSpec:
         except RecursionError:
             raise msgspec.ValidationError("the arguments are nested too deeply") from None
 
-    def decode_result(self, raw: bytes) -> Any:
+    def decode_result(self, raw: Result) -> Any:
         """The result; ``msgspec.ValidationError`` when ``raw`` does not fit."""
         try:
             return self._result.decode(raw)
@@ -196,12 +207,15 @@ def _remote_method(spec: MethodSpec, namespace: int) -> Callable[..., Any]:
         return notify
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        raw = self._router.call(self._dst, namespace, spec.number, spec.encode_args(args, kwargs))
+        raw = self._router.call(self._dst, namespace, spec.number, spec.encode_args(args, kwargs), spec.secret)
         result = raw.result(self._timeout)
         try:
             return spec.decode_result(result)
         except msgspec.ValidationError as e:
             raise RemoteError(f"{spec.name} returned a malformed result: {e}") from None
+        finally:
+            if spec.secret and isinstance(result, bytearray):  # the router's copy for a secret call
+                result[:] = bytes(len(result))  # zeroed in place
 
     call.__name__ = spec.attr
     return call

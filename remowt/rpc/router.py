@@ -36,6 +36,7 @@ from ..protocol.dispatch import Bounce, StreamEvent, answers, clip, decide, no_s
 from ..protocol.routing import RouteTable
 from ..protocol.streamstate import DEFAULT_WINDOW, MAX_WINDOW, StreamKey
 from ..runtime.deadline import Deadline, lock_timeout
+from ..runtime.secret import wipe
 from ..runtime.waiting import Flag, Gate, wait_on
 from ..runtime.workers import WorkerPool
 from ..transports.base import Transport
@@ -43,7 +44,7 @@ from .link import Link, Part
 from .streams import Stream
 
 if TYPE_CHECKING:
-    from ..protocol.service import MethodSpec
+    from ..protocol.service import MethodSpec, Result
 
 log = logging.getLogger("remowt.router")
 HANDSHAKE_TIMEOUT = 30.0
@@ -58,20 +59,21 @@ class Pending:
     forgets it and drops its answer if one still comes.
     """
 
-    __slots__ = ("_call_id", "_error", "_lock", "_result", "_router", "dst", "late", "link")
+    __slots__ = ("_call_id", "_error", "_lock", "_result", "_router", "dst", "late", "link", "secret")
 
-    def __init__(self, dst: str, link: Link, router: Router, call_id: int) -> None:
+    def __init__(self, dst: str, link: Link, router: Router, call_id: int, secret: bool = False) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
-        self._result: Optional[bytes] = None
+        self._result: Optional[Result] = None
         self._error: Optional[BaseException] = None
         self._router = router
         self._call_id = call_id
         self.dst = dst
         self.link = link
-        self.late: Optional[Callable[[Optional[bytes], Optional[BaseException]], None]] = None
+        self.secret = secret
+        self.late: Optional[Callable[[Optional[Result], Optional[BaseException]], None]] = None
 
-    def resolve(self, result: Optional[bytes], error: Optional[BaseException]) -> None:
+    def resolve(self, result: Optional[Result], error: Optional[BaseException]) -> None:
         self._result, self._error = result, error
         late = self.late
         self._lock.release()
@@ -88,7 +90,7 @@ class Pending:
         self._lock.release()
         return True
 
-    def result(self, timeout: Optional[float] = None) -> bytes:
+    def result(self, timeout: Optional[float] = None) -> Result:
         """The raw msgpack result; raises the remote error, ``ConnectionLost`` or ``TimeoutError``.
 
         On a timeout the call is abandoned (see :meth:`abandon`).
@@ -100,7 +102,7 @@ class Pending:
         assert self._result is not None
         return self._result
 
-    def abandon(self, late: Optional[Callable[[Optional[bytes], Optional[BaseException]], None]] = None) -> bool:
+    def abandon(self, late: Optional[Callable[[Optional[Result], Optional[BaseException]], None]] = None) -> bool:
         """Stop waiting for the answer; False (and nothing changed) if it has already arrived.
 
         Without ``late`` the router forgets the call and drops its answer. With
@@ -235,12 +237,16 @@ class Router:
 
     # --- outgoing -------------------------------------------------------
 
-    def call(self, dst: str, ns: int, method: int, args: bytes) -> Pending:
-        """Send a call; the returned future gives the raw msgpack result."""
+    def call(self, dst: str, ns: int, method: int, args: bytes, secret: bool = False) -> Pending:
+        """Send a call; the returned future gives the raw msgpack result.
+
+        ``secret``: the result (a password) is given as a bytearray, the caller's to wipe, and it is
+        wiped where it was read (a frame read whole; the pieces of one split across reads are not).
+        """
         with self._lock:
             link = self._route_locked(dst)
             call_id = next(self._call_ids)
-            pending = Pending(dst, link, self, call_id)
+            pending = Pending(dst, link, self, call_id, secret)
             self._pending[call_id] = pending
         frame = wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args)))
         if len(frame) > link.peer_max_frame + wire.HEADER.size:
@@ -256,7 +262,7 @@ class Router:
         self,
         call_id: int,
         pending: Pending,
-        late: Optional[Callable[[Optional[bytes], Optional[BaseException]], None]],
+        late: Optional[Callable[[Optional[Result], Optional[BaseException]], None]],
     ) -> bool:
         """Forget (or, with ``late``, hand over) a call nobody waits for; False if its answer already came."""
         with self._lock:
@@ -470,6 +476,10 @@ class Router:
             self._fail_call(message, e)
             return
         reply = wire.encode(wire.Reply(message.id, self.address, message.src, msgspec.Raw(encoded)))
+        if spec.secret:  # the frame keeps the one copy left, until it is sent
+            if isinstance(result, bytearray):
+                wipe(result)
+            wipe(encoded)
         with self._lock:
             link = self._routes.next_hop(message.src)
         if link is None:
@@ -539,7 +549,11 @@ class Router:
                 return
             del self._pending[message.id]
         if isinstance(message, wire.Reply):
-            result = bytes(message.result)
+            if pending.secret:
+                result: Result = bytearray(message.result)
+                wipe(message.result)
+            else:
+                result = bytes(message.result)
             link.defer(lambda: pending.resolve(result, None))
         else:
             error = error_from_fail(message)

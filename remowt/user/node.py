@@ -22,7 +22,7 @@ import msgspec
 from ..endpoints.control import ControlApi, NodeInfo
 from ..endpoints.subprocess import OsName, SpawnOptions, SpawnSpec, SubprocessApi, os_bytes
 from ..errors import ConnectionLost, MessageTooLarge, RemoteError, Unreachable, os_name_text
-from ..protocol.service import Service, proxy, timed
+from ..protocol.service import Result, Service, proxy, timed
 from ..rpc.link import Link, held_mark, held_sends, held_undo, holding_sends
 from ..rpc.router import Pending, Router
 from ..rpc.streams import Stream
@@ -318,14 +318,14 @@ class Node:
             raise
         return process
 
-    def _spawned(self, pending: Pending, process: RemoteProcess, timeout: Optional[float]) -> bytes:
+    def _spawned(self, pending: Pending, process: RemoteProcess, timeout: Optional[float]) -> Result:
         """The spawn's answer; on a timeout, the call is left to :meth:`_spawned_late` and ``TimeoutError`` raised."""
         timeout = self.call_timeout if timeout is None else timeout
         if pending.wait(timeout) or not pending.abandon(functools.partial(self._spawned_late, process)):
             return pending.result()
         raise TimeoutError(f"{self.address} did not answer the spawn of {process.args[0]!r} within {timeout:g} s")
 
-    def _spawned_late(self, process: RemoteProcess, result: Optional[bytes], error: Optional[BaseException]) -> None:
+    def _spawned_late(self, process: RemoteProcess, result: Optional[Result], error: Optional[BaseException]) -> None:
         """A spawn answered after its caller gave up: kill the child (its exit, as any, lets the agent forget it)."""
         if error is not None or self.closed:
             return

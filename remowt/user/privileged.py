@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 from ..endpoints.escalate import START_TIMEOUT as AGENT_START_TIMEOUT
 from ..endpoints.escalate import EscalateApi, PrivilegedEventsApi
-from ..endpoints.prompt import Prompter, PromptService, terminal_prompter
+from ..endpoints.prompt import Prompter, PromptService, remote_text, terminal_prompter
 from ..errors import ConnectionLost, EscalationError
 from ..protocol import wire
 from ..protocol.service import proxy
@@ -166,15 +166,20 @@ class _ConnectionPrompts(PromptService):
     def prompter(self) -> Prompter:
         return self._connection.prompter or terminal_prompter
 
-    def ask(self, prompt: str, tool: str) -> str:
-        """Ask the prompter, with the host and tool shown, for the start this side asked for; else refuse."""
+    def ask(self, prompt: str, tool: str) -> bytearray:
+        """Ask the prompter for the start this side asked for, else refuse; the host shown, the target's words marked.
+
+        What the target says (the tool and its prompt) follows our own words,
+        escaped where it would not print, so it cannot pass for ours.
+        """
         connection = self._connection
         caller = connection.router.caller()
         privileged = connection.privileged_if_made()
         if caller != connection.address or privileged is None:
             raise EscalationError(f"{caller} asked for a password unbidden: refused, the prompter was not asked")
         with privileged.prompting():
-            return super().ask(f"{connection.description} asks for {tool or 'a password'}: {prompt}", tool)
+            asked = f"{connection.description} asks for {remote_text(tool or 'a password')}: {remote_text(prompt)}"
+            return super().ask(asked, tool)
 
 
 def serve_user_side(router: Router, connection: Remowt) -> None:
