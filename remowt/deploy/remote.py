@@ -180,9 +180,12 @@ def trusted_tree(d):
 def prepare_root():
     try:
         if not os.path.isdir(base):
-            os.makedirs(base, 0o700)
+            os.makedirs(base, 0o700, exist_ok=True)  # another client may make it at the same time
         if not os.path.lexists(root):
-            os.mkdir(root, 0o700)
+            try:
+                os.mkdir(root, 0o700)
+            except FileExistsError:  # made by another client meanwhile: checked below like any
+                pass
         st = os.lstat(root)
         if os.path.isdir(root) and not os.path.islink(root) and st.st_uid == os.getuid() and st.st_mode & 0o077:
             os.chmod(root, 0o700)  # made loose by an older remowt or a umask: what others put in it is checked below
