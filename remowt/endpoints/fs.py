@@ -434,9 +434,13 @@ class Files(FsApi):
         return os.readlink(path)
 
     def realpath(self, path: bytes, strict: bool) -> bytes:
-        if strict:
-            os.stat(path)  # what is missing, looping or not allowed is named, as pathlib's resolve(strict=True)
-        return os.path.realpath(path)
+        if not strict:
+            return os.path.realpath(path)
+        try:
+            return os.path.realpath(path, strict=True)  # type: ignore[call-arg,unused-ignore]  # Python >= 3.10
+        except TypeError:  # Python 3.9: the path must exist all the same
+            os.stat(path)
+            return os.path.realpath(path)
 
     def statvfs(self, path: bytes) -> StatVfs:
         s = os.statvfs(path)
