@@ -21,7 +21,6 @@ import errno
 import itertools
 import logging
 import os
-import secrets
 import stat as stat_module
 import struct
 import threading
@@ -279,7 +278,7 @@ class AtomicFile:
         if st is not None and stat_module.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         while True:
-            self.temporary = os.path.join(directory, b".%s.%s.remowt" % (name, secrets.token_hex(4).encode()))
+            self.temporary = os.path.join(directory, b".%s.%s.remowt" % (name, os.urandom(4).hex().encode()))
             try:
                 create = 0o666 if st is None and mode is None else 0o600
                 self.fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, create)
@@ -606,8 +605,9 @@ class Files(FsApi):
             transfer.moved += len(chunk)
 
     def _ended(self, transfer: _Transfer) -> None:
-        if transfer.error is not None:
-            transfer.stream.close()  # the caller sees the end (or its writes fail), then asks finish()
+        # after an error the caller sees the end (or its writes fail) and asks finish(); else both directions
+        # ended, or the caller reset the stream: either way it is forgotten here
+        transfer.stream.close()
         with self._lock:
             if transfer.abandoned or transfer.discarded:
                 self._transfers.pop(transfer.key, None)
