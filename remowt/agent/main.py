@@ -20,6 +20,7 @@ from typing import List, Optional
 from ..endpoints.control import Control
 from ..endpoints.editor import FileEdits
 from ..endpoints.escalate import Escalator
+from ..endpoints.fs import Files
 from ..endpoints.subprocess import Subprocesses
 from ..endpoints.watchdog import Watchdog, start_watchdog
 from ..protocol import wire
@@ -48,6 +49,8 @@ class Agent:
         self.subprocesses = Subprocesses(self.router, watchdog)
         self.router.register(self.subprocesses)
         self.router.register(FileEdits())
+        self.files = Files(self.router)
+        self.router.register(self.files)
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:
             self.escalator = Escalator(self.router, tree)
@@ -79,6 +82,7 @@ class Agent:
         self.subprocesses.kill_all(timeout)
         self.router.close(timeout)
         self.subprocesses.join(timeout)
+        self.files.join(timeout)
         if self.watchdog is not None:
             self.watchdog.close(timeout)
 

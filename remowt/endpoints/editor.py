@@ -29,6 +29,7 @@ from typing import Callable, List, Optional
 import msgspec
 
 from ..protocol.service import Service, rpc
+from .fs import replace_file
 
 log = logging.getLogger("remowt.editor")
 
@@ -84,31 +85,6 @@ def read_file(path: str) -> bytes:
     if len(data) > MAX_FILE:
         raise OSError(f"{path} is over {MAX_FILE >> 20} MiB: too big to edit this way")
     return data
-
-
-def replace_file(path: str, content: bytes) -> None:
-    """Write ``content`` beside ``path`` (same mode and owner, synced) and rename it into its place."""
-    import tempfile
-
-    directory, name = os.path.split(os.path.abspath(path))
-    try:
-        st: Optional[os.stat_result] = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".remowt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            if st is not None:
-                os.fchmod(f.fileno(), st.st_mode & 0o7777)
-                if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
-                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 class FileEdits(FileEditApi):

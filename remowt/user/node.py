@@ -29,6 +29,7 @@ from ..rpc.streams import Stream
 from . import popen as _popen
 from .children import Children
 from .command import Command
+from .paths import RemotePath
 from .pipes import FdWriter, FdWriters
 from .process import OutputHandler, RemoteProcess
 
@@ -106,6 +107,10 @@ class Node:
         """A typed proxy of the service ``declaration`` served here (``timeout`` per call; None: call_timeout)."""
         self._ready(None)
         return proxy(declaration, self.router, self.address, self.call_timeout if timeout is None else timeout)
+
+    def path(self, *segments: Union[str, bytes, os.PathLike[str]]) -> RemotePath:
+        """A path here with :class:`pathlib.Path`'s face (:class:`~remowt.user.paths.RemotePath`)."""
+        return RemotePath(self, *segments)
 
     # --- health ---------------------------------------------------------
 
