@@ -179,3 +179,36 @@ def test_library_with_stdin_closed_does_not_read_the_agent_pipe() -> None:
         ["sh", "-c", 'exec "$@" <&-', "sh", sys.executable, "-c", program], capture_output=True, timeout=10
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, b"ran\n0\n", b"cat: -: Bad file descriptor\n")
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_stdin_the_child_does_not_read_is_left_to_the_next(where: str, request: pytest.FixtureRequest) -> None:
+    """``while read l; do remowt local -- echo "$l"; done < file``: each child leaves the rest of the file alone."""
+    target = ["local"]
+    if where == "ssh":
+        target = ["ssh", "-F", request.getfixturevalue("sshd").ssh_config, "remowt-test-host"]
+    command = " ".join(shlex.quote(word) for word in [*REMOWT, *target, "--"])
+    lines = "".join(f"line{i}\n" for i in range(5))
+    result = subprocess.run(
+        ["sh", "-c", f'while read l; do {command} echo "$l"; done'],
+        input=lines.encode(),
+        capture_output=True,
+        timeout=25,
+    )
+    assert result.returncode == 0, result.stderr
+    if where == "local":
+        assert result.stdout == lines.encode()
+    else:  # copied: the first child's copy reads ahead, so the loop ends early, but it ends
+        assert lines.encode().startswith(result.stdout) and result.stdout.startswith(b"line0\n")
+
+
+def test_a_terminal_as_stdin_is_the_childs_terminal() -> None:
+    """``remowt local -- tty`` on a terminal names it, as ``tty`` run here does."""
+    master, slave = os.openpty()
+    try:
+        here = subprocess.run(["tty"], stdin=slave, capture_output=True, timeout=10)
+        there = subprocess.run([*REMOWT, "local", "--", "tty"], stdin=slave, capture_output=True, timeout=25)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert (there.returncode, there.stdout) == (0, here.stdout)

@@ -51,6 +51,16 @@ def connection(request: pytest.FixtureRequest) -> Iterator[remowt.Remowt]:
         conn.close()
 
 
+@pytest.fixture(params=["loopback", "ssh"])
+def copying_connection(request: pytest.FixtureRequest) -> Iterator[remowt.Remowt]:
+    """A connection whose children's output is copied over the link (a local agent's goes into our fds as it is)."""
+    conn = _connect(request.param, request)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 @pytest.fixture(params=["local", "ssh"])
 def agent_connection(request: pytest.FixtureRequest) -> Iterator[remowt.Remowt]:
     """A connection whose agent is a process of its own (its children can kill it)."""
@@ -79,7 +89,8 @@ def drain(fd: int) -> None:
         os.close(fd)
 
 
-def test_communicate_raises_when_the_link_dies_before_the_output_ends(connection: remowt.Remowt) -> None:
+def test_communicate_raises_when_the_link_dies_before_the_output_ends(copying_connection: remowt.Remowt) -> None:
+    connection = copying_connection
     process = connection.Popen(["head", "-c", str(SIZE), "/dev/zero"], stdout=remowt.PIPE)
     assert process.wait(10) == 0  # the exit overtook the output, which waits for credit nobody gave
     cut(connection)
@@ -87,7 +98,8 @@ def test_communicate_raises_when_the_link_dies_before_the_output_ends(connection
         process.communicate(timeout=10)
 
 
-def test_wait_raises_when_copied_output_is_cut_off(connection: remowt.Remowt) -> None:
+def test_wait_raises_when_copied_output_is_cut_off(copying_connection: remowt.Remowt) -> None:
+    connection = copying_connection
     read_end, write_end = os.pipe()
     try:
         process = connection.Popen(["head", "-c", str(SIZE), "/dev/zero"], stdout=write_end)
@@ -107,6 +119,13 @@ def test_wait_raises_when_copied_output_is_cut_off(connection: remowt.Remowt) ->
 @pytest.mark.parametrize("call", ["run", "check_output", "copied"])
 def test_a_result_without_the_end_of_its_output_raises(agent_connection: remowt.Remowt, call: str) -> None:
     argv = ["sh", "-c", KILLS_ITS_AGENT]
+    if agent_connection.fd_sender is not None:  # the output went into our pipe as it was written: it is whole
+        if call == "copied":
+            with open(os.devnull, "wb") as null:
+                assert agent_connection.run(argv, stdout=null, timeout=20).returncode == 0
+        else:
+            assert len(agent_connection.run(argv, capture_output=True, timeout=20).stdout) == SIZE
+        return
     with pytest.raises(ConnectionLost):
         if call == "run":
             agent_connection.run(argv, capture_output=True, timeout=20)
@@ -155,6 +174,11 @@ def test_link_lost_during_spawns_with_copied_outputs(
 
 
 def test_a_failed_local_write_is_never_success(connection: remowt.Remowt) -> None:
+    if connection.fd_sender is not None:  # a local agent's child has the fd itself: its own writes fail
+        with open("/dev/full", "wb") as full:
+            assert connection.run(["head", "-c", "100M", "/dev/zero"], stdout=full).returncode == 1
+            assert connection.run(["sh", "-c", "echo oops >&2"], stderr=full).returncode != 0
+        return
     with open("/dev/full", "wb") as full:
         # the child writes on after the first failed write: it gets EPIPE, as from a reader that went away
         assert connection.run(["head", "-c", "100M", "/dev/zero"], stdout=full).returncode == -signal.SIGPIPE
@@ -183,15 +207,19 @@ def test_a_reader_that_went_away_ends_the_child_at_once(connection: remowt.Remow
     assert time.monotonic() - start < INHERIT_GRACE / 2
 
 
-def test_cli_yes_into_head_ends_at_once() -> None:
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_cli_yes_into_head_ends_at_once(where: str, request: pytest.FixtureRequest) -> None:
+    target = ["local"]
+    if where == "ssh":
+        target = ["ssh", "-F", request.getfixturevalue("sshd").ssh_config, "remowt-test-host"]
     start = time.monotonic()
     result = subprocess.run(
-        ["bash", "-c", 'set -o pipefail; "$@" | head -1', "-", *REMOWT, "local", "--", "yes"],
+        ["bash", "-c", 'set -o pipefail; "$@" | head -1', "-", *REMOWT, *target, "--", "yes"],
         capture_output=True,
         timeout=25,
     )
     assert (result.returncode, result.stdout, result.stderr) == (128 + signal.SIGPIPE, b"y\n", b"")
-    assert time.monotonic() - start < INHERIT_GRACE
+    assert time.monotonic() - start < INHERIT_GRACE + (3 if where == "ssh" else 0)  # ssh: login and deploy
 
 
 @pytest.mark.parametrize("where", ["local", "ssh"])
@@ -202,8 +230,12 @@ def test_cli_output_that_cannot_be_written_is_an_error(where: str, request: pyte
     with open("/dev/full", "wb") as full:
         echo = subprocess.run([*REMOWT, *target, "--", "echo", "hi"], stdout=full, stderr=subprocess.PIPE, timeout=25)
         head = subprocess.run([*REMOWT, *target, "--", "head", "-c", "1M", "/dev/zero"], stdout=full, timeout=25)
-    assert echo.returncode == 255 and b"No space left on device" in echo.stderr, echo.stderr
-    assert head.returncode in (255, 128 + signal.SIGPIPE)
+    if where == "local":  # the child writes to /dev/full itself, as it would run locally
+        assert echo.returncode == 1 and b"No space left on device" in echo.stderr, echo.stderr
+        assert head.returncode == 1
+    else:  # the output is copied: writing it here fails, and the command exits 255 with the reason, as ssh does
+        assert echo.returncode == 255 and b"No space left on device" in echo.stderr, echo.stderr
+        assert head.returncode in (255, 128 + signal.SIGPIPE)
 
 
 MEMORY_SCRIPT = textwrap.dedent(

@@ -92,6 +92,11 @@ def fresh_sp(request: pytest.FixtureRequest) -> Iterator[Any]:
         connection.close()
 
 
+def real_fds(sp: Any) -> bool:
+    """Whether the child gets this process's own fds, as subprocess's does (a local agent's; loopback and ssh copy)."""
+    return sp is subprocess or sp.description.startswith("local agent")
+
+
 def make_script(path: pathlib.Path, body: str, mode: int = 0o755) -> str:
     path.write_text("#!/bin/sh\n" + body)
     path.chmod(mode)
@@ -743,7 +748,7 @@ def test_pipe_as_the_wrong_end(sp: Any) -> None:
     # a read end given as a child's output: subprocess lets the child fail writing, remowt refuses at once
     proc = sp.Popen([CAT], stdin=PIPE, stdout=PIPE)
     try:
-        if sp is subprocess:
+        if real_fds(sp):
             assert sp.call(["sh", "-c", "echo x"], stdout=proc.stdout, stderr=DEVNULL) != 0
         else:
             with pytest.raises(ValueError, match="not writable"):
@@ -832,7 +837,7 @@ def test_stdin_file_offset_after_a_partial_read(sp: Any, tmp_path: pathlib.Path)
     fd = os.open(tmp_path / "in", os.O_RDONLY)
     try:
         assert sp.run(["head", "-n", "1"], stdin=fd, stdout=PIPE).stdout == b"line1\n"
-        if sp is not subprocess:
+        if not real_fds(sp):
             pytest.skip(
                 "remowt: a local stdin is copied to the remote child by a thread that reads ahead of it, "
                 "so the offset ends after what was sent, not after what the child used (see Popen's docstring)"
@@ -840,6 +845,74 @@ def test_stdin_file_offset_after_a_partial_read(sp: Any, tmp_path: pathlib.Path)
         assert os.read(fd, 100) == b"line2\nline3\n"
     finally:
         os.close(fd)
+
+
+def test_stdin_the_child_does_not_read_is_left_unread(sp: Any, tmp_path: pathlib.Path) -> None:
+    # the shell's `while read l; do cmd; done < file`: each cmd must leave the rest of the file to the loop
+    (tmp_path / "in").write_bytes(b"".join(b"line%d\n" % i for i in range(1000)))
+    with open(tmp_path / "in", "rb", buffering=0) as f:
+        assert f.read(6) == b"line0\n"
+        assert sp.run(["true"], stdin=f, timeout=10).returncode == 0
+        rest = f.read()
+    if real_fds(sp):
+        assert rest == b"".join(b"line%d\n" % i for i in range(1, 1000))
+    else:  # copied by a thread that reads ahead: it ends, whatever it took (see Popen's docstring)
+        assert b"".join(b"line%d\n" % i for i in range(1000)).endswith(rest)
+
+
+def test_a_terminal_as_stdin_is_a_terminal_in_the_child(sp: Any) -> None:
+    master, slave = os.openpty()
+    try:
+        result = sp.run(["sh", "-c", "test -t 0"], stdin=slave, timeout=10)
+    finally:
+        os.close(slave)
+        os.close(master)
+    # a copied stdin is a pipe over there: the child ends all the same
+    assert result.returncode == (0 if real_fds(sp) else 1)
+
+
+WRITE_ERRNO = "import os, sys\ntry:\n    os.write(1, b'lost')\nexcept OSError as e:\n    sys.exit(e.errno)"
+
+
+def test_writes_to_a_full_disk_fail_in_the_child(sp: Any) -> None:
+    with open("/dev/full", "wb") as full:
+        if real_fds(sp):
+            result = sp.run([PY, "-c", WRITE_ERRNO], stdout=full, timeout=10)
+            assert result.returncode == errno.ENOSPC
+        else:  # copied: the write fails here, and the call says so
+            with pytest.raises(OSError) as failed:
+                sp.run([PY, "-c", WRITE_ERRNO], stdout=full, timeout=10)
+            assert failed.value.errno == errno.ENOSPC
+
+
+def test_a_tee_through_fileno_never_loses_the_tail(sp: Any) -> None:
+    # a tee: select() on stdout's and stderr's fds and os.read() them while the child runs; once it has
+    # exited, what is left in the pipes (with real pipes, all of it is there by then; a copied pipe may
+    # still be on its way, so there the tee reads to the end)
+    script = "i=0; while [ $i -lt 200 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"
+    expected = {
+        "stdout": b"".join(b"out%d\n" % i for i in range(200)),
+        "stderr": b"".join(b"err%d\n" % i for i in range(200)),
+    }
+    for _ in range(200):
+        proc = sp.Popen(["sh", "-c", script], stdout=PIPE, stderr=PIPE)
+        got = {"stdout": b"", "stderr": b""}
+        open_fds = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+        deadline = time.monotonic() + 10
+        while open_fds and time.monotonic() < deadline:
+            exited = real_fds(sp) and proc.poll() is not None
+            readable, _, _ = select.select(list(open_fds), [], [], 0 if exited else 1)
+            for fd in readable:
+                data = os.read(fd, 65536)
+                got[open_fds[fd]] += data
+                if not data:
+                    del open_fds[fd]
+            if exited and not readable:
+                break
+        assert proc.wait(timeout=10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+        assert got == expected
 
 
 def closed_fd() -> int:

@@ -27,6 +27,7 @@ from ..protocol import wire
 from ..rpc.keepalive import SilenceWatch
 from ..rpc.router import Router
 from ..transports.base import Transport
+from ..transports.fdpass import FdReceiver
 from ..transports.stdio import FdTransport, enlarge_pipe
 
 log = logging.getLogger("remowt.agent")
@@ -36,17 +37,22 @@ class Agent:
     """The agent's router and endpoints, over any transport (the loopback uses this in-process).
 
     ``watchdog`` (the agent process has one; the loopback, in the user's process, none) is told
-    which children to kill should this process die before :meth:`shutdown`.
+    which children to kill should this process die before :meth:`shutdown`. ``fds`` (a local
+    agent's fd socket) brings the fds the user hands its children.
     """
 
     def __init__(
-        self, address: str = wire.AGENT, watchdog: Optional[Watchdog] = None, tree: Optional[str] = None
+        self,
+        address: str = wire.AGENT,
+        watchdog: Optional[Watchdog] = None,
+        tree: Optional[str] = None,
+        fds: Optional[FdReceiver] = None,
     ) -> None:
         self.router = Router(address)
         self.silence = SilenceWatch()
         self.router.register(Control(address, on_keepalive=self.silence.arm))
         self.watchdog = watchdog
-        self.subprocesses = Subprocesses(self.router, watchdog)
+        self.subprocesses = Subprocesses(self.router, watchdog, fds)
         self.router.register(self.subprocesses)
         self.router.register(FileEdits())
         self.files = Files(self.router)
@@ -103,12 +109,19 @@ def _take_stdio() -> FdTransport:
     return FdTransport(read_fd, write_fd)
 
 
-USAGE = """usage: remowt-agent real-agent [--local] [--privileged] [--tree=DIGEST]
+def _inherited_socket(fd: int) -> int:
+    """The fd socket the user passed, made close-on-exec (children get only the fds they are given)."""
+    os.set_inheritable(fd, False)
+    return fd
+
+
+USAGE = """usage: remowt-agent real-agent [--local] [--privileged] [--tree=DIGEST] [--fd-socket=FD]
        remowt-agent askpass [PROMPT]
        remowt-agent editor FILE...
 real-agent serves the remowt protocol on stdin/stdout (--local: the user side is on this machine;
 --privileged: take the address agent-privileged; --tree: the digest of the deployed tree it runs from,
-which the privileged agent's copy must have); askpass is sudo's password helper (sudo -A); editor is the
+which the privileged agent's copy must have; --fd-socket: the unix socket on which the user sends the fds
+its children get as stdio); askpass is sudo's password helper (sudo -A); editor is the
 EDITOR of children on a terminal (the caller edits the file)."""
 
 
@@ -126,8 +139,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(USAGE)
         return
     trees = [option[len("--tree=") :] for option in args_list[1:] if option.startswith("--tree=")]
-    options = [option for option in args_list[1:] if not option.startswith("--tree=")]
-    if args_list[:1] != ["real-agent"] or not set(options) <= {"--local", "--privileged"} or len(trees) > 1:
+    sockets = [option[len("--fd-socket=") :] for option in args_list[1:] if option.startswith("--fd-socket=")]
+    options = [option for option in args_list[1:] if not option.startswith(("--tree=", "--fd-socket="))]
+    if (
+        args_list[:1] != ["real-agent"]
+        or not set(options) <= {"--local", "--privileged"}
+        or len(trees) > 1
+        or len(sockets) > 1
+        or not all(fd.isdigit() for fd in sockets)
+    ):
         # argparse would cost the agent's start-up more than this whole function
         sys.exit(f"{USAGE}\nremowt-agent: bad arguments {args_list!r}")
     privileged = "--privileged" in options
@@ -140,8 +160,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         # agent dies, its hangup must not kill us before we kill our children at end of input.
         # (A handler, not SIG_IGN, so the children get the default back at exec.)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
+    fds = FdReceiver(_inherited_socket(int(sockets[0]))) if sockets else None
     watchdog = start_watchdog()
-    agent = Agent(wire.AGENT_PRIVILEGED if privileged else wire.AGENT, watchdog, trees[0] if trees else None)
+    address = wire.AGENT_PRIVILEGED if privileged else wire.AGENT
+    agent = Agent(address, watchdog, trees[0] if trees else None, fds)
     try:
         agent.serve(_take_stdio())
         agent.upstream_lost.wait()

@@ -59,9 +59,9 @@ def privileged_command(tree: Optional[str]) -> List[str]:
     return [sys.executable, "-I", "-S", "-B", "-c", PRIVILEGED, source, tree, "real-agent", "--privileged"]
 
 
-def agent_argv(python: Optional[str] = None) -> List[str]:
-    """The command that starts a local agent (``remowt.connect_local`` runs it through ``connect_command``)."""
-    return python_command(AGENT, "real-agent", "--local", python=python)
+def agent_argv(python: Optional[str] = None, *options: str) -> List[str]:
+    """The command that starts a local agent with ``options`` (``remowt.connect_local`` runs it)."""
+    return python_command(AGENT, "real-agent", "--local", *options, python=python)
 
 
 def start_local_agent(python: Optional[str] = None) -> ChildTransport:

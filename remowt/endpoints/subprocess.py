@@ -30,6 +30,7 @@ from ..protocol.wire import USER
 from ..rpc.router import Router
 from ..rpc.streams import Stream
 from ..runtime.real_subprocess import Popen as LocalPopen
+from ..transports.fdpass import FdReceiver
 from ..transports.stdio import enlarge_pipe
 from .childinput import ChildInput
 from .childio import Child, ChildIO, LazyOutput
@@ -118,6 +119,10 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``closed`` names stdio the child gets as if closed: /dev/null opened the
     wrong way round, so every read (stdin) or write (stdout, stderr) fails with
     ``EBADF`` as on a closed fd, and nothing the child opens lands there.
+    ``passed`` names stdio the caller sent as fds of its own, on the agent's fd
+    socket just before this call, with ``handle`` as the token
+    (:mod:`remowt.transports.fdpass`; only an agent started on the caller's
+    machine has one): the child gets them as they are.
     Stdio that is none of these is /dev/null.
     """
 
@@ -131,6 +136,7 @@ class SpawnSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lazy_stdout: bool = False
     lazy_stderr: bool = False
     closed: List[str] = []
+    passed: List[str] = []
 
 
 class SubprocessApi(Service, namespace=10):
@@ -197,17 +203,18 @@ class _Child:
         self.terminal = -1  # the master of its terminal, if it has one (for resizing)
 
 
-def _check_closed(spec: SpawnSpec) -> None:
-    """``spec.closed`` names stdio that nothing else in ``spec`` claims."""
+def _check_stdio(spec: SpawnSpec) -> None:
+    """``spec.closed`` and ``spec.passed`` name stdio that nothing else in ``spec`` claims."""
     claimed = {
         "stdin": spec.stdin is not None,
         "stdout": spec.stdout is not None or spec.lazy_stdout,
         "stderr": spec.stderr is not None or spec.lazy_stderr or spec.stderr_to_stdout,
     }
-    for name in spec.closed:
-        if claimed.get(name, True):
-            raise BadArguments(f"closed: {name!r} is not stdin, stdout or stderr, or was given another way too")
-        claimed[name] = True
+    for field, names in (("closed", spec.closed), ("passed", spec.passed)):
+        for name in names:
+            if claimed.get(name, True):
+                raise BadArguments(f"{field}: {name!r} is not stdin, stdout or stderr, or was given another way too")
+            claimed[name] = True
 
 
 def _check_terminal(spec: SpawnSpec) -> None:
@@ -215,8 +222,10 @@ def _check_terminal(spec: SpawnSpec) -> None:
     terminal = spec.options.terminal
     if terminal is None:
         return
-    if spec.stderr is not None or spec.lazy_stderr or spec.stderr_to_stdout or spec.closed:
-        raise BadArguments("a child on a terminal writes its stderr there too: give no other stderr or closed stdio")
+    if spec.stderr is not None or spec.lazy_stderr or spec.stderr_to_stdout or spec.closed or spec.passed:
+        raise BadArguments(
+            "a child on a terminal writes its stderr there too: give no other stderr, closed or passed stdio"
+        )
     if spec.stdout is None and not spec.lazy_stdout:
         raise BadArguments("the output of a child on a terminal must be read: give a stdout stream")
     if not 0 < terminal.cols < 65536 or not 0 < terminal.rows < 65536:
@@ -264,11 +273,15 @@ def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
 
 
 class Subprocesses(SubprocessApi):
-    """The agent's implementation. ``watchdog`` kills the children :meth:`kill_all` would if the agent dies first."""
+    """The agent's implementation. ``watchdog`` kills the children :meth:`kill_all` would if the agent dies first.
 
-    def __init__(self, router: Router, watchdog: Optional[Watchdog] = None) -> None:
+    ``fds`` (a local agent's fd socket) brings the fds that spawns name as ``passed``.
+    """
+
+    def __init__(self, router: Router, watchdog: Optional[Watchdog] = None, fds: Optional[FdReceiver] = None) -> None:
         self._router = router
         self._watchdog = watchdog
+        self._fds = fds
         self._lock = threading.Lock()
         self._children: Dict[Tuple[str, int], _Child] = {}
         self._io = ChildIO(self._child_exited)
@@ -286,6 +299,24 @@ class Subprocesses(SubprocessApi):
         return child
 
     def spawn(self, spec: SpawnSpec) -> int:
+        passed = self._take_passed(spec)  # first: whatever fails below, the caller's fds are closed here
+        try:
+            return self._spawn(spec, passed)
+        finally:
+            for fd in passed.values():
+                os.close(fd)
+
+    def _take_passed(self, spec: SpawnSpec) -> Dict[str, int]:
+        """The caller's fds for the stdio ``spec.passed`` names, by name."""
+        if not spec.passed:
+            return {}
+        if self._fds is None:
+            raise BadArguments("passed stdio needs the fd socket of an agent started on the caller's machine")
+        if len(set(spec.passed)) != len(spec.passed):
+            raise BadArguments(f"passed names a stdio twice: {spec.passed}")
+        return dict(zip(spec.passed, self._fds.take(spec.handle, len(spec.passed))))
+
+    def _spawn(self, spec: SpawnSpec, passed: Dict[str, int]) -> int:
         owner = self._router.caller()
         if spec.options.user_shell:
             argv, options = _user_shell(spec.argv, spec.options)
@@ -293,7 +324,7 @@ class Subprocesses(SubprocessApi):
         terminal = spec.options.terminal
         if not spec.argv:
             raise BadArguments("argv must not be empty")
-        _check_closed(spec)
+        _check_stdio(spec)
         _check_terminal(spec)
         key = (owner, spec.handle)
         with self._lock:
@@ -324,7 +355,7 @@ class Subprocesses(SubprocessApi):
                         enlarge_pipe(ours[name])
                 for name in spec.closed:
                     theirs[name] = os.open(os.devnull, os.O_WRONLY if name == "stdin" else os.O_RDONLY)
-                process = LocalPopen(spec.argv, **self._popen_kwargs(spec, theirs))
+                process = LocalPopen(spec.argv, **self._popen_kwargs(spec, {**theirs, **passed}))
             except (ValueError, KeyError, TypeError) as e:  # bad env, unknown user or group: the caller's mistake
                 raise BadArguments(f"cannot start {os_name_text(spec.argv[0])!r}: {e}") from None
         except BaseException:
@@ -516,8 +547,10 @@ class Subprocesses(SubprocessApi):
             child.exited.wait(timeout)
 
     def join(self, timeout: float = 5.0) -> None:
-        """Stop the exit watcher and join the stdio pumps (after the router closed their streams)."""
+        """Stop the exit watcher, join the stdio pumps (after the router closed their streams), close the fd socket."""
         self._io.stop(timeout)
+        if self._fds is not None:
+            self._fds.close()
         with self._lock:
             editor, self._editor = self._editor, None
         if editor is not None:

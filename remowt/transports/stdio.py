@@ -248,8 +248,9 @@ def spawn_framed_child(
     env: Optional[Mapping[str, str]] = None,
     cwd: Optional[str] = None,
     capture_stderr: bool = True,
+    pass_fds: Sequence[int] = (),
 ) -> ChildTransport:
-    """Start ``argv`` with framed stdio and return the transport that talks to it.
+    """Start ``argv`` with framed stdio and return the transport that talks to it (it inherits ``pass_fds`` too).
 
     The child runs in a session of its own: a terminal's Ctrl-C (or hangup), sent
     to the caller's whole process group, is for the caller to handle, not a way to
@@ -264,6 +265,7 @@ def spawn_framed_child(
         cwd=cwd,
         bufsize=0,
         close_fds=True,
+        pass_fds=pass_fds,
         start_new_session=True,
     )
     assert process.stdin is not None and process.stdout is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -28,6 +29,7 @@ from ..rpc.link import Link
 from ..rpc.router import HANDSHAKE_TIMEOUT, Router
 from ..runtime.deadline import CALL_TIMEOUT, Deadline
 from ..runtime.interrupts import start
+from ..transports import fdpass
 from ..transports import loopback as loopback_transport
 from ..transports.base import Transport
 from ..transports.stdio import spawn_framed_child
@@ -145,7 +147,40 @@ def connect_command(
     ``connect_timeout`` bounds starting and deploying; the rest is as for
     :func:`connect`.
     """
-    args = [str(arg) for arg in argv]
+    return _connect_command(
+        [str(arg) for arg in argv],
+        deploy=deploy,
+        bundle=bundle,
+        python=python,
+        description=description,
+        connect_timeout=connect_timeout,
+        prompter=prompter,
+        escalation=escalation,
+        call_timeout=call_timeout,
+        agent_keepalive=agent_keepalive,
+        agent_keepalive_count=agent_keepalive_count,
+    )
+
+
+def _connect_command(
+    args: List[str],
+    *,
+    deploy: bool = True,
+    bundle: Optional[AgentBundle] = None,
+    python: str = "python3",
+    description: Optional[str] = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    prompter: Optional[Prompter] = None,
+    escalation: Optional[str] = None,
+    call_timeout: Optional[float] = CALL_TIMEOUT,
+    agent_keepalive: float = _keepalive.DEFAULT_INTERVAL,
+    agent_keepalive_count: int = _keepalive.DEFAULT_COUNT,
+    fd_socket: Optional[socket.socket] = None,
+) -> Remowt:
+    """:func:`connect_command`; ``fd_socket`` is an end of :func:`fdpass.socket_pair` that ``args`` name.
+
+    The command inherits ``fd_socket`` (and this side closes its copy); the connection keeps the other end.
+    """
     if not args:
         raise ValueError("argv must not be empty")
     check_prompter(prompter)
@@ -157,7 +192,7 @@ def connect_command(
     if deploy:
         agent_bundle = bundle if bundle is not None else AgentBundle.default()
         args.append(remote_start_command(agent_bundle, python))
-    transport = spawn_framed_child(args)
+    transport = spawn_framed_child(args, pass_fds=() if fd_socket is None else (fd_socket.fileno(),))
     try:
         if agent_bundle is not None:
             start_agent(transport, agent_bundle, timeout=deadline.left() or 0.0)
@@ -246,17 +281,25 @@ def connect_local(
     ``agent_keepalive_count`` as for :func:`connect`.
     """
     started_env = dict(os.environb)
-    connection = connect_command(
-        local.agent_argv(python),
-        deploy=False,
-        description="local agent",
-        prompter=prompter,
-        escalation=escalation,
-        call_timeout=call_timeout,
-        agent_keepalive=agent_keepalive,
-        agent_keepalive_count=agent_keepalive_count,
-    )
+    ours, theirs = fdpass.socket_pair()
+    try:
+        with theirs:
+            connection = _connect_command(
+                local.agent_argv(python, f"--fd-socket={theirs.fileno()}"),
+                deploy=False,
+                description="local agent",
+                prompter=prompter,
+                escalation=escalation,
+                call_timeout=call_timeout,
+                agent_keepalive=agent_keepalive,
+                agent_keepalive_count=agent_keepalive_count,
+                fd_socket=theirs,
+            )
+    except BaseException:
+        ours.close()
+        raise
     connection.started_env = started_env
+    connection.attach_fd_sender(fdpass.FdSender(ours))
     return connection
 
 

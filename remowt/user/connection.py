@@ -12,6 +12,7 @@ from ..protocol import wire
 from ..rpc.link import Link
 from ..rpc.router import Router
 from ..runtime.deadline import CALL_TIMEOUT
+from ..transports.fdpass import FdSender
 from .children import Children
 from .node import Node
 from .pipes import FdWriters
@@ -83,6 +84,11 @@ class Remowt(Node):
     def privileged_if_made(self) -> Optional[Privileged]:
         """The privileged node if :attr:`privileged` was asked for already (no side effects)."""
         return self._privileged
+
+    def attach_fd_sender(self, sender: FdSender) -> None:
+        """Hand children this process's fds through ``sender`` (an agent started here); closed with the connection."""
+        self.fd_sender = sender
+        self._on_close.append(sender.close)
 
     def _link_closed(self, link: Link, reason: Optional[BaseException]) -> None:
         if link is self.link:

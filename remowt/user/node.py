@@ -26,6 +26,9 @@ from ..protocol.service import Result, Service, proxy, timed
 from ..rpc.link import Link, held_mark, held_sends, held_undo, holding_sends
 from ..rpc.router import Pending, Router
 from ..rpc.streams import Stream
+from ..runtime.deadline import Deadline
+from ..runtime.interrupts import without_interrupts
+from ..transports.fdpass import FdSender
 from . import popen as _popen
 from .children import Children
 from .command import Command
@@ -83,6 +86,8 @@ class Node:
         #: For an agent started here by this process (``connect_local``): the environment it started with. Its
         #: children then get this process's cwd and environment as they are at each spawn, as subprocess's do.
         self.started_env: Optional[Dict[bytes, bytes]] = None
+        #: For an agent started here by this process: how its children get this process's fds as their stdio.
+        self.fd_sender: Optional[FdSender] = None
         self._control = proxy(ControlApi, router, address, call_timeout)
         self._subprocess = proxy(SubprocessApi, router, address, call_timeout)
 
@@ -237,6 +242,7 @@ class Node:
         stdout: int = DEVNULL,
         stderr: int = DEVNULL,
         outputs: Optional[Mapping[str, OutputHandler]] = None,
+        passed: Optional[Mapping[str, int]] = None,
         timeout: Optional[float] = None,
     ) -> RemoteProcess:
         """Start ``argv`` here, as ``options`` say; its items go to ``execve`` as ``os.fsencode`` makes them.
@@ -251,6 +257,11 @@ class Node:
         stream once the child writes there, or exits with the pipe still open,
         else None when the child exits. It runs on the thread reading the link,
         before anything arrives on the stream, and must not block.
+
+        ``passed`` maps stdio names (whose mode is then ignored) to fds of this
+        process that the child gets as they are, as a local child would: only
+        where :attr:`fd_sender` is set (an agent this process started here).
+        The caller keeps its fds; they must stay open until this returns.
 
         Without an answer within ``timeout`` seconds (None: :attr:`call_timeout`)
         it raises ``TimeoutError``; a child the agent starts after that is
@@ -269,6 +280,14 @@ class Node:
             stdout = DEVNULL
         if "stderr" in lazy:
             stderr = DEVNULL
+        given = dict(passed or {})
+        if not set(given) <= set(STDIO) or set(given) & set(lazy):
+            raise ValueError(f"passed may name stdin, stdout and stderr not in outputs, got {sorted(given)}")
+        sender = self.fd_sender
+        if given and sender is None:
+            raise ValueError(f"{self.description} cannot take this process's fds (only an agent started here can)")
+        modes = {name: DEVNULL if name in given else mode for name, mode in zip(STDIO, (stdin, stdout, stderr))}
+        stdin, stdout, stderr = modes["stdin"], modes["stdout"], modes["stderr"]
         timeout = self._ready(timeout)
         opened: List[Stream] = []
 
@@ -302,6 +321,7 @@ class Node:
                     lazy_stdout="stdout" in lazy,
                     lazy_stderr="stderr" in lazy,
                     closed=[name for name, mode in zip(STDIO, (stdin, stdout, stderr)) if mode == CLOSED],
+                    passed=list(given),
                 )
                 try:
                     pending = self.router.call(
@@ -312,6 +332,10 @@ class Node:
                     why = f"the spawn request is {e.size} bytes, over the agent's frame limit of {e.limit}"
                     program = os_name_text(options.executable or args[0]) if args else "the login shell"
                     raise OSError(errno.E2BIG, f"{os.strerror(errno.E2BIG)} ({why})", program) from None
+                if given:
+                    assert sender is not None
+                    limit = self.call_timeout if timeout is None else timeout
+                    _send_fds(sender, handle, list(given.values()), limit, (pending, opened, mark))
             try:
                 process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))
             except msgspec.ValidationError as e:
@@ -344,6 +368,37 @@ class Node:
             with contextlib.suppress(ConnectionLost, Unreachable):  # else that node is gone, its children too
                 args = _RELEASE.encode_args((handle,), {})
                 self.router.notify(address, SubprocessApi.namespace, _RELEASE.number, args)
+
+
+def _send_fds(
+    sender: FdSender,
+    handle: int,
+    fds: List[int],
+    timeout: Optional[float],
+    held: Tuple[Pending, List[Stream], Dict[Link, int]],
+) -> None:
+    """Send the spawn's fds just before its ``held`` call leaves; if they do not go, neither does the call.
+
+    Whether they went is noted in the same uninterruptible step as the send: a
+    Ctrl-C right after it leaves the call to go, so the agent takes them.
+    """
+    sent: List[bool] = []
+
+    def attempt() -> bool:
+        if sender.try_send(handle, fds):
+            sent.append(True)
+        return bool(sent)
+
+    deadline = Deadline(timeout)
+    try:
+        while not without_interrupts(attempt):
+            if not sender.wait_writable(deadline.left()) and deadline.expired():
+                raise TimeoutError(f"the local agent took no fds for the spawn within {timeout:g} s")
+    finally:
+        if not sent:
+            pending, opened, mark = held
+            _unsend(opened, mark)
+            pending.abandon()  # never sent: nothing will answer it
 
 
 def _unsend(streams: List[Stream], mark: Dict[Link, int]) -> None:

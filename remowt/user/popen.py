@@ -10,6 +10,8 @@ subclass subprocess's so ``except subprocess.CalledProcessError`` still works.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import io
 import locale
 import os
@@ -44,6 +46,7 @@ CLOSED = -4
 A closed fd 0, 1 or 2 of this process, inherited, is passed on so: subprocess's child would find it closed.
 """
 INHERIT_GRACE = 2.0
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's number; fcntl names it from Python 3.10
 
 StrOrBytesPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 Args = Union[StrOrBytesPath, Sequence[StrOrBytesPath]]
@@ -275,13 +278,24 @@ class Popen:
     against this process's cwd). Elsewhere they are the agent's: over ssh the
     login's home directory and environment, as for a command ``ssh`` runs.
 
-    Where it differs from a local child, because the child is elsewhere:
+    Stdio on a connection from :func:`remowt.connect_local` (not its
+    privileged node) is exactly subprocess's: an fd, a file or inherited
+    stdio is handed to the child as it is (``SCM_RIGHTS`` to the agent), and
+    ``PIPE`` is an ``os.pipe()`` made here whose other end the child gets, so
+    a terminal stays a terminal, unread input stays unread, a full disk
+    fails the child's write, and ``fileno()``, ``select()`` and EOF are the
+    pipe's own. Elsewhere (over ssh, the loopback, ``sudo=True``,
+    ``pty=True``) stdio is copied over the link, and it differs from a local
+    child, because the child is elsewhere:
 
     - A stdin given as a local fd or file (or inherited) is copied to the
       child by a thread, which reads ahead of the child: a child that stops
       reading early (``head -n 1``) leaves the shared file offset after what
       was sent, not after what it consumed, and the copy stops when the
-      child exits. Output given as a local fd or file is copied likewise.
+      child exits. A terminal given as stdin is a pipe over there.
+      Output given as a local fd or file is copied likewise.
+    - ``poll()`` may see the exit before the last output has reached the
+      pipe that ``fileno()`` reads: read to EOF rather than stopping at the exit.
     - Writing to the stdin of a child known to have exited raises
       ``BrokenPipeError`` even if a grandchild still holds that pipe.
     - ``fileno()`` of a ``PIPE`` file object starts a thread that copies the
@@ -351,6 +365,8 @@ class Popen:
         self._in_pump: Optional[FdToStream] = None
         self._sinks: List[FdSink] = []
         self._raw_readers: Dict[str, StreamReader] = {}
+        self._os_pipes: Dict[str, List[int]] = {}  # stdio made a pipe here: [our end, the child's end] (-1: closed)
+        self._os_files: List[str] = []  # stdio whose file object is an os.pipe() end, as subprocess's are
         self._output_error: Optional[OSError] = None
         self._communication_started = False
         self._collected_output: Dict[str, io.BytesIO] = {}
@@ -437,43 +453,81 @@ class Popen:
             self.connection = conn
             if conn.started_env is not None:
                 options = _callers_view(options, conn.started_env)
+            passed = self._pass_stdio(choices, pipesize) if conn.fd_sender is not None and terminal is None else {}
             outputs = {
                 name: self._copy_output(name, choice)
                 for name in ("stdout", "stderr")
                 for choice in (choices[name],)
-                if isinstance(choice, int) and choice not in (PIPE, DEVNULL, STDOUT, CLOSED)
+                if isinstance(choice, int) and choice not in (PIPE, DEVNULL, STDOUT, CLOSED) and name not in passed
             }
-            process = conn.spawn(
+            self._process = process = conn.spawn(
                 argv,
                 options,
                 stdin=_mode(choices["stdin"]),
                 stdout=_mode(choices["stdout"]),
                 stderr=_mode(choices["stderr"]),
                 outputs=outputs,
+                passed=passed,
                 timeout=spawn_timeout,
             )
+            self._close_childs_ends()  # the child has its copies now
         except OSError as e:
             _named_as_given(e, exe or (argv[0] if argv else b""), caller_program, options.cwd, cwd)
             self._undo_stdio(choices)
             raise
         except BaseException:
             self._undo_stdio(choices)
+            if self._process is not None:  # an interrupt right after the start: end the child's pipes
+                self._process.close()
             raise
-        self._process = process
         self.pid = process.pid
         try:
             self._wire_stdio(process, choices, bufsize, line_buffering, pipesize)
         except BaseException:  # an interrupt, say: end the child's pipes, or it waits for its input for good
             process.close()
+            self._close_os_pipes()
             raise
 
+    def _close_os_pipes(self) -> None:
+        """Close our ends of the pipes made here, as files or not yet (the child sees EOF, or EPIPE)."""
+        for name, ends in self._os_pipes.items():
+            without_interrupts(functools.partial(_close_end, ends, 0))
+            handle = getattr(self, name) if name in self._os_files else None
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    handle.close()
+
     def _undo_stdio(self, choices: Dict[str, Choice]) -> None:
-        """Let go of what a failed start held: other children's pipes, copies of local fds."""
+        """Let go of what a failed start held: other children's pipes, copies of local fds, pipes made here."""
         for choice in choices.values():
             if isinstance(choice, PipeEnd):
                 choice.release()
         for sink in self._sinks:
             sink.close()
+        self._close_childs_ends()
+        for ends in self._os_pipes.values():
+            without_interrupts(functools.partial(_close_end, ends, 0))
+
+    def _close_childs_ends(self) -> None:
+        for ends in self._os_pipes.values():
+            without_interrupts(functools.partial(_close_end, ends, 1))
+
+    def _pass_stdio(self, choices: Dict[str, Choice], pipesize: int) -> Dict[str, int]:
+        """The fds to hand the child as they are (an agent started here): given or inherited ones, and for
+        ``PIPE`` the child's end of an ``os.pipe()`` made here, whose other end becomes the file object."""
+        passed: Dict[str, int] = {}
+        for name, choice in choices.items():
+            if isinstance(choice, PipeEnd) or choice in (DEVNULL, STDOUT, CLOSED):
+                continue
+            if choice == PIPE:
+                without_interrupts(functools.partial(self._make_os_pipe, name))
+                ours, theirs = self._os_pipes[name]
+                if pipesize > 0:
+                    fcntl.fcntl(ours, F_SETPIPE_SZ, pipesize)
+                passed[name] = theirs
+            else:
+                passed[name] = choice
+        return passed
 
     def _copy_output(self, name: str, fd: int) -> Callable[[Optional[Stream]], None]:
         """The handler of output ``name`` copied to local ``fd``: the stream is opened only when there is output."""
@@ -493,6 +547,8 @@ class Popen:
     def _wire_stdio(
         self, process: RemoteProcess, choices: Dict[str, Choice], bufsize: int, line_buffering: bool, pipesize: int
     ) -> None:
+        for name in self._os_pipes:
+            without_interrupts(functools.partial(self._open_pipe_file, name, bufsize, line_buffering))
         choice = choices["stdin"]
         if process.stdin is not None:
             end = PipeEnd(process.stdin, writable=True, exited=lambda: process.returncode is not None)
@@ -526,6 +582,26 @@ class Popen:
                 if self.text_mode:
                     handle = io.TextIOWrapper(handle, encoding=self.encoding, errors=self.errors)
                 setattr(self, name, handle)
+
+    def _make_os_pipe(self, name: str) -> None:
+        self._os_pipes[name] = _pipe_for(name)
+
+    def _open_pipe_file(self, name: str, bufsize: int, line_buffering: bool) -> None:
+        """Our end of pipe ``name`` as subprocess wraps it: ``io.open`` (buffered as ``bufsize`` says), text on top."""
+        ends = self._os_pipes[name]
+        writing = name == "stdin"
+        handle: Any = open(ends[0], "wb" if writing else "rb", -1 if bufsize == 1 else bufsize)  # noqa: SIM115 (the Popen owns it, as subprocess.Popen does)
+        ends[0] = -1  # the file owns it now
+        if self.text_mode:
+            handle = io.TextIOWrapper(
+                handle,
+                encoding=self.encoding,
+                errors=self.errors,
+                write_through=writing,
+                line_buffering=writing and line_buffering,
+            )
+        setattr(self, name, handle)
+        self._os_files.append(name)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: returncode: {self.returncode} args: {self.args!r}>"
@@ -700,17 +776,45 @@ class Popen:
             if self.text_mode and data:
                 stdin: Any = self.stdin
                 data = data.encode(stdin.encoding, stdin.errors)
-            self._start_io(self._write_input, data)
+            if "stdin" in self._os_files:
+                self._start_fd_io(_write_fd, self.stdin, data)
+                with contextlib.suppress(BrokenPipeError):  # the thread's copy is the child's input now
+                    self.stdin.close()
+            else:
+                self._start_io(self._write_input, data)
         for name in ("stdout", "stderr"):
             handle = getattr(self, name)
-            if handle is not None:
-                raw = self._raw_readers[name]
-                # Nothing read yet: no buffered layer holds bytes, so take the
-                # stream's chunks as they are instead of copying them through it.
-                binary = raw if not raw.touched else getattr(handle, "buffer", handle)
-                read = raw.read_chunk if binary is raw else binary.read1
-                collected = self._collected_output[name] = io.BytesIO()
-                self._start_io(_read_all, binary, read, collected)
+            if handle is None:
+                continue
+            collected = self._collected_output[name] = io.BytesIO()
+            if name in self._os_files:
+                # As subprocess does: the fd is read, whatever the file object holds in its buffers.
+                if not handle.closed:
+                    self._start_fd_io(_read_fd, handle, collected)
+                continue
+            raw = self._raw_readers[name]
+            # Nothing read yet: no buffered layer holds bytes, so take the
+            # stream's chunks as they are instead of copying them through it.
+            binary = raw if not raw.touched else getattr(handle, "buffer", handle)
+            read = raw.read_chunk if binary is raw else binary.read1
+            self._start_io(_read_all, binary, read, collected)
+
+    def _start_fd_io(self, target: Callable[..., None], handle: IO[Any], *args: Any) -> None:
+        """Run ``target(fd, *args)`` on a communicate thread, ``fd`` a copy of ``handle``'s that the thread closes.
+
+        The thread never touches the file object: the caller may close it meanwhile (``with Popen``
+        after a timeout), and its fd's number may then be reused.
+        """
+
+        def take() -> None:
+            fd = os.dup(handle.fileno())
+            try:
+                self._start_io_now(_closing, (fd, target, *args))
+            except BaseException:
+                os.close(fd)
+                raise
+
+        without_interrupts(take)
 
     def _start_io(self, target: Callable[..., None], *args: Any) -> None:
         """Run ``target(*args)`` on a communicate thread; communicate() raises what it raises."""
@@ -779,6 +883,50 @@ def _read_all(handle: Any, read: Callable[[int], Any], collected: io.BytesIO) ->
         if not data:
             return
         collected.write(data)
+
+
+def _closing(fd: int, target: Callable[..., None], *args: Any) -> None:
+    """``target(fd, *args)``, then close ``fd``."""
+    try:
+        target(fd, *args)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, collected: io.BytesIO) -> None:
+    """Read pipe ``fd`` to its end into ``collected``."""
+
+    def read(size: int) -> Optional[bytes]:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:  # the caller made the pipe non-blocking
+            return None
+
+    _read_all(fd, read, collected)
+
+
+def _write_fd(fd: int, data: Optional[bytes]) -> None:
+    """Write ``data`` to pipe ``fd``; a child that exits without reading it all is not an error (as subprocess)."""
+    view = memoryview(data or b"")
+    with contextlib.suppress(BrokenPipeError):
+        while view:
+            try:
+                view = view[os.write(fd, view[: 1 << 20]) :]
+            except BlockingIOError:  # the caller made the pipe non-blocking
+                select.select([], [fd], [])
+
+
+def _pipe_for(name: str) -> List[int]:
+    """A pipe for stdio ``name``: [our end, the child's end]."""
+    read_fd, write_fd = os.pipe()
+    return [write_fd, read_fd] if name == "stdin" else [read_fd, write_fd]
+
+
+def _close_end(ends: List[int], which: int) -> None:
+    """Close ``ends[which]`` unless it is closed (-1) already, and mark it so."""
+    fd, ends[which] = ends[which], -1
+    if fd >= 0:
+        os.close(fd)
 
 
 def _buffer_size(bufsize: int) -> int:
