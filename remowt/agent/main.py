@@ -21,6 +21,7 @@ from ..endpoints.control import Control
 from ..endpoints.editor import FileEdits
 from ..endpoints.escalate import Escalator
 from ..endpoints.fs import Files
+from ..endpoints.sockets import Sockets
 from ..endpoints.subprocess import Subprocesses
 from ..endpoints.watchdog import Watchdog, start_watchdog
 from ..protocol import wire
@@ -57,6 +58,8 @@ class Agent:
         self.router.register(FileEdits())
         self.files = Files(self.router)
         self.router.register(self.files)
+        self.sockets = Sockets(self.router)
+        self.router.register(self.sockets)
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:
             self.escalator = Escalator(self.router, tree)
@@ -86,9 +89,11 @@ class Agent:
         if self.escalator is not None:
             self.escalator.close()
         self.subprocesses.kill_all(timeout)
+        self.sockets.close_listeners(timeout)
         self.router.close(timeout)
         self.subprocesses.join(timeout)
         self.files.join(timeout)
+        self.sockets.join(timeout)
         if self.watchdog is not None:
             self.watchdog.close(timeout)
 

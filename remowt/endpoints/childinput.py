@@ -25,13 +25,24 @@ log = logging.getLogger("remowt.childinput")
 
 
 class ChildInput:
-    """Copies ``stream`` into ``fd`` (ours, closed at the end); ``on_thread`` is told of each waiting thread started."""
+    """Copies ``stream`` into ``fd`` (ours, closed at the end); ``on_thread`` is told of each waiting thread started.
 
-    def __init__(self, stream: Stream, fd: int, name: str, on_thread: Callable[[threading.Thread], None]) -> None:
+    ``on_end`` runs once at the end, before ``fd`` is closed (a socket shuts its write side there).
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        fd: int,
+        name: str,
+        on_thread: Callable[[threading.Thread], None],
+        on_end: Optional[Callable[[], None]] = None,
+    ) -> None:
         self._stream = stream
         self._fd = fd
         self._name = name
         self._on_thread = on_thread
+        self._on_end = on_end
         self._lock = threading.Lock()
         self._queue: Deque[memoryview] = collections.deque()
         self._waiting = False  # a thread writes the queue: arrivals join it
@@ -108,5 +119,7 @@ class ChildInput:
                 return
             self._closed = True
             self._queue.clear()
+        if self._on_end is not None:
+            self._on_end()
         os.close(self._fd)
         self._stream.close()

@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import signal
+import socket
 import time
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union, overload
 
@@ -30,6 +31,7 @@ from ..runtime.deadline import Deadline
 from ..runtime.interrupts import without_interrupts
 from ..transports.fdpass import FdSender
 from . import popen as _popen
+from . import sockets as _sockets
 from .children import Children
 from .command import Command
 from .paths import RemotePath
@@ -116,6 +118,42 @@ class Node:
     def path(self, *segments: Union[str, bytes, os.PathLike[str]]) -> RemotePath:
         """A path here with :class:`pathlib.Path`'s face (:class:`~remowt.user.paths.RemotePath`)."""
         return RemotePath(self, *segments)
+
+    # --- sockets --------------------------------------------------------
+
+    def connect_unix(self, path: Union[str, bytes, os.PathLike[str]], timeout: Optional[float] = None) -> socket.socket:
+        """A socket here joined to the unix socket ``path`` there (``timeout`` to connect; None: call_timeout).
+
+        A real :class:`socket.socket` (one end of a socketpair; remowt pumps
+        the other), so any socket code works on it. The ``OSError`` of a
+        failed connect arrives as raised there (``FileNotFoundError``, ``PermissionError`` …).
+        """
+        return _sockets.connect(self, _sockets.socket_address(path), timeout)
+
+    def connect_tcp(self, host: str, port: int, timeout: Optional[float] = None) -> socket.socket:
+        """A socket here joined to TCP ``host``:``port`` as reached from there; see :meth:`connect_unix`."""
+        return _sockets.connect(self, _sockets.socket_address((host, port)), timeout)
+
+    def forward_local(
+        self, local: _sockets.Address, remote: _sockets.Address, *, connect_timeout: Optional[float] = None
+    ) -> _sockets.LocalForward:
+        """``ssh -L``: listen at ``local`` here; each connection reaches ``remote`` from there (a context manager).
+
+        An address is a path (unix socket), ``(host, port)`` or a port on
+        localhost; ``.address`` says where it listens (the port chosen for 0).
+        """
+        return _sockets.LocalForward(self, local, remote, connect_timeout)
+
+    def forward_remote(
+        self, remote: Optional[_sockets.Address], local: _sockets.Address, *, mode: Optional[int] = None
+    ) -> _sockets.RemoteForward:
+        """``ssh -R``: listen at ``remote`` there; each connection reaches ``local`` here (a context manager).
+
+        ``remote`` None: a new unix socket in the runtime dir there
+        (``$XDG_RUNTIME_DIR``, else a private temporary directory), ``mode``
+        its permissions; ``.address`` says where it listens.
+        """
+        return _sockets.RemoteForward(self, remote, local, mode)
 
     # --- health ---------------------------------------------------------
 
