@@ -10,6 +10,7 @@ import os
 import select
 import signal
 import sys
+import tempfile
 import threading
 from types import FrameType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
@@ -23,6 +24,7 @@ from .user.connection import Remowt
 from .user.editing import edit_locally, lend_terminal
 from .user.node import Node
 from .user.popen import CLOSED, DEVNULL, PIPE, Popen, make_terminal
+from .user.sockets import NIX_DAEMON_SOCKET, Address, Bound, bound, socket_address
 from .version import __version__
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -70,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("target", metavar="HOST:PATH", help="the host (as for remowt ssh) and the file's path there")
     edit.add_argument("--sudo", action="store_true", help="read and write the file as root")
-    for command in (ssh, edit):
+    for command in (ssh, edit, *_add_socket_parsers(commands)):
         command.add_argument("-p", "--port", type=int, help="port to connect to")
         command.add_argument("-l", "--login", metavar="USER", help="user to log in as")
         command.add_argument("-i", "--identity", metavar="KEY", action="append", help="private key file (repeatable)")
@@ -575,6 +577,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(_bundle_main(args))
     if args.command == "edit":
         sys.exit(_edit_main(args, parser))
+    if args.command in ("forward", "nix-daemon"):
+        sys.exit(_sockets_main(args, parser))
     job = _job(args, words, parser)
     stdio = plug_closed_stdio()
     with SignalForwarder() as signals:
@@ -626,3 +630,148 @@ def _run(args: argparse.Namespace, job: Job, signals: SignalForwarder, stdio: Ma
     except RemowtError as e:
         print(f"remowt: {e}", file=sys.stderr)
         return 255
+
+
+def _add_socket_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> List[argparse.ArgumentParser]:
+    forward = commands.add_parser(
+        "forward",
+        help="forward sockets to and from an ssh host (ssh -L / -R) until interrupted",
+        description=(
+            "Connect to HOST and forward unix sockets and TCP ports in ssh's syntax until interrupted: "
+            "-L [BIND:]PORT:RHOST:RPORT, -L [BIND:]PORT:RPATH, -L LPATH:RHOST:RPORT, -L LPATH:RPATH listen here "
+            "and connect from HOST; -R does the reverse (listens on HOST, connects from here). A path has a /; "
+            "BIND defaults to localhost, * is every address; PORT 0 picks one. Each forward is told on stderr "
+            "as it starts. Exit 0 when interrupted, 255 if the connection is lost."
+        ),
+    )
+    forward.add_argument("host", help="host name or ~/.ssh/config alias, optionally user@host")
+    forward.add_argument("-L", dest="local", metavar="SPEC", action="append", default=[], help="listen here")
+    forward.add_argument("-R", dest="remote", metavar="SPEC", action="append", default=[], help="listen on HOST")
+    forward.add_argument("--sudo", action="store_true", help="connect and listen on HOST as root")
+    nix = commands.add_parser(
+        "nix-daemon",
+        help="expose an ssh host's nix daemon as a local unix socket until interrupted",
+        description=(
+            "Connect to HOST and listen at a local unix socket that reaches HOST's nix daemon (as the login, "
+            "or through the privileged agent when the daemon's socket is root-only), so that "
+            "nix --store unix://PATH works against HOST's store. The socket's path is told on stderr."
+        ),
+    )
+    nix.add_argument("host", help="host name or ~/.ssh/config alias, optionally user@host")
+    nix.add_argument("--socket", metavar="PATH", help="the local socket (default: a new one in a private directory)")
+    nix.add_argument("--remote-socket", metavar="PATH", default=NIX_DAEMON_SOCKET, help="the daemon's socket on HOST")
+    return [forward, nix]
+
+
+def parse_forward(spec: str, listen_default: str = "localhost") -> Tuple[Address, Address]:
+    """An ssh -L/-R ``spec`` as (where to listen, where to connect); ``ValueError`` saying what is wrong.
+
+    Fields are split at ``:`` (IPv6 addresses in brackets); one with a ``/`` is a unix socket path.
+    """
+    fields = _forward_fields(spec)
+    taken = 1 if "/" in fields[-1] else 2
+    listen, target = fields[:-taken], fields[-taken:]
+    if len(listen) == 1 and "/" in listen[0]:
+        where: Address = listen[0]
+    elif len(listen) in (1, 2) and "/" not in "".join(listen):
+        bind = listen[0] if len(listen) == 2 else listen_default
+        where = ("" if bind == "*" else bind, _port(listen[-1], spec))
+    else:
+        raise ValueError(f"bad forwarding specification {spec!r}: expected [BIND:]PORT or a path before the target")
+    connect: Address = target[0] if taken == 1 else (target[0], _port(target[1], spec))
+    return where, connect
+
+
+def _forward_fields(spec: str) -> List[str]:
+    fields: List[str] = []
+    rest = spec
+    while rest:
+        if rest.startswith("["):
+            end = rest.find("]")
+            if end < 0:
+                raise ValueError(f"bad forwarding specification {spec!r}: unclosed [")
+            fields.append(rest[1:end])
+            rest = rest[end + 1 :]
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"bad forwarding specification {spec!r}: expected : after ]")
+            rest = rest[1:]
+            continue
+        field, colon, rest = rest.partition(":")
+        fields.append(field)
+        if colon and not rest:
+            fields.append("")
+    if len(fields) < 2 or "" in fields:
+        raise ValueError(f"bad forwarding specification {spec!r}: expected LISTEN:TARGET")
+    return fields
+
+
+def _port(text: str, spec: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"bad forwarding specification {spec!r}: {text!r} is not a port")
+    return int(text)
+
+
+def _text(address: Bound) -> str:
+    return address if isinstance(address, str) else f"{address[0] or '*'}:{address[1]}"
+
+
+def _sockets_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``remowt forward`` and ``remowt nix-daemon``: forwards that run until a signal, or until the link is lost."""
+    try:
+        local = [parse_forward(spec) for spec in getattr(args, "local", [])]
+        remote = [parse_forward(spec) for spec in getattr(args, "remote", [])]
+    except ValueError as e:
+        parser.error(f"{args.command}: {e}")
+    if args.command == "forward" and not local and not remote:
+        parser.error("forward: give at least one -L or -R")
+    stop = threading.Event()
+    lost: List[str] = []
+    signalled: List[int] = []
+
+    def interrupted(signum: int, frame: Optional[FrameType]) -> None:
+        signalled.append(signum)
+        stop.set()
+
+    previous = {signum: signal.signal(signum, interrupted) for signum in FORWARDED_SIGNALS}
+    try:
+        with contextlib.ExitStack() as stack:
+            connection = stack.enter_context(_connection(args))
+            connection.router.on_link_closed(lambda link, reason: _lost(lost, stop, reason))
+            if args.command == "nix-daemon":
+                path = args.socket or os.path.join(stack.enter_context(_private_dir()), "nix-daemon.sock")
+                forward = stack.enter_context(connection.forward_nix_daemon(path, args.remote_socket))
+                _tell(f"nix daemon of {args.host} at {_text(forward.address)}: nix --store unix://{forward.address}")
+            node: Node = connection.privileged if getattr(args, "sudo", False) else connection
+            for where, target in local:
+                forward_l = stack.enter_context(node.forward_local(where, target))
+                _tell(f"-L {_text(forward_l.address)} -> {args.host} {_text(bound(socket_address(target)))}")
+            for where, target in remote:
+                forward_r = stack.enter_context(node.forward_remote(where, target))
+                _tell(f"-R {args.host} {_text(forward_r.address)} -> {_text(bound(socket_address(target)))}")
+            while not stop.wait(1.0):
+                pass
+    except (OSError, RemowtError) as e:
+        print(f"remowt: {e}", file=sys.stderr)
+        return 255
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if lost and not signalled:
+        print(f"remowt: connection to {args.host} lost: {lost[0]}", file=sys.stderr)
+        return 255
+    return 0
+
+
+def _lost(lost: List[str], stop: threading.Event, reason: Optional[BaseException]) -> None:
+    lost.append(str(reason or "closed"))
+    stop.set()
+
+
+@contextlib.contextmanager
+def _private_dir() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="remowt-") as directory:
+        yield directory
+
+
+def _tell(line: str) -> None:
+    print(f"remowt: {line}", file=sys.stderr, flush=True)

@@ -16,13 +16,17 @@ import http.server
 import os
 import pathlib
 import pwd
+import re
+import shutil
 import signal
 import socket
 import socketserver
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
-from typing import Callable, Dict, Iterator, Tuple
+from typing import IO, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 from _util import fd_count, thread_names, wait_until
@@ -340,3 +344,102 @@ def test_a_lost_link_ends_the_socket(echo_tcp: Tuple[str, int]) -> None:
         sock.settimeout(20)
         assert sock.recv(4) == b""
         sock.close()
+
+
+@pytest.fixture
+def nix_daemon() -> Iterator[str]:
+    """A real nix daemon (Debian's nix-bin) listening at a socket only root may reach (a 0700 directory)."""
+    program = shutil.which("nix-daemon")
+    if program is None:
+        pytest.skip("nix-daemon is not installed (apt-get install nix-bin)")
+    with tempfile.TemporaryDirectory(prefix="remowt-nix-") as directory:
+        path = os.path.join(directory, "socket")
+        env = {**os.environ, "NIX_DAEMON_SOCKET_PATH": path}
+        daemon = subprocess.Popen([program], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert wait_until(lambda: os.path.exists(path), 20), "the nix daemon did not start"
+            yield path
+        finally:
+            daemon.kill()
+            daemon.wait(10)
+
+
+def _nix_ping(store: str) -> str:
+    argv = ["nix", "--extra-experimental-features", "nix-command", "store", "ping", "--store", f"unix://{store}"]
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30, check=True)
+    return done.stdout  # nix 2.8 tells the store on stderr
+
+
+def test_nix_daemon_of_the_target_through_privileged(
+    sshd: SshServer, shared_dir: pathlib.Path, nix_daemon: str
+) -> None:
+    """The target's root-only nix daemon socket, forwarded here through the privileged agent: nix talks to it."""
+    with remowt.connect(sshd.alias, ssh_config=sshd.ssh_config, prompter=lambda prompt: TEST_PASSWORD) as conn:
+        conn.escalation = "sudo"
+        with pytest.raises(PermissionError):
+            conn.connect_unix(nix_daemon)
+        local = str(shared_dir / "nix.sock")
+        with conn.forward_nix_daemon(local, nix_daemon) as forward:
+            assert forward.node is conn.privileged
+            assert re.search(r"^Version: \d", _nix_ping(local), re.M)
+
+
+def _remowt(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "remowt", *args], stderr=subprocess.PIPE)
+
+
+def _told(stream: IO[bytes], count: int) -> List[str]:
+    """The first ``count`` lines remowt told on stderr."""
+    return [stream.readline().decode().strip() for _ in range(count)]
+
+
+def test_cli_forward_both_ways_until_interrupted(sshd: SshServer, echo_tcp: Tuple[str, int], echo_unix: str) -> None:
+    """remowt forward -L and -R in ssh's syntax: each forward told on stderr, carried, ended by Ctrl-C (exit 0)."""
+    specs = ["-L", f"127.0.0.1:0:127.0.0.1:{echo_tcp[1]}", "-R", f"127.0.0.1:0:{echo_unix}"]
+    process = _remowt("forward", "-F", sshd.ssh_config, "remowt-test-root", *specs)
+    try:
+        assert process.stderr is not None
+        told = _told(process.stderr, 2)
+        ports = [int(re.search(r"127\.0\.0\.1:(\d+) ->", line).group(1)) for line in told]  # type: ignore[union-attr]
+        assert told[0].startswith("remowt: -L ") and told[1].startswith("remowt: -R remowt-test-root ")
+        for port in ports:
+            _exchange(_tcp(("127.0.0.1", port)), 256 * 1024)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
+        for port in ports:
+            with pytest.raises(ConnectionRefusedError):
+                _tcp(("127.0.0.1", port))
+    finally:
+        process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def test_cli_bad_forward_spec_is_a_usage_error(sshd: SshServer) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "remowt", "forward", "-F", sshd.ssh_config, "remowt-test-root", "-L", "80"],
+        capture_output=True,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert b"bad forwarding specification '80'" in result.stderr
+
+
+def test_cli_nix_daemon(sshd: SshServer, nix_daemon: str) -> None:
+    """remowt nix-daemon HOST: a local socket (its path told on stderr) where nix finds the target's daemon."""
+    process = _remowt("nix-daemon", "-F", sshd.ssh_config, "remowt-test-root", "--remote-socket", nix_daemon)
+    try:
+        assert process.stderr is not None
+        (line,) = _told(process.stderr, 1)
+        match = re.search(r"nix --store unix://(\S+)$", line)
+        assert match is not None, line
+        assert "Version:" in _nix_ping(match.group(1))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert not os.path.exists(match.group(1))
+    finally:
+        process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

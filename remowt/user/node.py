@@ -155,6 +155,12 @@ class Node:
         """
         return _sockets.RemoteForward(self, remote, local, mode)
 
+    def forward_nix_daemon(
+        self, local: _sockets.Address, remote: _sockets.Address = _sockets.NIX_DAEMON_SOCKET
+    ) -> _sockets.LocalForward:
+        """The nix daemon's socket here (``remote``) at ``local`` on this machine (root-only: through privileged)."""
+        return _sockets.forward_nix_daemon(self, local, remote)
+
     # --- health ---------------------------------------------------------
 
     def ping(self, timeout: Optional[float] = None) -> float:

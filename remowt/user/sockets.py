@@ -45,6 +45,8 @@ log = logging.getLogger("remowt.sockets")
 Address = Union[str, bytes, "os.PathLike[str]", Tuple[str, int], int]
 #: An address as :attr:`LocalForward.address` and :attr:`RemoteForward.address` give it: a path or ``(host, port)``.
 Bound = Union[str, Tuple[str, int]]
+#: Where a nix daemon listens.
+NIX_DAEMON_SOCKET = "/nix/var/nix/daemon-socket/socket"
 CHUNK = 256 * 1024  # one read of a local socket
 CONNECT_TIMEOUT = 30.0
 Prepared = Tuple[socket.socket, Stream, Stream]
@@ -100,6 +102,23 @@ def connect(node: Node, address: SocketAddress, timeout: Optional[float]) -> soc
         raise
     Pump(f"socket-{up.sid}", lambda: (ours, up, down)).start()
     return theirs
+
+
+def forward_nix_daemon(node: Node, local: Address, remote: Address = NIX_DAEMON_SOCKET) -> LocalForward:
+    """The nix daemon's socket at ``node`` (``remote``), listened to at ``local`` here: ``nix --store unix://LOCAL``.
+
+    Tried as the login first; a socket only root may use (``PermissionError``)
+    is reached through the node's privileged agent.
+    """
+    target = socket_address(remote)
+    try:
+        probe = open_streams(node, target, None)
+    except PermissionError:
+        node = node.privileged
+    else:
+        for stream in probe:  # the probe ends at once: the daemon reads its end
+            stream.close()
+    return LocalForward(node, local, remote)
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
