@@ -258,6 +258,44 @@ def ssh_keystroke_group(quick: bool) -> Group:
     )
 
 
+def ssh_forward_throughput_group(quick: bool) -> Group:
+    size = (32 if quick else 256) * MiB
+    return Group(
+        name="ssh-forward-throughput",
+        title="ssh: one forwarded TCP connection's throughput",
+        kind="throughput",
+        iterations=3 if quick else 8,
+        block=1,
+        warmup=1,
+        contenders=[
+            ssh_contender("remowt forward_local", s.forward_read(s.remowt_forward, size)),
+            ssh_contender("openssh ssh -L", s.forward_read(s.openssh_forward, size), requires=()),
+        ],
+        targets=[Target("remowt forward_local", "openssh ssh -L", 0.8)],
+        detail=f"a TCP server here sends {size // MiB} MiB of zeros to each connection, reached through a forward "
+        "of a local port to it as the test host sees it (the sshd is on this machine); the client reads until EOF",
+    )
+
+
+def ssh_forward_connect_group(quick: bool) -> Group:
+    return Group(
+        name="ssh-forward-connect",
+        title="ssh: connection set-up through a forward",
+        kind="latency",
+        unit="ms",
+        scale=1e3,
+        iterations=50 if quick else 300,
+        block=1,
+        warmup=5 if quick else 20,
+        contenders=[
+            ssh_contender("remowt forward_local", s.forward_connect(s.remowt_forward)),
+            ssh_contender("openssh ssh -L", s.forward_connect(s.openssh_forward), requires=()),
+        ],
+        targets=[Target("remowt forward_local", "openssh ssh -L", 1.2)],
+        detail="connect to the forwarded port, read the one byte the server sends on accept, until its EOF",
+    )
+
+
 GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ping": ping_group,
     "spawn": spawn_group,
@@ -269,6 +307,8 @@ GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ssh-ping": ssh_ping_group,
     "ssh-throughput": ssh_throughput_group,
     "ssh-keystroke": ssh_keystroke_group,
+    "ssh-forward-throughput": ssh_forward_throughput_group,
+    "ssh-forward-connect": ssh_forward_connect_group,
 }
 
 

@@ -16,7 +16,11 @@ from __future__ import annotations
 import contextlib
 import shlex
 import socket
-from typing import Any, Callable, Dict, Iterator
+import socketserver
+import subprocess
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 import ssh_server
 from contenders import CHUNK, execnet_echo, head_argv, read_stdout
@@ -357,3 +361,104 @@ def openssh_tt_keystroke() -> Iterator[Operation]:
     argv = ["ssh", "-tt", "-F", server.ssh_config, ssh_server.ALIAS, ECHO_PROGRAM]
     with _keystrokes(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)) as keystroke:
         yield keystroke
+
+
+# --- one forwarded TCP connection: remowt's forward_local against ssh -L -----------------------
+
+Endpoint = Tuple[str, int]
+
+
+@contextlib.contextmanager
+def tcp_source(size: int) -> Iterator[Endpoint]:
+    """A TCP server here (the sshd is on this machine: the target's too) sending ``size`` zero bytes per connection."""
+    block = bytes(min(size, CHUNK))
+
+    class Source(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            left = size
+            with contextlib.suppress(OSError):  # a probe that connects and goes at once
+                while left:
+                    left -= self.request.send(block[: min(left, len(block))])
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Source)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield ("127.0.0.1", server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def read_connection(address: Endpoint, size: int) -> int:
+    """Connect to ``address`` and read until EOF; the bytes read (``size`` or it raises)."""
+    with socket.create_connection(address, TIMEOUT) as sock:
+        total = 0
+        while True:
+            data = sock.recv(CHUNK)
+            if not data:
+                break
+            total += len(data)
+    if total != size:
+        raise RuntimeError(f"read {total} bytes through the forward, expected {size}")
+    return total
+
+
+@contextlib.contextmanager
+def remowt_forward(target: Endpoint) -> Iterator[Endpoint]:
+    """``conn.forward_local`` of a free port here to ``target`` as the test host reaches it."""
+    with remowt_connect() as conn, conn.forward_local(("127.0.0.1", 0), target) as forward:
+        address = forward.address
+        assert isinstance(address, tuple)
+        yield address
+
+
+@contextlib.contextmanager
+def openssh_forward(target: Endpoint) -> Iterator[Endpoint]:
+    """``ssh -N -L`` (OpenSSH's client, aes128-gcm as remowt) of a free port here to ``target``."""
+    server = ssh_server.server()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = f"127.0.0.1:{port}:{target[0]}:{target[1]}"
+    options = ["-o", "ExitOnForwardFailure=yes", "-c", "aes128-gcm@openssh.com"]
+    argv = ["ssh", "-F", server.ssh_config, "-N", *options, "-L", spec, ssh_server.ALIAS]
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # ready once it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), TIMEOUT).close()
+                break
+            except ConnectionRefusedError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ssh -L {spec} did not start (exit status {process.poll()})") from None
+                time.sleep(0.02)
+        yield ("127.0.0.1", port)
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def forward_read(forward: Callable[[Endpoint], Any], size: int) -> Factory:
+    """A factory reading ``size`` bytes from a source through ``forward``, one connection per transfer."""
+
+    @contextlib.contextmanager
+    def factory() -> Iterator[Operation]:
+        with tcp_source(size) as source, forward(source) as address:
+            yield lambda: read_connection(address, size)
+
+    return factory
+
+
+def forward_connect(forward: Callable[[Endpoint], Any]) -> Factory:
+    """A factory timing one connection through ``forward``: connect until the server's first byte, then close."""
+
+    @contextlib.contextmanager
+    def factory() -> Iterator[Operation]:
+        with tcp_source(1) as source, forward(source) as address:
+            yield lambda: read_connection(address, 1)
+
+    return factory
