@@ -414,7 +414,7 @@ class SocketEvents(SocketEventsApi):
     _registering = threading.Lock()
 
     def __init__(self, router: Router) -> None:
-        self._router = router
+        self._router = weakref.ref(router)  # the router holds this service: no cycle keeps its key alive
         self._lock = threading.Lock()
         self._handles = itertools.count(1)
         self._forwards: Dict[int, RemoteForward] = {}
@@ -441,7 +441,9 @@ class SocketEvents(SocketEventsApi):
             return self._forwards.pop(handle, None) is not None
 
     def accepted(self, handle: int, up: int, down: int, peer: str) -> None:
-        router = self._router
+        router = self._router()
+        if router is None:  # closed and gone meanwhile
+            return
         caller = router.caller()
         try:
             up_stream = router.accept_stream(caller, up)
