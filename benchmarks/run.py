@@ -292,7 +292,7 @@ def ssh_forward_connect_group(quick: bool) -> Group:
             ssh_contender("openssh ssh -L", s.forward_connect(s.openssh_forward), requires=()),
         ],
         targets=[Target("remowt forward_local", "openssh ssh -L", 1.2)],
-        detail="connect to the forwarded port, read the one byte the server sends on accept, until its EOF",
+        detail="connect to the forwarded port until the one byte the server sends on accept arrives, then close",
     )
 
 
