@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this machine (as root, idempotently) for the ssh, escalation and signal tests:
-# openssh-server/client, sudo, opendoas, python3, iproute2 (network namespaces), tmux (a real terminal's Ctrl-C) and
-# the programs the terminal tests drive in it (vi, top, git) installed; the user remowt-test with a known password, allowed to escalate with sudo and doas, each asking for the
+# openssh-server/client, sudo, opendoas, python3, iproute2 (network namespaces), tmux (a real terminal's Ctrl-C),
+# the programs the terminal tests drive in it (vi, top, git) and a nix daemon (the socket tests) installed;
+# the user remowt-test with a known password, allowed to escalate with sudo and doas, each asking for the
 # password every time.
 # Does not start sshd: the tests start their own.
 set -euo pipefail
@@ -19,13 +20,13 @@ for path in /usr/sbin/sshd /usr/bin/ssh /usr/bin/ssh-keygen /usr/bin/sudo /usr/b
     [ -x "$path" ] || missing=1
 done
 command -v ip >/dev/null || missing=1
-for program in tmux vi top git; do
+for program in tmux vi top git nix-daemon; do
     command -v "$program" >/dev/null || missing=1
 done
 if [ "$missing" -eq 1 ]; then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        openssh-server openssh-client sudo opendoas python3 iproute2 tmux vim-tiny procps git
+        openssh-server openssh-client sudo opendoas python3 iproute2 tmux vim-tiny procps git nix-bin
 fi
 
 # The user: a home, bash, a password (which also unlocks the account, so sshd lets it log in with a key).

@@ -351,7 +351,7 @@ def nix_daemon() -> Iterator[str]:
     """A real nix daemon (Debian's nix-bin) listening at a socket only root may reach (a 0700 directory)."""
     program = shutil.which("nix-daemon")
     if program is None:
-        pytest.skip("nix-daemon is not installed (apt-get install nix-bin)")
+        pytest.fail("nix-daemon is not installed: scripts/setup-test-host.sh installs nix-bin", pytrace=False)
     with tempfile.TemporaryDirectory(prefix="remowt-nix-") as directory:
         path = os.path.join(directory, "socket")
         env = {**os.environ, "NIX_DAEMON_SOCKET_PATH": path}
