@@ -182,7 +182,7 @@ def put(
     target = remote if isinstance(remote, RemotePath) else node.path(remote)
     top = os.stat(source)
     if stat_module.S_ISDIR(top.st_mode) and not recursive:
-        raise IsADirectoryError(errno.EISDIR, "is a directory (recursive=True copies a tree)", source)
+        raise IsADirectoryError(errno.EISDIR, "is a directory: a tree is copied with recursive=True (remowt cp -r)", source)
     if target.is_dir():
         target = target / os.path.basename(source.rstrip("/"))
     fs = target._fs
@@ -363,7 +363,7 @@ def get(
     target = os.fsdecode(os.fspath(local))
     top = source.stat()
     if stat_module.S_ISDIR(top.st_mode) and not recursive:
-        raise IsADirectoryError(errno.EISDIR, "is a directory (recursive=True copies a tree)", str(source))
+        raise IsADirectoryError(errno.EISDIR, "is a directory: a tree is copied with recursive=True (remowt cp -r)", str(source))
     if os.path.isdir(target):
         target = os.path.join(target, source.name)
     as_root = preserve and os.geteuid() == 0
