@@ -39,6 +39,7 @@ CHUNK = 1 << 20  # one read of a local file
 SMALL = 64 * 1024  # a file this small moves whole in a batch of them: one call for many
 BATCH_FILES = 512  # the most files in one batch
 _T = TypeVar("_T")
+_NOT_RECURSIVE = "is a directory: a tree is copied with recursive=True (remowt cp -r)"
 _REPORT_INTERVAL = 0.1  # at most this long between progress reports while bytes move
 
 
@@ -182,7 +183,7 @@ def put(
     target = remote if isinstance(remote, RemotePath) else node.path(remote)
     top = os.stat(source)
     if stat_module.S_ISDIR(top.st_mode) and not recursive:
-        raise IsADirectoryError(errno.EISDIR, "is a directory: a tree is copied with recursive=True (remowt cp -r)", source)
+        raise IsADirectoryError(errno.EISDIR, _NOT_RECURSIVE, source)
     if target.is_dir():
         target = target / os.path.basename(source.rstrip("/"))
     fs = target._fs
@@ -363,7 +364,7 @@ def get(
     target = os.fsdecode(os.fspath(local))
     top = source.stat()
     if stat_module.S_ISDIR(top.st_mode) and not recursive:
-        raise IsADirectoryError(errno.EISDIR, "is a directory: a tree is copied with recursive=True (remowt cp -r)", str(source))
+        raise IsADirectoryError(errno.EISDIR, _NOT_RECURSIVE, str(source))
     if os.path.isdir(target):
         target = os.path.join(target, source.name)
     as_root = preserve and os.geteuid() == 0
