@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import contenders as c
 import ssh_contenders as s
 import ssh_server
+import transfer_contenders as t
 from harness import (
     Contender,
     Factory,
@@ -296,6 +297,60 @@ def ssh_forward_connect_group(quick: bool) -> Group:
     )
 
 
+def _file_group(quick: bool, put: bool) -> Group:
+    size = (64 if quick else 1024) * MiB
+    way = "put" if put else "get"
+    remowt = t.remowt_put(size) if put else t.remowt_get(size)
+    return Group(
+        name=f"ssh-{way}",
+        title=f"ssh: {way} of one {size // MiB} MiB file",
+        kind="throughput",
+        iterations=2 if quick else 5,
+        block=1,
+        warmup=1,
+        contenders=[
+            ssh_contender(f"remowt {way}", remowt),
+            ssh_contender(f"openssh scp {way}", t.openssh_scp(size, put), requires=()),
+            ssh_contender(f"openssh sftp -b {way}", t.openssh_sftp(size, put), requires=()),
+            ssh_contender(f"paramiko sftp {way}", t.paramiko_sftp(size, put), requires=("paramiko",)),
+        ],
+        targets=[
+            Target(f"remowt {way}", f"openssh scp {way}", 1.0),
+            Target(f"remowt {way}", f"paramiko sftp {way}", 3.0),
+        ],
+        detail=f"a file of random blocks to a new name on the same machine, as the test user: remowt conn.{way}() "
+        "(atomic: synced and renamed) on an open connection; scp and sftp -b: one process per transfer (connect "
+        f"included, as a user runs them); paramiko: SFTPClient.{way} on an open connection",
+    )
+
+
+def ssh_put_group(quick: bool) -> Group:
+    return _file_group(quick, put=True)
+
+
+def ssh_get_group(quick: bool) -> Group:
+    return _file_group(quick, put=False)
+
+
+def ssh_tree_group(quick: bool) -> Group:
+    count, size = (2000 if quick else 10000), 4096
+    return Group(
+        name="ssh-tree",
+        title=f"ssh: put of {count} files of 4 KiB",
+        kind="throughput",
+        iterations=2 if quick else 5,
+        block=1,
+        warmup=1,
+        contenders=[
+            ssh_contender("remowt put -r", t.remowt_put_tree(count, size)),
+            ssh_contender("tar | ssh tar x", t.tar_over_ssh(count, size), requires=()),
+        ],
+        targets=[Target("remowt put -r", "tar | ssh tar x", 0.8)],
+        detail=f"{count} files in 100 directories: remowt conn.put(recursive=True) on an open connection (each file "
+        "synced and renamed into place) vs `tar c | ssh HOST 'mkdir DST && tar x -C DST'` (no syncs)",
+    )
+
+
 GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ping": ping_group,
     "spawn": spawn_group,
@@ -309,6 +364,9 @@ GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ssh-keystroke": ssh_keystroke_group,
     "ssh-forward-throughput": ssh_forward_throughput_group,
     "ssh-forward-connect": ssh_forward_connect_group,
+    "ssh-put": ssh_put_group,
+    "ssh-get": ssh_get_group,
+    "ssh-tree": ssh_tree_group,
 }
 
 
@@ -404,6 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print_group(results[-1])
             sys.stdout.flush()
     finally:
+        t.cleanup()
         ssh_server.stop()
     print_summary(results)
     return 0

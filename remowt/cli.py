@@ -12,8 +12,9 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from types import FrameType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, TextIO, Tuple
 
 from .endpoints.editor import FileEditApi
 from .errors import ConnectionLost, RemowtError
@@ -72,8 +73,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("target", metavar="HOST:PATH", help="the host (as for remowt ssh) and the file's path there")
     edit.add_argument("--sudo", action="store_true", help="read and write the file as root")
-    for command in (ssh, edit, *_add_socket_parsers(commands)):
+    cp = commands.add_parser(
+        "cp",
+        help="copy files and trees to or from an ssh host (scp's syntax)",
+        usage="remowt cp [-h] [-r] [-p] [--sudo] [options] SRC... DST",
+        description=(
+            "Copy SRC... to DST, where either side (not both) is HOST:PATH, as with scp (a local path with a colon "
+            "can be written ./a:b). Several SRC go into the directory DST. Each file lands whole or not at all. "
+            "A progress bar on stderr when it is a terminal. The port is -P, as scp has it."
+        ),
+    )
+    cp.add_argument("paths", nargs="+", metavar="SRC... DST", help="what to copy, and where")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy directories and everything in them")
+    cp.add_argument("-p", "--preserve", action="store_true", help="keep modes and times (owners too, as root)")
+    cp.add_argument("--sudo", action="store_true", help="read and write the host's files as root")
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cp.add_argument("-P", "--port", type=int, help="port to connect to")
+    socket_commands = _add_socket_parsers(commands)
+    for command in (ssh, edit, *socket_commands):
         command.add_argument("-p", "--port", type=int, help="port to connect to")
+    for command in (ssh, edit, cp, *socket_commands):
         command.add_argument("-l", "--login", metavar="USER", help="user to log in as")
         command.add_argument("-i", "--identity", metavar="KEY", action="append", help="private key file (repeatable)")
         command.add_argument("-F", "--config", metavar="FILE", help="ssh config file (default ~/.ssh/config)")
@@ -579,6 +598,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(_edit_main(args, parser))
     if args.command in ("forward", "nix-daemon"):
         sys.exit(_sockets_main(args, parser))
+    if args.command == "cp":
+        sys.exit(copy_main(args, parser))
     job = _job(args, words, parser)
     stdio = plug_closed_stdio()
     with SignalForwarder() as signals:
@@ -613,6 +634,93 @@ def _edit_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"remowt: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def copy_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``remowt cp SRC... DST``: put or get each SRC through one connection, with a progress bar on a terminal."""
+    *sources, destination = args.paths
+    if not sources:
+        parser.error("cp: give at least one SRC and a DST")
+    hosts = {host for host, _ in map(split_remote, args.paths) if host is not None}
+    if len(hosts) != 1:
+        parser.error("cp: exactly one side must be HOST:PATH (one host), the other local")
+    args.host = hosts.pop()
+    _, target = split_remote(destination)
+    putting = split_remote(destination)[0] is not None
+    if any((split_remote(source)[0] is not None) == putting for source in sources):
+        parser.error("cp: SRC and DST must be on different sides: all SRC local and DST HOST:PATH, or the reverse")
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
+    try:
+        with _connection(args) as connection:
+            node = connection.privileged if args.sudo else connection
+            for source in sources:
+                path = split_remote(source)[1]
+                if bar is not None:
+                    bar.name = os.path.basename(path.rstrip("/")) or path
+                if putting:
+                    node.put(path, target, recursive=args.recursive, preserve=args.preserve, progress=bar)
+                else:
+                    node.get(path, target, recursive=args.recursive, preserve=args.preserve, progress=bar)
+                if bar is not None:
+                    bar.done()
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.done()
+        print("remowt: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, RemowtError) as e:
+        if bar is not None:
+            bar.done()
+        print(f"remowt: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def split_remote(word: str) -> Tuple[Optional[str], str]:
+    """scp's reading of a path: ``HOST:PATH`` when a colon comes before any slash, else a local path."""
+    host, colon, path = word.partition(":")
+    if not colon or "/" in host or not host:
+        return None, word
+    return host, path or "."
+
+
+class ProgressBar:
+    """A one-line progress bar rewritten in place on a terminal: name, percent, bytes, files, rate."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.name = ""
+        self.started = time.monotonic()
+        self._width = 0
+
+    def __call__(self, done: int, total: int, files: int, files_total: int) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        percent = 100 * done // total if total else 100
+        cells = 20 * percent // 100
+        line = (
+            f"\r{self.name[:30]:<30} [{'#' * cells:<20}] {percent:3}% {_size(done)}/{_size(total)}"
+            f" {files}/{files_total} files {_size(int(done / elapsed))}/s"
+        )
+        self._width = max(self._width, len(line))
+        self.out.write(line.ljust(self._width))
+        self.out.flush()
+
+    def done(self) -> None:
+        """End the bar's line; the next file's bar starts afresh."""
+        if self._width:
+            self.out.write("\n")
+            self.out.flush()
+        self._width = 0
+        self.started = time.monotonic()
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{n}B" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}GiB"
 
 
 def _run(args: argparse.Namespace, job: Job, signals: SignalForwarder, stdio: Mapping[str, int]) -> int:

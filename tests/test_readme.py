@@ -107,6 +107,6 @@ def test_shell_example_exits_with_the_commands_status() -> None:
 
 @pytest.mark.timeout(60)
 def test_shell_example_ctrl_c_reaches_the_remote_child() -> None:
-    line = next(code for code in SHELL if "timeout --preserve-status" in code)
+    line = next(code for code in SHELL if "remowt local -- sleep 100" in code)
     out = run_shell(line)
     assert out.stdout == "exit status 130\n", out.stderr

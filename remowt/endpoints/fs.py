@@ -24,7 +24,7 @@ import os
 import stat as stat_module
 import struct
 import threading
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import msgspec
 
@@ -159,6 +159,20 @@ class Opened(msgspec.Struct, frozen=True, array_like=True):
     stat: Stat
 
 
+class SmallFile(msgspec.Struct, frozen=True, array_like=True):
+    """A whole small file for :meth:`FsApi.write_files`: its path, bytes, and what to keep (None: as made)."""
+
+    path: bytes
+    data: bytes
+    mode: Optional[int] = None
+    times: Optional[Tuple[int, int]] = None
+    owner: Optional[Tuple[int, int]] = None
+
+
+#: The most bytes a batch of small files carries (one call, well within a frame).
+BATCH_BYTES = 1 << 20
+
+
 class FsApi(Service, namespace=30):
     """Served by the agents: files and directories."""
 
@@ -258,6 +272,16 @@ class FsApi(Service, namespace=30):
         """Make the file or update its times, as ``pathlib.Path.touch`` does."""
         raise NotImplementedError
 
+    @rpc(20)
+    def write_files(self, files: List[SmallFile]) -> None:
+        """Write each file atomically, as an ``atomic`` :meth:`open` would (owner set too); stop at the first error."""
+        raise NotImplementedError
+
+    @rpc(21)
+    def read_files(self, paths: List[bytes], limit: int) -> List[Optional[bytes]]:
+        """Each whole file's bytes, or None for one longer than ``limit`` (to be read as a stream)."""
+        raise NotImplementedError
+
 
 class AtomicFile:
     """A new file beside ``path`` that takes its place on :meth:`commit` (synced, then renamed over it).
@@ -303,8 +327,9 @@ class AtomicFile:
         """Write all of ``data``."""
         _write_all(self.fd, data, self.path)
 
-    def commit(self, times: Optional[Tuple[int, int]] = None) -> None:
-        """Set ``times``, sync, and rename the file into its place."""
+    def commit(self, times: Optional[Tuple[int, int]] = None, sync_dir: bool = True) -> None:
+        """Set ``times``, sync, and rename the file into its place (and sync its directory, unless the caller
+        syncs it once for many files)."""
         try:
             if times is not None:
                 os.utime(self.fd, ns=times)
@@ -318,13 +343,8 @@ class AtomicFile:
         except BaseException:
             self.abort()
             raise
-        try:  # the rename itself is durable once the directory is synced
-            directory = os.open(os.path.dirname(self.target) or b".", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        with contextlib.suppress(OSError):
-            os.fsync(directory)
-        os.close(directory)
+        if sync_dir:
+            sync_directory(os.path.dirname(self.target))
 
     def abort(self) -> None:
         """Remove the new file; ``path`` stays as it was."""
@@ -333,6 +353,17 @@ class AtomicFile:
             self.fd = -1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temporary)
+
+
+def sync_directory(path: bytes) -> None:
+    """Sync the directory ``path``, so a rename into it is durable (where the OS allows)."""
+    try:
+        directory = os.open(path or b".", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        os.fsync(directory)
+    os.close(directory)
 
 
 def replace_file(path: PathArg, content: bytes) -> None:
@@ -463,6 +494,34 @@ class Files(FsApi):
                 pass  # missing: made below (other errors come again there)
         flags = os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | (0 if exist_ok else os.O_EXCL)
         os.close(os.open(path, flags, mode))
+
+    def write_files(self, files: List[SmallFile]) -> None:
+        directories: Set[bytes] = set()
+        for file in files:
+            new = AtomicFile(file.path, file.mode)
+            try:
+                new.write(file.data)
+                if file.owner is not None:
+                    os.fchown(new.fd, *file.owner)
+                    os.fchmod(new.fd, stat_module.S_IMODE(os.fstat(new.fd).st_mode) if file.mode is None else file.mode)
+            except OSError as e:
+                new.abort()
+                raise OSError(e.errno, e.strerror, file.path) from None
+            except BaseException:
+                new.abort()
+                raise
+            new.commit(file.times, sync_dir=False)
+            directories.add(os.path.dirname(new.target))
+        for directory in directories:
+            sync_directory(directory)
+
+    def read_files(self, paths: List[bytes], limit: int) -> List[Optional[bytes]]:
+        found: List[Optional[bytes]] = []
+        for path in paths:
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+            found.append(data if len(data) <= limit else None)
+        return found
 
     # --- listings ---------------------------------------------------------
 

@@ -32,11 +32,13 @@ from ..runtime.interrupts import without_interrupts
 from ..transports.fdpass import FdSender
 from . import popen as _popen
 from . import sockets as _sockets
+from . import transfer as _transfer
 from .children import Children
 from .command import Command
 from .paths import RemotePath
 from .pipes import FdWriter, FdWriters
 from .process import OutputHandler, RemoteProcess
+from .transfer import LocalPath, Progress, RemoteArg
 
 S = TypeVar("S", bound=Service)
 _SPAWN = SubprocessApi.methods["spawn"]
@@ -160,6 +162,43 @@ class Node:
     ) -> _sockets.LocalForward:
         """The nix daemon's socket here (``remote``) at ``local`` on this machine (root-only: through privileged)."""
         return _sockets.forward_nix_daemon(self, local, remote)
+
+    def put(
+        self,
+        local: LocalPath,
+        remote: RemoteArg,
+        *,
+        recursive: bool = False,
+        preserve: bool = True,
+        progress: Optional[Progress] = None,
+    ) -> RemotePath:
+        r"""Copy the local file ``local`` (a whole tree with ``recursive``) here, to ``remote``; where it landed.
+
+        As scp: into ``remote`` when it is an existing directory, else as
+        ``remote``. ``preserve`` keeps mode and times (and owner when this
+        node is root); symbolic links stay links. A file lands whole or not at
+        all (an atomic write). ``progress(bytes_done, bytes_total,
+        files_done, files_total)`` is called in this thread as they change.
+        Errors are each an ``OSError`` with errno and file name; an interrupt
+        stops every file in flight, leaving each destination as it was.
+        """
+        return _transfer.put(self, local, remote, recursive=recursive, preserve=preserve, progress=progress)
+
+    def get(
+        self,
+        remote: RemoteArg,
+        local: LocalPath,
+        *,
+        recursive: bool = False,
+        preserve: bool = True,
+        progress: Optional[Progress] = None,
+    ) -> str:
+        """Copy ``remote`` here (a whole tree with ``recursive``) to the local ``local``; where it landed.
+
+        The mirror of :meth:`put`: each local file is written beside its
+        target, synced and renamed into place (owner kept when this process is root).
+        """
+        return _transfer.get(self, remote, local, recursive=recursive, preserve=preserve, progress=progress)
 
     # --- health ---------------------------------------------------------
 
