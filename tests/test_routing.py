@@ -157,6 +157,8 @@ def test_route_reappears_after_relink(chain: Chain) -> None:
     agent_side, _ = chain.links[1]
     agent_side.close()  # type: ignore[attr-defined]
     assert chain.user.wait_unreachable(P2, 5)
+    # the far router hears of the close on its own reader thread: until then "agent" is still its peer
+    assert chain.routers[2].wait_unreachable(wire.AGENT, 5)
     chain.links[1] = connect_routers(chain.routers[1], chain.routers[2])
     assert chain.user.wait_reachable(P2, 5)
     assert proxy(ControlApi, chain.user, P2, timeout=10).info().address == P2
