@@ -132,11 +132,12 @@ def test_errors_name_the_file(conn: remowt.Remowt, tmp_path: pathlib.Path) -> No
 
 
 def test_an_interrupt_leaves_the_old_file(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
-    (tmp_path / "new").write_bytes(b"n" * (64 << 20))
+    # big enough that the copy outlasts progress's 0.1 s period: the interrupt comes mid-file, never after it
+    (tmp_path / "new").write_bytes(b"n" * (256 << 20))
     (tmp_path / "old").write_bytes(b"good")
 
     def interrupt(done: int, total: int, files: int, files_total: int) -> None:
-        if done:
+        if 0 < done < total:
             raise KeyboardInterrupt
 
     for copy in (
@@ -148,7 +149,7 @@ def test_an_interrupt_leaves_the_old_file(conn: remowt.Remowt, tmp_path: pathlib
         assert (tmp_path / "old").read_bytes() == b"good"
         assert _quiet(lambda: sorted(os.listdir(tmp_path)) == ["new", "old"])
     conn.put(tmp_path / "new", tmp_path / "old")  # the connection serves on
-    assert (tmp_path / "old").stat().st_size == 64 << 20
+    assert (tmp_path / "old").stat().st_size == 256 << 20
 
 
 def test_a_lost_link_mid_put_leaves_the_old_file(private_sshd: SshServer, tmp_path: pathlib.Path) -> None:
