@@ -116,19 +116,24 @@ def _fresh_error(e: OSError, address: SocketAddress) -> OSError:
     return OSError(code, e.strerror or os.strerror(code), address.text())
 
 
-def _open_socket(address: SocketAddress, timeout: float) -> socket.socket:
-    """A socket connected to ``address`` within ``timeout`` seconds."""
+def connect_socket(address: SocketAddress, timeout: float) -> socket.socket:
+    """A socket connected to ``address`` within ``timeout`` seconds (the OS's error as it is)."""
+    if address.path is None:
+        return socket.create_connection((address.host, address.port), timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if address.path is None:
-            return socket.create_connection((address.host, address.port), timeout)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(address.path)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        sock.settimeout(timeout)
+        sock.connect(address.path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _open_socket(address: SocketAddress, timeout: float) -> socket.socket:
+    """A socket connected to ``address`` within ``timeout`` seconds; a failure names the address."""
+    try:
+        return connect_socket(address, timeout)
     except OSError as e:
         raise _fresh_error(e, address) from None
 

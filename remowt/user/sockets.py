@@ -30,7 +30,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Tuple, Union
 
-from ..endpoints.sockets import ConnectSpec, ListenSpec, SocketAddress, SocketEventsApi, SocketsApi
+from ..endpoints.sockets import ConnectSpec, ListenSpec, SocketAddress, SocketEventsApi, SocketsApi, connect_socket
 from ..errors import ConnectionLost, Unreachable
 from ..rpc.router import Router
 from ..rpc.streams import Stream
@@ -488,15 +488,6 @@ def _listen_here(address: SocketAddress) -> Tuple[socket.socket, SocketAddress]:
 
 def _connect_here(address: SocketAddress) -> socket.socket:
     """A socket here connected to ``address``."""
-    if address.path is None:
-        sock = socket.create_connection((address.host, address.port), CONNECT_TIMEOUT)
-    else:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(address.path)
-        except BaseException:
-            sock.close()
-            raise
+    sock = connect_socket(address, CONNECT_TIMEOUT)
     sock.settimeout(None)
     return sock
