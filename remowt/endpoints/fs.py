@@ -652,7 +652,8 @@ class Files(FsApi):
                 transfer.abandoned = True
                 return False
             if not chunk:
-                if stream.error is not None:  # reset: the caller gave up before the end
+                # reset, or discarded (closed here, which reads as an end too): the caller gave up before the end
+                if stream.error is not None or transfer.discarded:
                     transfer.abandoned = True
                     return False
                 return True
