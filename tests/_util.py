@@ -8,7 +8,7 @@ import queue
 import re
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import remowt
 from remowt.endpoints.subprocess import SpawnOptions
@@ -16,6 +16,30 @@ from remowt.protocol import wire
 from remowt.rpc.router import Router
 
 TRANSPORTS = ["loopback", "local"]
+
+# The nodes the case tables run on: name -> factory of a connection. To add a transport, add one entry; a
+# factory may take what it needs from other fixtures through ``request.getfixturevalue`` (an sshd, say) or
+# call ``pytest.skip`` when it cannot run here. ssh is as root on this machine over a real sshd, so paths,
+# files, fds and sockets of the test are the target's too.
+CONNECTIONS: Dict[str, Callable[[Any], remowt.Remowt]] = {
+    "loopback": lambda request: remowt.loopback(),
+    "local": lambda request: remowt.connect_local(),
+    "ssh": lambda request: remowt.connect("remowt-test-root", ssh_config=request.getfixturevalue("sshd").ssh_config),
+}
+
+
+def shared_connection(request: Any, connections: Dict[str, remowt.Remowt], kind: str) -> remowt.Remowt:
+    """The module's connection of ``kind`` (the ``connections`` fixture), made on first use or if a test broke it."""
+    connection = connections.get(kind)
+    if connection is not None:
+        try:
+            connection.ping()
+        except remowt.RemowtError:  # an earlier test broke it: start afresh
+            connection.close()
+            connection = None
+    if connection is None:
+        connection = connections[kind] = CONNECTIONS[kind](request)
+    return connection
 
 
 def make_connection(kind: str) -> remowt.Remowt:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Iterator
+from typing import Dict, Iterator
 
 import pytest
 
@@ -83,3 +83,14 @@ def any_conn(request: pytest.FixtureRequest) -> Iterator[remowt.Remowt]:
         connection = make_connection(request.param)
     with connection:
         yield connection
+
+
+@pytest.fixture(scope="module")
+def connections() -> Iterator[Dict[str, remowt.Remowt]]:
+    """The connections a module's tests share, by kind (see ``_util.shared_connection``), closed at its end."""
+    made: Dict[str, remowt.Remowt] = {}
+    try:
+        yield made
+    finally:
+        for connection in made.values():
+            connection.close()

@@ -7,10 +7,11 @@ import pathlib
 import shlex
 import subprocess
 import sys
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import msgspec
 import pytest
+from _util import shared_connection
 
 import remowt
 from remowt.user.command import Command
@@ -25,30 +26,9 @@ REPORT = "import json, os, sys; print(json.dumps([sys.argv[1:], os.environ.get('
 pytestmark = pytest.mark.timeout(20)
 
 
-@pytest.fixture(scope="module")
-def connections() -> Iterator[Dict[str, remowt.Remowt]]:
-    """One connection per transport for the module, closed at its end."""
-    made: Dict[str, remowt.Remowt] = {}
-    try:
-        yield made
-    finally:
-        for connection in made.values():
-            connection.close()
-
-
 @pytest.fixture(params=["loopback", "local"])
 def conn(request: pytest.FixtureRequest, connections: Dict[str, remowt.Remowt]) -> remowt.Remowt:
-    kind = request.param
-    connection = connections.get(kind)
-    if connection is not None:
-        try:
-            connection.ping()
-        except remowt.RemowtError:  # an earlier test broke it: start afresh
-            connection.close()
-            connection = None
-    if connection is None:
-        connection = connections[kind] = remowt.loopback() if kind == "loopback" else remowt.connect_local()
-    return connection
+    return shared_connection(request, connections, request.param)
 
 
 class Item(msgspec.Struct):

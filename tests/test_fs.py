@@ -19,44 +19,16 @@ import subprocess
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from _util import wait_until
+from _util import CONNECTIONS, shared_connection, wait_until
 from sshd import SshServer
 
 import remowt
 from remowt.user.paths import RemotePath, open_raw, write_atomically
 
-CONNECTIONS: Dict[str, Callable[[pytest.FixtureRequest], remowt.Remowt]] = {
-    "loopback": lambda request: remowt.loopback(),
-    "local": lambda request: remowt.connect_local(),
-    "ssh": lambda request: remowt.connect("remowt-test-root", ssh_config=request.getfixturevalue("sshd").ssh_config),
-}
 TEST_USER = "remowt-test"
 TEST_PASSWORD = "remowt-test-password"
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(scope="module")
-def connections() -> Iterator[Dict[str, remowt.Remowt]]:
-    made: Dict[str, remowt.Remowt] = {}
-    try:
-        yield made
-    finally:
-        for connection in made.values():
-            connection.close()
-
-
-def _connection(request: pytest.FixtureRequest, connections: Dict[str, remowt.Remowt], kind: str) -> remowt.Remowt:
-    connection = connections.get(kind)
-    if connection is not None:
-        try:
-            connection.ping()
-        except remowt.RemowtError:  # an earlier test broke it: start afresh
-            connection.close()
-            connection = None
-    if connection is None:
-        connection = connections[kind] = CONNECTIONS[kind](request)
-    return connection
 
 
 @pytest.fixture(params=["pathlib", *CONNECTIONS])
@@ -64,12 +36,12 @@ def P(request: pytest.FixtureRequest, connections: Dict[str, remowt.Remowt]) -> 
     """``pathlib.Path``, or a connection's ``path``."""
     if request.param == "pathlib":
         return pathlib.Path
-    return _connection(request, connections, request.param).path
+    return shared_connection(request, connections, request.param).path
 
 
 @pytest.fixture(params=list(CONNECTIONS))
 def conn(request: pytest.FixtureRequest, connections: Dict[str, remowt.Remowt]) -> remowt.Remowt:
-    return _connection(request, connections, request.param)
+    return shared_connection(request, connections, request.param)
 
 
 def outcome(action: Callable[[], Any]) -> Tuple[Any, ...]:

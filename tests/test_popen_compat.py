@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Dict, Iterator
 
 import pytest
+from _util import CONNECTIONS, shared_connection
 
 import remowt
 
@@ -36,29 +37,10 @@ PRINTF = shutil.which("printf") or "/usr/bin/printf"
 CAT = shutil.which("cat") or "/bin/cat"
 MISSING = "no-such-program-remowt-compat"
 
-# The remowt backends every case runs on, next to subprocess itself: name -> factory of a connection.
-# To add a transport, add one entry; a factory may take what it needs from other fixtures through
-# ``request.getfixturevalue`` (an sshd, say) or call ``pytest.skip`` when it cannot run here.
-CONNECTIONS: Dict[str, Callable[[pytest.FixtureRequest], remowt.Remowt]] = {
-    "loopback": lambda request: remowt.loopback(),
-    "local": lambda request: remowt.connect_local(),
-    # as root on this machine over a real sshd, so paths, files and fds of the test are the target's too
-    "ssh": lambda request: remowt.connect("remowt-test-root", ssh_config=request.getfixturevalue("sshd").ssh_config),
-}
+# The remowt backends every case runs on (_util.CONNECTIONS), next to subprocess itself.
 BACKENDS = ["subprocess", *CONNECTIONS]
 
 pytestmark = pytest.mark.timeout(20)
-
-
-@pytest.fixture(scope="module")
-def connections() -> Iterator[Dict[str, remowt.Remowt]]:
-    """One connection per remowt backend for the module (an agent start per test would dominate the run time)."""
-    made: Dict[str, remowt.Remowt] = {}
-    try:
-        yield made
-    finally:
-        for connection in made.values():
-            connection.close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -67,16 +49,7 @@ def sp(request: pytest.FixtureRequest, connections: Dict[str, remowt.Remowt]) ->
     kind = request.param
     if kind == "subprocess":
         return subprocess
-    connection = connections.get(kind)
-    if connection is not None:
-        try:
-            connection.ping()
-        except remowt.RemowtError:  # an earlier test broke it: start afresh
-            connection.close()
-            connection = None
-    if connection is None:
-        connection = connections[kind] = CONNECTIONS[kind](request)
-    return connection
+    return shared_connection(request, connections, kind)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -29,38 +29,20 @@ import threading
 from typing import IO, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from _util import fd_count, thread_names, wait_until
+from _util import CONNECTIONS, fd_count, shared_connection, thread_names, wait_until
 from sshd import SshServer
 
 import remowt
 
 TEST_PASSWORD = "remowt-test-password"
 MIB = 1024 * 1024
-CONNECTIONS: Dict[str, Callable[[pytest.FixtureRequest], remowt.Remowt]] = {
-    "loopback": lambda request: remowt.loopback(),
-    "local": lambda request: remowt.connect_local(),
-    "ssh": lambda request: remowt.connect("remowt-test-root", ssh_config=request.getfixturevalue("sshd").ssh_config),
-}
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def connections() -> Iterator[Dict[str, remowt.Remowt]]:
-    made: Dict[str, remowt.Remowt] = {}
-    try:
-        yield made
-    finally:
-        for connection in made.values():
-            connection.close()
-
-
 @pytest.fixture(params=list(CONNECTIONS))
 def conn(request: pytest.FixtureRequest, connections: Dict[str, remowt.Remowt]) -> remowt.Remowt:
-    kind: str = request.param
-    if kind not in connections:
-        connections[kind] = CONNECTIONS[kind](request)
-    return connections[kind]
+    return shared_connection(request, connections, request.param)
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 from sshd import SshServer
-from test_fs import TEST_PASSWORD, _quiet, conn, connections, small_tmpfs  # noqa: F401  (the fixtures)
+from test_fs import TEST_PASSWORD, _quiet, conn, small_tmpfs  # noqa: F401  (the fixtures)
 
 import remowt
 
