@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare this machine (as root, idempotently) for the ssh, escalation and signal tests:
-# openssh-server/client, sudo, opendoas, python3, iproute2 (network namespaces), tmux (a real terminal's Ctrl-C),
+# openssh-server/client, sudo, opendoas, python3 with pip and venv, iproute2 (network namespaces), tmux (a real terminal's Ctrl-C),
 # the programs the terminal tests drive in it (vi, top, git) and a nix daemon (the socket tests) installed;
 # the user remowt-test with a known password, allowed to escalate with sudo and doas, each asking for the
 # password every time.
@@ -23,10 +23,14 @@ command -v ip >/dev/null || missing=1
 for program in tmux vi top git nix-daemon; do
     command -v "$program" >/dev/null || missing=1
 done
+# pip for the test command's install, venv (ensurepip) for the README's set-up command that test_readme runs
+python3 -m pip --version >/dev/null 2>&1 || missing=1
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing=1
 if [ "$missing" -eq 1 ]; then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        openssh-server openssh-client sudo opendoas python3 iproute2 tmux vim-tiny procps git nix-bin
+        openssh-server openssh-client sudo opendoas python3 python3-pip python3-venv iproute2 tmux vim-tiny procps \
+        git nix-bin
 fi
 
 # The user: a home, bash, a password (which also unlocks the account, so sshd lets it log in with a key).
