@@ -2,8 +2,7 @@
 
 Run over a loopback, a local-agent and an ssh connection as root on this
 machine (the fixtures of ``test_fs``), so both ends are this file system.
-The big file is 256 MiB (the issue asks 2 GiB; the same code path, kept
-small for the suite's time).
+The big file is 2 GiB, as the issue asks (about 20 s over ssh here).
 """
 
 # ruff: noqa: F811  (test_fs's fixtures, taken as arguments)
@@ -24,7 +23,7 @@ from test_fs import TEST_PASSWORD, _quiet, conn, small_tmpfs  # noqa: F401  (the
 import remowt
 
 pytestmark = pytest.mark.timeout(60)
-BIG = 256 << 20
+BIG = 2 << 30
 
 
 def _write_random(path: pathlib.Path, size: int) -> str:
@@ -46,6 +45,7 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.timeout(240)
 def test_big_file_round_trip(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
     source = tmp_path / "big"
     digest = _write_random(source, BIG)
@@ -57,6 +57,8 @@ def test_big_file_round_trip(conn: remowt.Remowt, tmp_path: pathlib.Path) -> Non
     st = os.stat(tmp_path / "back")
     assert (_sha256(tmp_path / "back"), stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (digest, 0o640, 1_234_567_891_000)
     assert sorted(os.listdir(tmp_path)) == ["back", "big", "there"]
+    for name in ("back", "big", "there"):  # 6 GiB: not left for pytest's kept temp dirs
+        os.unlink(tmp_path / name)
 
 
 def _make_tree(root: pathlib.Path, files: int) -> None:
