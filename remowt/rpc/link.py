@@ -10,14 +10,17 @@ may still be in a pipe (:class:`Spliced`): the transport moves it itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Union
+import time
+from typing import Callable, Dict, Iterator, List, Optional, TypeVar, Union
 
 from ..errors import ProtocolError
 from ..protocol import wire
-from ..runtime.interrupts import start
-from ..runtime.waiting import Gate, wait_on
+from ..runtime.interrupts import start, without_interrupts
+from ..runtime.waiting import Gate, forget, held_elsewhere, owns, wait_on, wake_on_release
 from ..transports.base import Transport
 
 log = logging.getLogger("remowt.link")
@@ -27,9 +30,16 @@ READ_SIZE = 8 * 1024 * 1024
 # straight into the bytes the stream hands out; the read after such a payload takes little more than a frame head.
 SPLIT_SIZE = 64 * 1024
 HEAD_READ = 512
+# How long the reader thread stays off the fd after the last caller that read for itself: a caller back within
+# that time finds the fd its own again (see Link.lead).
+LINGER = 0.002
+# How long a leader that expects a quick answer polls for it before it sleeps: waking a sleeping thread costs more
+# than a quick answer takes (~18 µs across vCPUs here, as much as the round trip).
+SPIN = 0.00015
 
 _MAIN_THREAD = threading.main_thread().ident
 Buffer = Union[bytes, bytearray, memoryview]
+T = TypeVar("T")
 
 
 class Spliced:
@@ -133,6 +143,11 @@ class Link:
         self.sent = False  # set by every send, cleared by a keepalive sender (remowt.rpc.keepalive)
         self.heard = False  # set by every read that brought bytes, cleared by a silence watch
         self._turn = threading.Lock()  # held by whichever thread reads and dispatches (see _read_here)
+        self._leader = threading.RLock()  # held by the one caller that waits by reading (see lead)
+        self._leads = 0  # how many callers led so far: the parked reader stays parked while this grows
+        self._park_wanted = False
+        self._followers = 0  # callers that wait without leading: the reader stays on the fd for them
+        self._park_gate = Gate()
         self._reader = threading.Thread(target=self._read_loop, name=f"remowt-read-{name}", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"remowt-write-{name}", daemon=True)
 
@@ -288,16 +303,31 @@ class Link:
         with self._lock:
             self._closed = True
             self._writer_gate.open()
+            self._park_gate.open()
             dropped, self._backlog = self._backlog, []
         _report([], dropped)
 
     def _read_loop(self) -> None:
         try:
             while True:
+                with self._lock:
+                    park = self._park_wanted and not self._followers and not self._closed
+                    if park:
+                        leads = self._leads
+                        waiter = self._park_gate.enlist()
+                if park:
+                    wait_on(waiter, LINGER)
+                    with self._lock:
+                        if self._leads == leads and not held_elsewhere(self._leader):
+                            self._park_wanted = False
+                    continue
                 self.transport.wait_readable(None)
                 with self._turn:
-                    if not self._read_available():
-                        break
+                    going = self._read_available()
+                if held_elsewhere(self._leader):
+                    self.transport.wake_caller()  # what it waits for may have come: it looks again
+                if not going:
+                    break
         finally:
             self._run_deferred()
             self._shut()
@@ -315,6 +345,116 @@ class Link:
         deferred, self._deferred = self._deferred, []
         for action in deferred:
             action()
+
+    def lead(
+        self,
+        done: Callable[[], bool],
+        timeout: Optional[float],
+        waiter: Optional[threading.Lock] = None,
+        spin: bool = False,
+    ) -> Optional[bool]:
+        """Wait until ``done()`` by reading the link on this thread, which saves a thread switch per answer.
+
+        None when this thread cannot (the transport has no fd to wait on,
+        another caller leads, the link ends): then it must wait as usual,
+        through :meth:`follow`. Else whether ``done()`` came within
+        ``timeout``. While a caller leads, the reader thread keeps off the
+        fd; it comes back :data:`LINGER` after the last one, or at once for
+        a thread that waits without leading, and stays while one does. Reading and dispatching run with
+        the signals held off; a KeyboardInterrupt strikes only in the wait
+        between, where nothing is half done, and the lead is given up on the
+        way out, wherever the interrupt struck (the lock is this thread's).
+        ``waiter``: the gate's lock that ``done()`` watches, which another
+        thread may release (a stream closed here): that wakes this one too.
+        ``spin``: the answer is expected within :data:`SPIN`, so poll for it
+        (yielding the CPU) before sleeping.
+        """
+        leader = self._leader
+        if not self.transport.callers_wait or owns(leader):
+            return None
+        try:
+            if not leader.acquire(False):
+                return None
+            if waiter is not None:
+                wake_on_release(waiter, self._wake_leader)
+            self._leads += 1
+            if not self._park_wanted and not self._followers:
+                self._park_wanted = True
+                self.transport.nudge()
+            end = None if timeout is None else time.monotonic() + timeout
+            spin_end = time.perf_counter() + SPIN if spin else 0.0
+            while not done():
+                left = None if end is None else max(0.0, end - time.monotonic())
+                if spin_end:
+                    ready = self.transport.wait_for_caller(0.0)
+                    if ready is False:
+                        if time.perf_counter() > spin_end:
+                            spin_end = 0.0
+                        else:
+                            os.sched_yield()  # the peer may run on this CPU
+                        continue
+                else:
+                    ready = self.transport.wait_for_caller(left)
+                if ready is None:
+                    return None
+                if not ready:
+                    if end is not None and time.monotonic() >= end:
+                        return done()
+                    continue
+                going = without_interrupts(functools.partial(self._read_for, done))
+                if going is None:  # the reader thread has the turn: it wakes this one when it is through
+                    if self.transport.wait_for_caller(left, data=False) is None:
+                        return None
+                elif not going:
+                    self._unpark()  # the reader thread closes the link and reports the close
+                    return None
+            return True
+        finally:
+            if waiter is not None:
+                forget(waiter)
+            if owns(leader):
+                without_interrupts(leader.release)
+
+    def _wake_leader(self) -> None:
+        if not owns(self._leader):  # the leader itself needs no waking: it looks at done() next
+            self.transport.wake_caller()
+
+    def _read_for(self, done: Callable[[], bool]) -> Optional[bool]:
+        """:meth:`_read_here` for the leader, which stops leading in the same breath once ``done()``."""
+        going = self._read_here()
+        if done():
+            self._leader.release()
+        return going
+
+    def wait(self, waiter: threading.Lock, timeout: Optional[float] = None) -> bool:
+        """:func:`~remowt.runtime.waiting.wait_on` ``waiter``, which a frame from this link releases: led if it can."""
+        led = self.lead(functools.partial(_released, waiter), timeout, waiter)
+        if led is not None:
+            return led
+        return self.follow(functools.partial(wait_on, waiter, timeout))
+
+    def follow(self, wait: Callable[[], T]) -> T:
+        """Return ``wait()``, a wait for what the link brings that this thread does not read: the reader reads.
+
+        The reader thread stays on the fd (no caller parks it) until every such wait is over.
+        """
+        counted = False
+        try:
+            with self._lock:
+                self._followers += 1
+                counted = True
+                self._park_wanted = False
+                self._park_gate.open()
+            return wait()
+        finally:
+            if counted:
+                with self._lock:
+                    self._followers -= 1
+
+    def _unpark(self) -> None:
+        with self._lock:
+            self._park_wanted = False
+            self._park_gate.open()
 
     def _read_here(self) -> Optional[bool]:
         """Read and dispatch on the calling thread, which brought data (see :meth:`Transport.on_arrival`).
@@ -379,6 +519,10 @@ class Link:
         for thread in (self._reader, self._writer):
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(timeout)
+
+
+def _released(waiter: threading.Lock) -> bool:
+    return not waiter.locked()
 
 
 def _report(sent: List[Spliced], dropped: List[_Item]) -> None:

@@ -10,9 +10,11 @@ in :mod:`remowt.protocol.routing`; threads live in :mod:`remowt.rpc.link` and
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import msgspec
@@ -40,7 +42,7 @@ from ..runtime.secret import wipe
 from ..runtime.waiting import Flag, Gate, wait_on
 from ..runtime.workers import WorkerPool
 from ..transports.base import Transport
-from .link import Link, Part
+from .link import SPIN, Link, Part
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -53,15 +55,19 @@ HANDSHAKE_TIMEOUT = 30.0
 class Pending:
     """The future of one outgoing call: a lock released by the link's reader thread when the answer arrives.
 
-    Waiting is only waiting: the caller never reads the link, so a signal
-    handler or a KeyboardInterrupt in a waiting caller cannot disturb it. A
+    A caller reads the link itself while it waits where it can
+    (:meth:`Link.lead`: one thread switch fewer per call), with the signals
+    held off while it reads and dispatches, so a signal handler or a
+    KeyboardInterrupt strikes only between, where nothing is half done. A
     caller that stops waiting (a timeout) abandons the call: the router
     forgets it and drops its answer if one still comes.
     """
 
-    __slots__ = ("_call_id", "_error", "_lock", "_result", "_router", "dst", "late", "link", "secret")
+    __slots__ = ("_call_id", "_error", "_lock", "_result", "_router", "dst", "kind", "late", "link", "secret", "sent")
 
-    def __init__(self, dst: str, link: Link, router: Router, call_id: int, secret: bool = False) -> None:
+    def __init__(
+        self, dst: str, link: Link, router: Router, call_id: int, secret: bool = False, kind: Tuple[int, int] = (0, 0)
+    ) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self._result: Optional[Result] = None
@@ -71,9 +77,12 @@ class Pending:
         self.dst = dst
         self.link = link
         self.secret = secret
+        self.kind = kind  # the call's namespace and method
+        self.sent = time.perf_counter()
         self.late: Optional[Callable[[Optional[Result], Optional[BaseException]], None]] = None
 
     def resolve(self, result: Optional[Result], error: Optional[BaseException]) -> None:
+        self._router.quick[self.dst, self.kind] = time.perf_counter() - self.sent < SPIN
         self._result, self._error = result, error
         late = self.late
         self._lock.release()
@@ -85,6 +94,14 @@ class Pending:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) for the answer; whether it came."""
+        if not self._lock.locked():
+            return True
+        led = self.link.lead(self.done, timeout, spin=self._router.quick.get((self.dst, self.kind), True))
+        if led is not None:
+            return led
+        return self.link.follow(functools.partial(self._wait, timeout))
+
+    def _wait(self, timeout: Optional[float]) -> bool:
         if not self._lock.acquire(True, lock_timeout(timeout)):
             return False
         self._lock.release()
@@ -111,8 +128,9 @@ class Pending:
         not block): for a call whose effect must be undone when it happens.
         """
         if not self._router._abandon(self._call_id, self, late):
-            self._lock.acquire()  # the answer is on its way: released after the reader thread's batch
-            self._lock.release()
+            self.link.follow(
+                functools.partial(self._wait, None)
+            )  # the answer is on its way: released after the batch it came in
             return False
         return True
 
@@ -139,6 +157,8 @@ class Router:
         self._links: List[Link] = []
         self._handshakes: Dict[Link, Flag] = {}
         self._pending: Dict[int, Pending] = {}
+        # whether the last answer to each kind of call (destination, namespace, method) came within a spin
+        self.quick: Dict[Tuple[str, Tuple[int, int]], bool] = {}
         self._call_ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._streams: Dict[StreamKey, Stream] = {}
@@ -246,7 +266,7 @@ class Router:
         with self._lock:
             link = self._route_locked(dst)
             call_id = next(self._call_ids)
-            pending = Pending(dst, link, self, call_id, secret)
+            pending = Pending(dst, link, self, call_id, secret, (ns, method))
             self._pending[call_id] = pending
         frame = wire.encode(wire.Call(call_id, self.address, dst, ns, method, msgspec.Raw(args)))
         if len(frame) > link.peer_max_frame + wire.HEADER.size:
@@ -273,6 +293,17 @@ class Router:
             else:
                 pending.late = late
             return True
+
+    def wait_for(self, dst: str, waiter: threading.Lock, timeout: Optional[float] = None) -> bool:
+        """Wait until ``waiter`` (a :class:`Gate`'s) is released by what comes from ``dst``; False on ``timeout``.
+
+        Where it can, the waiting thread reads the link to ``dst`` itself (:meth:`Link.lead`).
+        """
+        with self._lock:
+            link = self._routes.next_hop(dst)
+        if link is None:
+            return wait_on(waiter, timeout)
+        return link.wait(waiter, timeout)
 
     def pending_count(self) -> int:
         """How many calls wait for an answer (tests: nothing leaks)."""

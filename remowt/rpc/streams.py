@@ -20,7 +20,7 @@ from ..protocol import wire
 from ..protocol.budget import PeerBudget
 from ..protocol.streamstate import DEFAULT_WINDOW, MAX_CHUNK, Chunk, StreamKey, StreamState
 from ..runtime.deadline import Deadline
-from ..runtime.waiting import Gate, wait_on
+from ..runtime.waiting import Gate
 from .link import Part, Spliced
 
 __all__ = [
@@ -56,6 +56,9 @@ class StreamRouter(Protocol):
 
     def send_routed(self, dst: str, *parts: Part) -> bool:
         """Send a frame towards ``dst``; False if there is no route."""
+
+    def wait_for(self, dst: str, waiter: threading.Lock, timeout: Optional[float] = None) -> bool:
+        """Wait until ``waiter`` is released by what comes from ``dst``; False on ``timeout``."""
 
     def splices_to(self, dst: str) -> bool:
         """Whether frames towards ``dst`` may carry :class:`~remowt.rpc.link.Spliced` parts."""
@@ -128,7 +131,7 @@ class Stream:
                 waiter = self._gate.enlist()
             if deadline is None:
                 deadline = Deadline(timeout, "reading a remowt stream")
-            wait_on(waiter, deadline.remaining())
+            self.router.wait_for(self.peer, waiter, deadline.remaining())
         if credit is not None:
             self._send(credit)
         return chunk
@@ -171,7 +174,7 @@ class Stream:
             if not n:
                 if deadline is None:
                     deadline = Deadline(timeout, "writing to a remowt stream")
-                wait_on(waiter, deadline.remaining())
+                self.router.wait_for(self.peer, waiter, deadline.remaining())
                 continue
             # the link sends the payload later, uncopied: only bytes are sure not to change meanwhile
             payload = view[:n] if isinstance(data, bytes) else bytes(view[:n])

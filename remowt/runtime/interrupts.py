@@ -40,6 +40,8 @@ ASYNCHRONOUS = frozenset(signal.valid_signals()) - _SYNCHRONOUS
 sigmask: Callable[[int, Iterable[int]], AbstractSet[int]] = importlib.import_module("_signal").pthread_sigmask
 
 
+_MAIN_THREAD = threading.main_thread().ident
+
 # Held by a thread of remowt's while it has the asynchronous signals unblocked (a fork, so that the child has them
 # unblocked too): a signal taken by such a thread still has its handler run in the main thread, so the main thread
 # must not be in a critical section meanwhile.
@@ -49,8 +51,13 @@ _unblocked = threading.RLock()
 def without_interrupts(action: Callable[[], T]) -> T:
     """Run ``action()`` with the asynchronous signals blocked in this thread; their handlers run after it.
 
-    ``action`` must not wait for long: a Ctrl-C waits for it.
+    ``action`` must not wait for long: a Ctrl-C waits for it, and so does
+    every fork of another thread (:func:`with_interrupts`). In any thread but
+    the main one it is simply called: Python runs handlers only in the main
+    thread, so nothing can strike elsewhere.
     """
+    if threading.get_ident() != _MAIN_THREAD:
+        return action()
     before = sigmask(signal.SIG_BLOCK, ())  # only asks: an interrupt before the change leaves nothing to undo
     try:
         sigmask(signal.SIG_BLOCK, ASYNCHRONOUS)

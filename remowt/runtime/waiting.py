@@ -14,9 +14,22 @@ gate drops it.
 from __future__ import annotations
 
 import threading
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .deadline import lock_timeout
+
+# Waiters whose thread does not sleep on them but polls an fd (a link's leader), with how to wake it.
+_pollers: Dict[threading.Lock, Callable[[], None]] = {}
+
+
+def wake_on_release(waiter: threading.Lock, wake: Callable[[], None]) -> None:
+    """Call ``wake()`` when a :class:`Gate` releases ``waiter``: its thread waits elsewhere (see :func:`forget`)."""
+    _pollers[waiter] = wake
+
+
+def forget(waiter: threading.Lock) -> None:
+    """Undo :func:`wake_on_release`."""
+    _pollers.pop(waiter, None)
 
 
 class Gate:
@@ -51,11 +64,33 @@ class Gate:
             if waiter.locked():
                 waiter.release()
             waiting.pop()
+            if _pollers:
+                wake = _pollers.get(waiter)
+                if wake is not None:
+                    wake()
 
 
 def wait_on(waiter: threading.Lock, timeout: Optional[float] = None) -> bool:
     """Wait until ``waiter`` is released (its gate opened); False if ``timeout`` seconds passed first."""
     return waiter.acquire(True, lock_timeout(timeout))
+
+
+#: How to wait on a gate's waiter: :func:`wait_on`, or a way that reads what will release it (a link's).
+WaitOn = Callable[[threading.Lock, Optional[float]], bool]
+
+
+def owns(lock: threading.RLock) -> bool:
+    """Whether this thread holds ``lock``: how a way out that an interrupt may have cut anywhere knows."""
+    owned: bool = lock._is_owned()  # type: ignore[attr-defined]  # the C RLock's, as threading.Condition uses it
+    return owned
+
+
+def held_elsewhere(lock: threading.RLock) -> bool:
+    """Whether another thread holds ``lock``."""
+    if lock.acquire(False):
+        lock.release()
+        return False
+    return True
 
 
 class Flag:
@@ -76,11 +111,11 @@ class Flag:
             self._set = True
             self._gate.open()
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait until set; False if ``timeout`` seconds passed first."""
+    def wait(self, timeout: Optional[float] = None, how: WaitOn = wait_on) -> bool:
+        """Wait until set (with ``how``); False if ``timeout`` seconds passed first."""
         with self._lock:
             if self._set:
                 return True
             waiter = self._gate.enlist()
-        wait_on(waiter, timeout)
+        how(waiter, timeout)
         return self._set

@@ -48,6 +48,25 @@ class Transport(abc.ABC):
         """
         return None
 
+    #: Whether a thread other than the reader may wait for data itself (:meth:`wait_for_caller`).
+    callers_wait = False
+
+    def wait_for_caller(self, timeout: Optional[float], data: bool = True) -> Optional[bool]:
+        """For a caller that reads for itself: wait until :meth:`read` may have data or :meth:`wake_caller`.
+
+        True: there may be data; False: ``timeout`` passed or it was woken; None: the transport closed.
+        Without ``data``, only :meth:`wake_caller` (or the close) ends the wait.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no fd a caller can wait on")
+
+    def wake_caller(self) -> None:
+        """End the current (or the next) :meth:`wait_for_caller` with False."""
+        raise NotImplementedError(f"{type(self).__name__} has no fd a caller can wait on")
+
+    def nudge(self) -> None:
+        """End the reader's current (or next) :meth:`wait_readable` now, so it looks again at what to do."""
+        return None
+
     @abc.abstractmethod
     def write(self, data: memoryview, block: bool) -> int:
         """Write a prefix of ``data``; return its length.

@@ -20,6 +20,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 from ..runtime.deadline import poll_timeout
 from ..runtime.interrupts import start
 from ..runtime.real_subprocess import Popen as LocalPopen
+from ..runtime.waiting import held_elsewhere, owns
 from .base import Transport
 
 PIPE_SIZE = 1024 * 1024
@@ -60,6 +61,7 @@ class FdTransport(Transport):
 
     name = "fd"
     small_reads = True
+    callers_wait = True
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self._rfd = read_fd
@@ -70,9 +72,20 @@ class FdTransport(Transport):
         self._read_poller = select.poll()  # the link's reader is the only thread that waits to read
         self._read_poller.register(read_fd, select.POLLIN)
         self._read_poller.register(self._wake_r, select.POLLIN)
+        # Pipes, not eventfds (Python 3.10+): the agent runs on 3.9 too. A byte in one ends a wait:
+        self._nudge_r, self._nudge_w = _wake_pipe()  # the reader's, so that it looks again at what to do
+        self._read_poller.register(self._nudge_r, select.POLLIN)
+        self._caller_r, self._caller_w = _wake_pipe()  # the caller's that reads for itself
+        self._caller_poller = select.poll()  # one caller at a time waits (the link's leader)
+        self._woken_poller = select.poll()  # the leader, while the reader has the turn
+        for fd in (read_fd, self._wake_r, self._caller_r):
+            self._caller_poller.register(fd, select.POLLIN)
+            if fd != read_fd:
+                self._woken_poller.register(fd, select.POLLIN)
         self._closed = False
         self._lock = threading.Lock()
-        self._users = 0
+        self._users = 0  # the reader's reads and waits, and writers, while they use the fds
+        self._caller = threading.RLock()  # held by the one caller in wait_for_caller
         mode = os.fstat(write_fd).st_mode
         self.splices = _splice is not None and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
         self.atomic_write = select.PIPE_BUF if stat.S_ISFIFO(mode) else 0
@@ -87,8 +100,12 @@ class FdTransport(Transport):
     def _leave(self) -> None:
         with self._lock:
             self._users -= 1
-            if self._closed and not self._users:
-                self._close_fds()
+            self._close_if_unused_locked()
+
+    def _close_if_unused_locked(self) -> None:
+        """Close the fds once closed and nobody uses them (the lock held)."""
+        if self._closed and not self._users and self._rfd >= 0 and not held_elsewhere(self._caller):
+            self._close_fds()
 
     def _wait_writable(self) -> bool:
         """Wait until the write fd takes bytes; False when the transport was closed meanwhile."""
@@ -114,9 +131,46 @@ class FdTransport(Transport):
         if not self._enter():
             return True
         try:
-            return bool(self._read_poller.poll(poll_timeout(timeout)))
+            ready = self._read_poller.poll(poll_timeout(timeout))
+            if any(fd == self._nudge_r for fd, _ in ready):
+                _drain(self._nudge_r)
+            return bool(ready)
         finally:
             self._leave()
+
+    def nudge(self) -> None:
+        self._signal(self._nudge_w)
+
+    def wake_caller(self) -> None:
+        self._signal(self._caller_w)
+
+    def _signal(self, wake_w: int) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(BlockingIOError):  # full: it wakes all the same
+                    os.write(wake_w, b"x")
+
+    def wait_for_caller(self, timeout: Optional[float], data: bool = True) -> Optional[bool]:
+        # Not counted in and out as the reader is: an interrupt may strike this thread anywhere, so it holds a
+        # lock of its own that the way out knows it holds, whatever step was cut.
+        caller = self._caller
+        try:
+            if not caller.acquire(False) or self._closed:
+                return None
+            poller = self._caller_poller if data else self._woken_poller
+            ready = [fd for fd, _ in poller.poll(poll_timeout(timeout))]
+            if self._wake_r in ready:
+                return None
+            if self._caller_r in ready:
+                _drain(self._caller_r)
+                return False
+            return bool(ready)
+        finally:
+            if owns(caller):
+                caller.release()
+                if self._closed:
+                    with self._lock:
+                        self._close_if_unused_locked()
 
     def write(self, data: memoryview, block: bool) -> int:
         return self.writev((data,), block)
@@ -183,14 +237,37 @@ class FdTransport(Transport):
                 return
             self._closed = True
             os.write(self._wake_w, b"x")
-            if not self._users:
-                self._close_fds()
+            self._close_if_unused_locked()
 
     def _close_fds(self) -> None:
-        for fd in (self._rfd, self._wfd, self._wake_r, self._wake_w):
+        fds = (
+            self._rfd,
+            self._wfd,
+            self._wake_r,
+            self._wake_w,
+            self._nudge_r,
+            self._nudge_w,
+            self._caller_r,
+            self._caller_w,
+        )
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._rfd = self._wfd = self._wake_r = self._wake_w = -1
+        self._nudge_r = self._nudge_w = self._caller_r = self._caller_w = -1
+
+
+def _wake_pipe() -> Tuple[int, int]:
+    """A pipe above stdio whose ends never block: a byte written wakes a ``poll`` on the other end."""
+    read_fd, write_fd = pipe_above_stdio()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd
+
+
+def _drain(read_fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.read(read_fd, 4096)
 
 
 class ChildTransport(FdTransport):

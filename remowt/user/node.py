@@ -391,7 +391,14 @@ class Node:
                 self._send_releases()
                 mark = held_mark()
                 streams = (open_pipe(stdin, False), open_pipe(stdout, True), open_pipe(stderr, True))
-                process = RemoteProcess(self._subprocess, handle, [os.fsdecode(a) for a in args], *streams, lazy)
+                process = RemoteProcess(
+                    self._subprocess,
+                    handle,
+                    [os.fsdecode(a) for a in args],
+                    *streams,
+                    lazy,
+                    functools.partial(self.router.wait_for, self.address),
+                )
                 self.children.add(self.address, process, repr(self))
                 spec = SpawnSpec(
                     handle=handle,

@@ -9,7 +9,7 @@ from ..endpoints.subprocess import SubprocessApi
 from ..errors import ConnectionLost
 from ..protocol.service import timed
 from ..rpc.streams import Stream
-from ..runtime.waiting import Flag
+from ..runtime.waiting import Flag, WaitOn, wait_on
 
 OutputHandler = Callable[[Optional[Stream]], None]
 
@@ -32,6 +32,7 @@ class RemoteProcess:
         stdout: Optional[Stream],
         stderr: Optional[Stream],
         outputs: Optional[Mapping[str, OutputHandler]] = None,
+        wait_for_agent: WaitOn = wait_on,
     ) -> None:
         self.args = args
         self.handle = handle
@@ -42,6 +43,7 @@ class RemoteProcess:
         self.returncode: Optional[int] = None
         self._api = api
         self._exited = Flag()
+        self._wait_for_agent = wait_for_agent  # how to wait for the exit that the agent's link brings
         self._lost: Optional[ConnectionLost] = None
         self._outputs: Dict[str, OutputHandler] = dict(outputs or {})
 
@@ -81,7 +83,7 @@ class RemoteProcess:
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """Wait for the child to exit; ``TimeoutError`` after ``timeout`` seconds."""
-        if not self._exited.wait(timeout):
+        if not self._exited.wait(timeout, self._wait_for_agent):
             raise TimeoutError(f"{self.args!r} still running after {timeout} s")
         if self.returncode is None:
             assert self._lost is not None

@@ -1,0 +1,104 @@
+"""A caller that waits on a local agent's link reads it itself (the leader); the reader thread keeps off.
+
+On fd transports the waiting caller polls the fd and dispatches what comes,
+so the answer wakes only the thread that wants it. These tests hold the
+parts of that bargain: the reader thread really stays asleep through a loop
+of calls, frames that come while nobody waits are still read, a signal
+handler and other threads that call meanwhile are answered, and the lead
+survives interrupts.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Iterator, List, Optional
+
+import pytest
+from _util import make_connection, run_together, wait_until
+
+import remowt
+from remowt import PIPE
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def conn() -> Iterator[remowt.Remowt]:
+    connection = make_connection("local")
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def _reader_switches(conn: remowt.Remowt) -> int:
+    """How often the connection's link reader thread went to sleep so far (voluntary context switches)."""
+    (reader,) = [t for t in threading.enumerate() if t.name.startswith("remowt-read-user") and t.is_alive()]
+    with open(f"/proc/self/task/{reader.native_id}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in the reader's status")
+
+
+def test_the_reader_thread_sleeps_through_a_loop_of_calls(conn: remowt.Remowt) -> None:
+    conn.ping()
+    before = _reader_switches(conn)
+    for _ in range(2000):
+        conn.ping()
+    # Before leaders, the reader woke for every answer (>= 2000); parked, it wakes once per LINGER at most.
+    woke = _reader_switches(conn) - before
+    assert woke < 500, f"the reader thread woke {woke} times for 2000 calls"
+
+
+def test_an_exit_that_comes_while_nobody_waits_is_read(conn: remowt.Remowt) -> None:
+    with conn.Popen(["sh", "-c", "read line; exit 7"], stdin=PIPE) as proc:
+        conn.ping()  # a leader: the reader thread is parked now
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
+        # poll() never waits: only the reader thread, back on the fd, can bring the exit in
+        assert wait_until(lambda: proc.poll() is not None, timeout=10)
+        assert proc.returncode == 7
+
+
+def test_a_signal_handler_calls_while_its_thread_leads(conn: remowt.Remowt) -> None:
+    answers: List[int] = []
+
+    def handler(signum: int, frame: Optional[FrameType]) -> None:
+        answers.append(conn.info().pid)  # the main thread leads in wait(): the reader must answer this
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        with conn.Popen(["sh", "-c", "read line"], stdin=PIPE) as proc:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            assert proc.stdin is not None
+
+            def release() -> None:
+                # The handler ran (in this thread's wait): let the child end.
+                assert wait_until(lambda: bool(answers), timeout=10)
+                proc.stdin.write(b"done\n")  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+
+            releaser = threading.Thread(target=release)
+            releaser.start()
+            assert proc.wait(timeout=20) == 0
+            releaser.join()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert answers == [conn.info().pid]
+
+
+def test_many_threads_wait_on_one_link_at_once(conn: remowt.Remowt) -> None:
+    def calls(n: int) -> object:
+        if n == 0:
+            return conn.run(["cat"], input=b"x" * 3_000_000, capture_output=True).stdout == b"x" * 3_000_000
+        for _ in range(300):
+            conn.ping()
+        return True
+
+    assert run_together(calls, 8, timeout=50) == [True] * 8
+    assert conn.router.pending_count() == 0
