@@ -44,7 +44,7 @@ FDS = (
 CWD = "the child needs this process's cwd: over ssh it starts in the login's home, where sshd starts a command"
 INTERNALS = (
     "tests subprocess's own internals (_execute_child, _fork_exec, _communicate, _wait, _active, waitpid "
-    "on the child's pid in this process, mocks of proc.stdin)"
+    "on the child's pid in this process)"
 )
 PREEXEC = "preexec_fn runs a function of this process in the child, which the agent forks: refused with ValueError"
 CAUSES: Dict[str, str] = {
@@ -73,9 +73,6 @@ CAUSES: Dict[str, str] = {
             "test_leak_fast_process_del_killed",
             "test_send_signal_race",
             "test_stopped",
-            "test_communicate_BrokenPipeError_stdin_close",
-            "test_communicate_BrokenPipeError_stdin_close_with_timeout",
-            "test_communicate_BrokenPipeError_stdin_write",
         ],
         INTERNALS,
     ),
