@@ -1382,6 +1382,7 @@ def test_preexec_fn_is_refused_on_remowt(sp: Any) -> None:
 CALLS_ITS_PARENT = "import os, signal, sys; os.kill(os.getppid(), getattr(signal, sys.argv[1]))"
 
 
+@pytest.mark.timeout(20, method="thread")  # pytest-timeout's own method uses SIGALRM, one of those signals
 @pytest.mark.parametrize("name", ["SIGUSR1", "SIGUSR2", "SIGALRM"])
 def test_a_child_that_signals_its_parent(sp: Any, name: str) -> None:
     # as CPython's test_communicate_eintr: with subprocess the caller gets it; a local agent passes it on to
