@@ -11,7 +11,7 @@ import pytest
 from _util import fd_count, read_now, wait_until
 
 import remowt
-from remowt.endpoints.subprocess import SpawnOptions, move_above_targets, place_fds
+from remowt.endpoints.subprocess import SpawnOptions, move_off_targets, place_fds
 from remowt.errors import BadArguments, ConnectionLost
 from remowt.runtime.real_subprocess import Popen as LocalPopen
 from remowt.transports.fdpass import MAX_FDS, FdReceiver, FdSender, socket_pair
@@ -142,13 +142,14 @@ def test_the_agent_knows_who_started_it(pair: tuple[FdSender, FdReceiver]) -> No
 
 
 def test_fds_are_placed_in_the_child_even_where_another_ones_source_is() -> None:
-    # the agent gets the fds at numbers of its own, which may be other fds' targets: target i is where the
-    # fd for target i + 1 was received, so placing them in turn would overwrite a source before its placement
+    # the agent gets the fds at numbers of its own, which may be other fds' targets: each target but the first and
+    # the last is where the fd for the next target was received, so placing them in turn would overwrite a source
+    # before its placement; the first fd is at its own target (a dup2 onto itself would leave it close-on-exec)
     made = [os.pipe() for _ in range(6)]
     received = [os.dup(write_fd) for _, write_fd in made]
-    targets = [*received[1:], max(received) + 1]
+    targets = [received[0], *received[2:], max(received) + 1]
     inherited = dict(zip(targets, received))
-    move_above_targets(inherited)
+    move_off_targets(inherited)
     placements = tuple((fd, target) for target, fd in inherited.items())
     script = "import os, sys\nfor fd in sys.argv[1:]: os.write(int(fd), fd.encode())"
     try:
@@ -183,3 +184,21 @@ def test_pass_fds_the_agent_refuses_are_closed_there() -> None:
 def test_pass_fds_on_a_terminal_are_refused() -> None:
     with remowt.connect_local() as conn, pytest.raises(ValueError, match="a child on a terminal"):
         conn.Popen(["true"], pty=True, stdout=remowt.PIPE, pass_fds=[2])
+
+
+def test_more_fds_than_a_message_carries_is_a_clear_error() -> None:
+    with remowt.connect_local() as conn:
+        conn.run(["true"])
+        many = [os.open(os.devnull, os.O_RDONLY) for _ in range(MAX_FDS + 1)]
+        try:
+            for fd in many:
+                os.set_inheritable(fd, True)
+            here, there = fd_count(), agent_fds(conn)
+            for kwargs in ({"pass_fds": many}, {"close_fds": False}):
+                with pytest.raises(ValueError, match="fds to hand the child: at most 253 go in one message"):
+                    conn.run(["true"], **kwargs)
+            assert (fd_count(), agent_fds(conn), conn.children.count()) == (here, there, 0)
+            assert conn.run(["true"], pass_fds=many[: MAX_FDS - 3]).returncode == 0  # the stdio's 3 and these: 253
+        finally:
+            for fd in many:
+                os.close(fd)

@@ -271,12 +271,23 @@ def _user_shell(argv: List[bytes], options: SpawnOptions) -> Tuple[List[bytes], 
     return argv, msgspec.structs.replace(options, executable=shell, cwd=cwd, env=env, user_shell=False)
 
 
-def move_above_targets(fds: Dict[int, int]) -> None:
-    """Renumber the fds (values) above every target (key), so no placement in the child overwrites a later source."""
-    top = max(fds)
-    for target, fd in fds.items():
-        if fd <= top:
-            fds[target] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top + 1)
+def move_off_targets(fds: Dict[int, int]) -> None:
+    """Renumber each fd (value) that is some target's number (key) to a number that is none (close-on-exec),
+    so that no placement in the child overwrites a source it has yet to place, nor leaves one close-on-exec."""
+    targets = set(fds)
+    spare: List[int] = []  # free numbers that are targets: held until the move is done, so the next dup skips them
+    try:
+        for target, fd in fds.items():
+            if fd not in targets:
+                continue
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            while moved in targets:
+                spare.append(moved)
+                moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(fd)
+            fds[target] = moved
+    finally:
+        for fd in spare:
             os.close(fd)
 
 
@@ -332,7 +343,7 @@ class Subprocesses(SubprocessApi):
     def _take_passed(self, spec: SpawnSpec) -> Tuple[Dict[str, int], Dict[int, int]]:
         """The caller's fds: for the stdio ``spec.passed`` names, by name; for ``pass_fds``, by target number.
 
-        The latter are numbered above every target (close-on-exec), ready for :func:`place_fds`.
+        The latter are numbered off every target (:func:`move_off_targets`), ready for :func:`place_fds`.
         """
         targets = spec.options.pass_fds
         if not spec.passed and not targets:
@@ -350,7 +361,7 @@ class Subprocesses(SubprocessApi):
             if len(inherited) != len(targets) or min(targets, default=3) < 3:
                 raise BadArguments(f"pass_fds must be distinct fd numbers above 2, got {targets}")
             if inherited:
-                move_above_targets(inherited)
+                move_off_targets(inherited)
         except BaseException:
             for fd in {*fds, *inherited.values()}:
                 with contextlib.suppress(OSError):
