@@ -21,6 +21,7 @@ from ..endpoints.control import Control
 from ..endpoints.editor import FileEdits
 from ..endpoints.escalate import Escalator
 from ..endpoints.fs import Files
+from ..endpoints.parent_signals import stand_in_for_the_caller
 from ..endpoints.sockets import Sockets
 from ..endpoints.subprocess import Subprocesses
 from ..endpoints.watchdog import Watchdog, start_watchdog
@@ -166,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         # (A handler, not SIG_IGN, so the children get the default back at exec.)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
     fds = FdReceiver(_inherited_socket(int(sockets[0]))) if sockets else None
+    stand_in_for_the_caller(None if fds is None else fds.peer_pid())  # a child's signals to its parent
     watchdog = start_watchdog()
     address = wire.AGENT_PRIVILEGED if privileged else wire.AGENT
     agent = Agent(address, watchdog, trees[0] if trees else None, fds)

@@ -344,7 +344,8 @@ class Node:
         ``passed`` maps stdio names (whose mode is then ignored) to fds of this
         process that the child gets as they are, as a local child would: only
         where :attr:`fd_sender` is set (an agent this process started here).
-        The caller keeps its fds; they must stay open until this returns.
+        So are this process's fds that ``options.pass_fds`` names, at the same
+        numbers. The caller keeps its fds; they must stay open until this returns.
 
         Without an answer within ``timeout`` seconds (None: :attr:`call_timeout`)
         it raises ``TimeoutError``; a child the agent starts after that is
@@ -367,7 +368,8 @@ class Node:
         if not set(given) <= set(STDIO) or set(given) & set(lazy):
             raise ValueError(f"passed may name stdin, stdout and stderr not in outputs, got {sorted(given)}")
         sender = self.fd_sender
-        if given and sender is None:
+        handed = [*given.values(), *options.pass_fds]
+        if handed and sender is None:
             raise ValueError(f"{self.description} cannot take this process's fds (only an agent started here can)")
         modes = {name: DEVNULL if name in given else mode for name, mode in zip(STDIO, (stdin, stdout, stderr))}
         stdin, stdout, stderr = modes["stdin"], modes["stdout"], modes["stderr"]
@@ -415,10 +417,10 @@ class Node:
                     why = f"the spawn request is {e.size} bytes, over the agent's frame limit of {e.limit}"
                     program = os_name_text(options.executable or args[0]) if args else "the login shell"
                     raise OSError(errno.E2BIG, f"{os.strerror(errno.E2BIG)} ({why})", program) from None
-                if given:
+                if handed:
                     assert sender is not None
                     limit = self.call_timeout if timeout is None else timeout
-                    _send_fds(sender, handle, list(given.values()), limit, (pending, opened, mark))
+                    _send_fds(sender, handle, handed, limit, (pending, opened, mark))
             try:
                 process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))
             except msgspec.ValidationError as e:
