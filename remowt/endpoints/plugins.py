@@ -226,7 +226,10 @@ class PluginHost(PluginsApi):
         except (ConnectionLost, ProtocolError) as e:
             transport.close()
             self._forget(pid)
-            how = _ending(transport.process.returncode) or f"failed ({e})"
+            if isinstance(e, ProtocolError):
+                how = f"broke the protocol ({e})"
+            else:
+                how = _ending(transport.process.returncode) or f"failed ({e})"
             tail = transport.stderr_tail().strip()
             raise PluginError(
                 f"plugin {name} {how} before its handshake" + (f"; its stderr:\n{tail}" if tail else "")
