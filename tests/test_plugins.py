@@ -15,6 +15,7 @@ import os
 import pathlib
 import pwd
 import re
+import signal
 import stat
 import tarfile
 import threading
@@ -319,3 +320,29 @@ def test_bad_plugin_sources_are_refused_before_anything_is_shipped(tmp_path: pat
             remowt.loopback(plugins=[source])
     with pytest.raises(PluginSourceError, match="two plugin sources are named 'demo_plugin'"):
         plugin_files([DEMO, DEMO])
+
+
+def test_a_load_given_up_leaves_no_plugin_running(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
+    """A load whose caller stopped waiting (a timeout; Ctrl-C alike) is unloaded when it answers after all."""
+    flag, pid_file = tmp_path / "go", tmp_path / "pid"
+    slow = tmp_path / "slow"
+    slow.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nwhile [ ! -e {flag} ]; do sleep 0.01; done\nexec {DEMO}\n")
+    slow.chmod(0o755)
+    with pytest.raises(TimeoutError, match=r"did not load plugin .*slow.* within 0\.5 s"):
+        conn.load_plugin_path(slow, timeout=0.5)
+    assert wait_until(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"), 30)
+    pid = int(pid_file.read_text())
+    flag.touch()
+    assert wait_until(lambda: proc_gone(pid), 30)
+    assert wait_until(lambda: conn.plugins() == [] and plugin_addresses(conn) == [], 30)
+    assert conn.ping() < 5
+
+
+def test_a_killed_agent_takes_its_plugins_with_it(request: pytest.FixtureRequest) -> None:
+    conn = connect(request, "local")
+    with conn:
+        plugin = conn.load_plugin("demo_plugin")
+        os.kill(conn.info().pid, signal.SIGKILL)
+        assert wait_until(lambda: proc_gone(plugin.pid), 30)
+        with pytest.raises(ConnectionLost):
+            plugin.service(DemoApi).noop()
