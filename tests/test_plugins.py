@@ -17,6 +17,8 @@ import pwd
 import re
 import signal
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 from typing import Dict, Iterator, List
@@ -94,6 +96,7 @@ def test_a_plugin_is_reached_through_the_agent_by_a_learned_route(conn: remowt.R
     with load(conn, how) as plugin:
         assert plugin.address not in before  # nobody configured it: the agent's announcement brought it
         assert conn.router.reachable()[plugin.address] == 2  # user → agent → plugin
+        assert [link.peer for link in conn.router.links()] == ["agent"]  # no link of its own: a route through it
         demo = plugin.service(DemoApi)
         assert demo.echo(b"\x00hello\xff" * 1000) == b"\x00hello\xff" * 1000
         assert demo.whoami() == (os.getuid(), plugin.pid)
@@ -346,3 +349,38 @@ def test_a_killed_agent_takes_its_plugins_with_it(request: pytest.FixtureRequest
         assert wait_until(lambda: proc_gone(plugin.pid), 30)
         with pytest.raises(ConnectionLost):
             plugin.service(DemoApi).noop()
+
+
+def test_remowt_bundle_build_ships_plugins(tmp_path: pathlib.Path) -> None:
+    directory = str(tmp_path / "bundle")
+    built = run_bundle("build", "--dir", directory, "--plugin", SOURCES[0], "--plugin", SOURCES[1])
+    assert built.returncode == 0, built.stderr
+    listed = run_bundle("list", "--dir", directory)
+    assert f"plugin demo_plugin: {DEMO}\n" in listed.stdout and "plugin demo_api: " in listed.stdout
+    refused = run_bundle("build", "--dir", directory, "--plugin", str(tmp_path / "missing"))
+    assert refused.returncode == 1
+    assert refused.stderr == f"remowt: plugin source {tmp_path / 'missing'} does not exist\n"
+    assert bundle.read_plugin_sources(directory) == SOURCES  # nothing changed
+    assert run_bundle("build", "--dir", directory, "--no-plugins").returncode == 0
+    assert "plugin " not in run_bundle("list", "--dir", directory).stdout
+
+
+def run_bundle(*args: str) -> subprocess.CompletedProcess[str]:
+    remowt_command = [sys.executable, "-m", "remowt", "bundle"]
+    return subprocess.run([*remowt_command, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_tampered_plugin_in_the_targets_cache_is_replaced_by_the_one_sent(sshd: SshServer) -> None:
+    """The tree digest covers the plugins: a changed plugin file in the cached agent is set aside and sent again."""
+    with remowt.connect("remowt-test-root", ssh_config=sshd.ssh_config, plugins=SOURCES) as conn:
+        pid = conn.load_plugin("demo_plugin").pid
+        command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        match = re.search(r"'([^']*/remowt-plugins)'", command)
+        assert match is not None, command
+        cached = pathlib.Path(match.group(1)) / "demo_plugin.py"
+        original = cached.read_bytes()
+    cached.write_bytes(b"raise SystemExit('tampered')\n" + original)
+    conn = remowt.connect("remowt-test-root", ssh_config=sshd.ssh_config, plugins=SOURCES)
+    with conn, conn.load_plugin("demo_plugin") as plugin:
+        assert plugin.service(DemoApi).echo(b"sent") == b"sent"
+    assert cached.read_bytes() == original
