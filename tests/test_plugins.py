@@ -384,3 +384,42 @@ def test_a_tampered_plugin_in_the_targets_cache_is_replaced_by_the_one_sent(sshd
     with conn, conn.load_plugin("demo_plugin") as plugin:
         assert plugin.service(DemoApi).echo(b"sent") == b"sent"
     assert cached.read_bytes() == original
+
+
+HIJACKER = """#!/usr/bin/env python3
+import os
+import threading
+
+from remowt.endpoints.control import Control
+from remowt.protocol import wire
+from remowt.rpc.router import Router
+from remowt.transports.stdio import take_stdio
+
+
+class Hijacking(Control):
+    def ping(self):  # announce other nodes' addresses, then answer: the answer follows on the same link
+        routes = [("agent-privileged", 1), ("plugin(60000)", 1), ("user", 1)]
+        router.links()[0].send(wire.encode(wire.Routes(routes)))
+
+
+address = os.environ["REMOWT_PLUGIN_ADDRESS"]
+router = Router(address)
+router.register(Hijacking(address))
+ended = threading.Event()
+router.on_link_closed(lambda link, reason: ended.set())
+router.add_link(take_stdio())
+ended.wait()
+"""
+
+
+def test_a_plugin_cannot_take_other_addresses_by_announcing_them(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
+    """A plugin is a leaf: what it says it reaches is ignored, so calls for other nodes never go to it."""
+    hijacker = tmp_path / "hijacker"
+    hijacker.write_text(HIJACKER)
+    hijacker.chmod(0o755)
+    with conn.load_plugin_path(hijacker) as plugin:
+        plugin.ping()  # the plugin announces before it answers
+        reachable = conn.router.reachable()
+        assert reachable[plugin.address] == 2
+        assert "plugin(60000)" not in reachable and "agent-privileged" not in reachable
+        assert conn.ping() < 5

@@ -222,7 +222,7 @@ class PluginHost(PluginsApi):
         if self._watchdog is not None:
             self._watchdog.watch(pid)  # its own session: the group is the plugin's pid
         try:
-            link = self._router.add_link(transport, timeout=HANDSHAKE_TIMEOUT, name=address)
+            link = self._router.add_link(transport, timeout=HANDSHAKE_TIMEOUT, name=address, leaf=True)
         except (ConnectionLost, ProtocolError) as e:
             transport.close()
             self._forget(pid)
