@@ -257,11 +257,23 @@ def test_double_unload_is_a_clear_error(conn: remowt.Remowt) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_closing_the_connection_ends_its_plugins(request: pytest.FixtureRequest, kind: str) -> None:
+    """No plugin process is left; a local agent's staged copy of the plugins is removed (a target's cache stays)."""
     conn = connect(request, kind)
     with conn:
         pids = [conn.load_plugin("demo_plugin").pid, conn.load_plugin_path(DEMO).pid]
         assert not any(proc_gone(pid) for pid in pids)
+        plugins_dir = shipped_dir(pids[0])
+        assert plugins_dir.is_dir()
     assert wait_until(lambda: all(proc_gone(pid) for pid in pids), 30)
+    assert plugins_dir.exists() == (kind == "ssh")
+
+
+def shipped_dir(pid: int) -> pathlib.Path:
+    """The directory of the shipped plugins that a plugin loaded by name runs from (its command line names it)."""
+    command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    match = re.search(r"'([^']*/remowt-plugins[^'/]*)'", command)
+    assert match is not None, command
+    return pathlib.Path(match.group(1))
 
 
 @pytest.mark.parametrize("kind", ["loopback", "local"])
@@ -373,11 +385,7 @@ def run_bundle(*args: str) -> subprocess.CompletedProcess[str]:
 def test_a_tampered_plugin_in_the_targets_cache_is_replaced_by_the_one_sent(sshd: SshServer) -> None:
     """The tree digest covers the plugins: a changed plugin file in the cached agent is set aside and sent again."""
     with remowt.connect("remowt-test-root", ssh_config=sshd.ssh_config, plugins=SOURCES) as conn:
-        pid = conn.load_plugin("demo_plugin").pid
-        command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode()
-        match = re.search(r"'([^']*/remowt-plugins)'", command)
-        assert match is not None, command
-        cached = pathlib.Path(match.group(1)) / "demo_plugin.py"
+        cached = shipped_dir(conn.load_plugin("demo_plugin").pid) / "demo_plugin.py"
         original = cached.read_bytes()
     cached.write_bytes(b"raise SystemExit('tampered')\n" + original)
     conn = remowt.connect("remowt-test-root", ssh_config=sshd.ssh_config, plugins=SOURCES)
