@@ -431,3 +431,12 @@ def test_a_plugin_cannot_take_other_addresses_by_announcing_them(conn: remowt.Re
         assert reachable[plugin.address] == 2
         assert "plugin(60000)" not in reachable and "agent-privileged" not in reachable
         assert conn.ping() < 5
+
+
+def test_a_plugin_that_takes_another_address_is_refused(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
+    impostor = tmp_path / "impostor"
+    impostor.write_text(HIJACKER.replace('os.environ["REMOWT_PLUGIN_ADDRESS"]', '"plugin(65000)"'))
+    impostor.chmod(0o755)
+    with pytest.raises(PluginError, match=r"said it is plugin\(65000\), not plugin\([0-9]+\)"):
+        conn.load_plugin_path(impostor)
+    assert conn.plugins() == [] and plugin_addresses(conn) == []

@@ -234,9 +234,14 @@ class PluginHost(PluginsApi):
             raise PluginError(
                 f"plugin {name} {how} before its handshake" + (f"; its stderr:\n{tail}" if tail else "")
             ) from None
+        except BaseException:  # the agent is closing, an interrupt: no plugin is left behind
+            transport.close()
+            self._forget(pid)
+            raise
         if link.peer != address:
             link.close()
             link.join(EXIT_TIMEOUT)
+            self._forget(pid)
             raise PluginError(
                 f"plugin {name} said it is {link.peer}, not {address} (it must take the address in ${ADDRESS_ENV})"
             )
