@@ -203,7 +203,12 @@ def _connect_command(
     if deploy:
         agent_bundle = _shipping(bundle, plugins)
         args.append(remote_start_command(agent_bundle, python))
-    transport = spawn_framed_child(args, pass_fds=() if fd_socket is None else (fd_socket.fileno(),))
+    try:
+        transport = spawn_framed_child(args, pass_fds=() if fd_socket is None else (fd_socket.fileno(),))
+    except BaseException:
+        for hook in on_close:
+            hook()
+        raise
     try:
         if agent_bundle is not None:
             start_agent(transport, agent_bundle, timeout=deadline.left() or 0.0)
