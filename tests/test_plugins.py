@@ -214,6 +214,7 @@ def test_the_plugins_stderr_reaches_the_clients_log(conn: remowt.Remowt, caplog:
     ],
 )
 def test_bad_names_are_clear_errors(conn: remowt.Remowt, name: str, error: type, message: str) -> None:
+    assert conn.shipped_plugins() == ["demo_api", "demo_plugin"]
     with pytest.raises(error, match=message):
         conn.load_plugin(name)
     assert conn.plugins() == []

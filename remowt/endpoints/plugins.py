@@ -87,7 +87,7 @@ class PluginsApi(Service, namespace=50):
         """The plugins running here."""
         raise NotImplementedError
 
-    @rpc(5, inline=True)
+    @rpc(5)
     def available(self) -> List[str]:
         """The names of the plugins shipped with the agent."""
         raise NotImplementedError
