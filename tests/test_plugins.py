@@ -204,6 +204,23 @@ def test_the_plugins_stderr_reaches_the_clients_log(conn: remowt.Remowt, caplog:
         assert wait_until(logged, 30)
 
 
+def test_a_chatty_plugins_stderr_arrives_whole_and_in_order(
+    conn: remowt.Remowt, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Far more lines than the host lets wait for the user (the plugin waits for room meanwhile)."""
+    caplog.set_level(logging.WARNING, logger="remowt.plugin")
+    chatty = tmp_path / "chatty"
+    chatty.write_text(f"#!/bin/sh\nseq 1 5000 >&2\nexec {DEMO}\n")
+    chatty.chmod(0o755)
+    with conn.load_plugin_path(chatty) as plugin:
+
+        def lines() -> List[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "remowt.plugin.chatty"]
+
+        assert wait_until(lambda: len(lines()) >= 5001, 60)
+        assert lines()[:5000] == [f"[{plugin.address}] {n}" for n in range(1, 5001)]
+
+
 @pytest.mark.parametrize(
     "name, error, message",
     [
