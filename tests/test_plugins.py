@@ -355,15 +355,27 @@ def test_bad_plugin_sources_are_refused_before_anything_is_shipped(tmp_path: pat
         plugin_files([DEMO, DEMO])
 
 
-def test_a_load_given_up_leaves_no_plugin_running(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
-    """A load whose caller stopped waiting (a timeout; Ctrl-C alike) is unloaded when it answers after all."""
+@pytest.mark.parametrize("how", ["timeout", "ctrl-c"])
+def test_a_load_given_up_leaves_no_plugin_running(conn: remowt.Remowt, tmp_path: pathlib.Path, how: str) -> None:
+    """A load whose caller stopped waiting (a timeout, Ctrl-C) is unloaded when it answers after all."""
     flag, pid_file = tmp_path / "go", tmp_path / "pid"
     slow = tmp_path / "slow"
     slow.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nwhile [ ! -e {flag} ]; do sleep 0.01; done\nexec {DEMO}\n")
     slow.chmod(0o755)
-    with pytest.raises(TimeoutError, match=r"did not load plugin .*slow.* within 0\.5 s"):
-        conn.load_plugin_path(slow, timeout=0.5)
-    assert wait_until(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"), 30)
+
+    def started() -> bool:
+        return pid_file.exists() and pid_file.read_text().endswith("\n")
+
+    if how == "timeout":
+        with pytest.raises(TimeoutError, match=r"did not load plugin .*slow.* within 0\.5 s"):
+            conn.load_plugin_path(slow, timeout=0.5)
+    else:  # a Ctrl-C once the plugin runs, while the caller waits for the load
+        interrupter = threading.Thread(target=lambda: wait_until(started, 30) and os.kill(os.getpid(), signal.SIGINT))
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            conn.load_plugin_path(slow)
+        interrupter.join()
+    assert wait_until(started, 30)
     pid = int(pid_file.read_text())
     flag.touch()
     assert wait_until(lambda: proc_gone(pid), 30)

@@ -14,7 +14,6 @@ streams fail with ``ConnectionLost``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import os
@@ -29,6 +28,7 @@ from ..endpoints.plugins import HANDSHAKE_TIMEOUT, PluginEventsApi, PluginInfo, 
 from ..errors import ConnectionLost, PluginError, RemoteError, Unreachable
 from ..protocol.service import MethodSpec, Result, Service, proxy
 from ..protocol.wire import plugin as plugin_address
+from ..rpc.router import Pending
 
 if TYPE_CHECKING:
     from .node import Node
@@ -132,22 +132,25 @@ def load_path(node: Node, path: Union[str, bytes, os.PathLike[str]], timeout: Op
 def _load(node: Node, method: MethodSpec, what: Union[str, bytes], timeout: Optional[float]) -> Plugin:
     """Ask for a load and wait for it; a caller that stops waiting (a timeout, Ctrl-C) leaves no plugin running.
 
-    The call is left to :func:`_unload_late`, which unloads the plugin if it
-    started after all.
+    The answer also goes to a :class:`_GiveUp` registered before the wait
+    (``Pending.abandon(late)`` keeps the call known until it answers), which
+    unloads the plugin if its caller gave up: after an interrupt the
+    ``Pending`` itself cannot tell whether its answer was taken.
     """
     number = _next_number(node)
     timeout = LOAD_TIMEOUT if timeout is None else timeout
     args = method.encode_args((number, what), {})
-    pending = node.router.call(node.address, PluginsApi.namespace, method.number, args)
-    late = functools.partial(_unload_late, node, number)
+    outcome = _GiveUp(node, number)
     try:
+        pending = node.router.call(node.address, PluginsApi.namespace, method.number, args)
+        if not pending.abandon(outcome):  # the answer is here already: nothing was registered
+            _take(pending, outcome)
         answered = pending.wait(timeout)
-    except BaseException:  # an interrupt while waiting
-        if not pending.abandon(late):  # the answer came meanwhile
-            with contextlib.suppress(BaseException):
-                late(pending.result(), None)
+    except BaseException:
+        outcome.give_up()
         raise
-    if not answered and pending.abandon(late):
+    if not answered:
+        outcome.give_up()
         raise TimeoutError(f"{node.address} did not load plugin {os.fsdecode(what)!r} within {timeout:g} s")
     try:
         info = method.decode_result(pending.result())
@@ -156,13 +159,49 @@ def _load(node: Node, method: MethodSpec, what: Union[str, bytes], timeout: Opti
     return Plugin(node, info)
 
 
-def _unload_late(node: Node, number: int, result: Optional[Result], error: Optional[BaseException]) -> None:
-    """A load answered after its caller gave up: unload the plugin (without waiting: this is the reader thread)."""
-    if error is not None or node.closed:
-        return
-    with contextlib.suppress(ConnectionLost, Unreachable):
-        args = _UNLOAD.encode_args((number,), {})
-        node.router.call(node.address, PluginsApi.namespace, _UNLOAD.number, args).abandon()
+def _take(pending: Pending, outcome: _GiveUp) -> None:
+    """Give ``outcome`` the answer that ``pending`` has."""
+    try:
+        result = pending.result()
+    except Exception as e:
+        outcome(None, e)
+    else:
+        outcome(result, None)
+
+
+class _GiveUp:
+    """The late side of a load: whichever of its answer and its caller giving up comes second unloads the plugin."""
+
+    def __init__(self, node: Node, number: int) -> None:
+        self._node = node
+        self._number = number
+        self._lock = threading.Lock()
+        self._loaded: Optional[bool] = None  # None until the answer came
+        self._given_up = False
+
+    def __call__(self, result: Optional[Result], error: Optional[BaseException]) -> None:
+        """The answer (on the reader thread: must not wait)."""
+        with self._lock:
+            self._loaded = error is None
+            unload = self._given_up and self._loaded
+        if unload:
+            self._unload()
+
+    def give_up(self) -> None:
+        """The caller stopped waiting."""
+        with self._lock:
+            self._given_up = True
+            unload = bool(self._loaded)
+        if unload:
+            self._unload()
+
+    def _unload(self) -> None:
+        """Unload without waiting for the answer (the caller is gone, or this is the reader thread)."""
+        if self._node.closed:
+            return
+        with contextlib.suppress(ConnectionLost, Unreachable):
+            args = _UNLOAD.encode_args((self._number,), {})
+            self._node.router.call(self._node.address, PluginsApi.namespace, _UNLOAD.number, args).abandon()
 
 
 def loaded(node: Node) -> List[PluginInfo]:
