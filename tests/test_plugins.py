@@ -470,3 +470,20 @@ def test_a_plugin_that_takes_another_address_is_refused(conn: remowt.Remowt, tmp
     with pytest.raises(PluginError, match=r"said it is plugin\(65000\), not plugin\([0-9]+\)"):
         conn.load_plugin_path(impostor)
     assert conn.plugins() == [] and plugin_addresses(conn) == []
+
+
+def test_a_recorded_plugin_source_that_is_gone_says_how_to_drop_it(tmp_path: pathlib.Path) -> None:
+    directory = str(tmp_path / "bundle")
+    source = tmp_path / "tool"
+    source.write_text("#!/bin/sh\nexit 0\n")
+    source.chmod(0o755)
+    bundle.build_local(directory, [source])
+    source.unlink()
+    with pytest.raises(bundle.BundleError) as raised:
+        bundle.refresh(directory)
+    assert str(raised.value) == (
+        f"plugin source {source} does not exist; ship others with: "
+        f"remowt bundle build --dir {directory} --plugin SRC ... (or --no-plugins)"
+    )
+    bundle.build_local(directory, [])
+    bundle.refresh(directory)

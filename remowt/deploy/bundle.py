@@ -538,6 +538,7 @@ class _Recipe:
         remowt_files: Sequence[Tuple[str, str]],
         plugins: Sequence[str] = (),
     ) -> None:
+        self.directory = directory
         self.platform = platform
         self.source = source
         self.remowt_files = remowt_files
@@ -572,7 +573,7 @@ class _Recipe:
             files += _wheel_files(self.wheel)
         files.append((ENTRY_NAME, ENTRY.encode()))
         files = with_bytecode(files) if builds_bytecode(self.platform) else files
-        shipped = _plugin_files(self.plugins)
+        shipped = _plugin_files(self.plugins, self.directory)
         return build_artifact(files + [(f.name, f.data) for f in shipped], [f.name for f in shipped if f.executable])
 
     def record(self, digest: str) -> Dict[str, str]:
@@ -615,7 +616,7 @@ def _make(
         raise BundleError(f"cannot create the agent bundle {directory}: {e.strerror}") from None
     with _locked(directory, exclusive=True):
         if plugins is not None:
-            _plugin_files(plugins)  # refused before anything changes
+            _plugin_files(plugins, None)  # refused before anything changes
             try:
                 _write_atomic(os.path.join(directory, PLUGIN_SOURCES), "".join(f"{p}\n" for p in plugins).encode())
             except OSError as e:
@@ -810,11 +811,21 @@ def describe(directory: str) -> List[PlatformInfo]:
 # --- plugins -----------------------------------------------------------------
 
 
-def _plugin_files(sources: Sequence[Source]) -> List[PluginFile]:
+def _plugin_files(sources: Sequence[Source], recorded_in: Optional[str]) -> List[PluginFile]:
+    """The files of plugin ``sources``; a :class:`BundleError` when one cannot be shipped.
+
+    ``recorded_in``: the bundle whose ``plugins`` file lists them (the error says how to drop them).
+    """
     try:
         return plugin_files(sources)
     except PluginSourceError as e:
-        raise BundleError(str(e)) from None
+        hint = (
+            f"; ship others with: remowt bundle build --dir {shlex.quote(recorded_in)} --plugin SRC ... "
+            f"(or --no-plugins)"
+            if recorded_in
+            else ""
+        )
+        raise BundleError(f"{e}{hint}") from None
 
 
 def _plugin_stats(sources: Sequence[str]) -> List[object]:
