@@ -9,6 +9,7 @@ agent bundle alike.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -21,6 +22,10 @@ AGENT = "remowt.agent.main"
 """The agent's entry module: ``real-agent [--local] [--privileged]`` or ``askpass [PROMPT]``."""
 PLUGINS = "remowt-plugins"
 """The directory of the plugins shipped with the agent, beside its ``remowt`` package (not importable as a name)."""
+PLUGIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+"""What a plugin's name may be (a plain file name)."""
+PYTHON_PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""What a Python plugin's name may be (an importable module)."""
 
 
 def agent_pythonpath() -> List[str]:

@@ -14,17 +14,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple, Union
 
 from ..errors import RemowtError
-from .local import PLUGINS
+from .local import PLUGIN_NAME, PLUGINS, PYTHON_PLUGIN_NAME
 
 Source = Union[str, "os.PathLike[str]"]
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
-_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 STAGE_PREFIX = "remowt-plugins-"
 
 
@@ -75,7 +72,7 @@ def plugin_files(sources: Sequence[Source]) -> List[PluginFile]:
         if not os.path.exists(path):
             raise PluginSourceError(f"plugin source {path} does not exist")
         python = os.path.isdir(path) or path.endswith(".py")
-        if _NAME.fullmatch(name) is None or (python and _MODULE.fullmatch(name) is None):
+        if PLUGIN_NAME.fullmatch(name) is None or (python and PYTHON_PLUGIN_NAME.fullmatch(name) is None):
             kind = "a Python identifier" if python else "a file name of letters, digits and _ . + -"
             raise PluginSourceError(f"plugin source {path}: its name {name!r} must be {kind}")
         if name in names:

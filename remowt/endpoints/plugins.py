@@ -29,13 +29,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import re
 import threading
 from typing import Deque, Dict, List, Optional, Tuple
 
 import msgspec
 
-from ..deploy.local import agent_pythonpath, plugin_command
+from ..deploy.local import PLUGIN_NAME, PYTHON_PLUGIN_NAME, agent_pythonpath, plugin_command
 from ..errors import BadArguments, ConnectionLost, PluginError, ProtocolError, Unreachable
 from ..protocol import wire
 from ..protocol.service import Service, rpc
@@ -56,8 +55,6 @@ MAX_LINE = 4096
 STDERR_WINDOW = 64
 #: How long an unanswered stderr line holds the next ones (an owner that stopped answering).
 STDERR_TIMEOUT = 30.0
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
-_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class PluginInfo(msgspec.Struct, frozen=True):
@@ -201,7 +198,7 @@ class PluginHost(PluginsApi):
         return sorted(shipped(self._plugins))
 
     def load(self, number: int, name: str) -> PluginInfo:
-        if _NAME.fullmatch(name) is None:
+        if PLUGIN_NAME.fullmatch(name) is None:
             raise BadArguments(f"{name!r} is not a plugin name (a file name of letters, digits and _ . + -)")
         catalog = shipped(self._plugins)
         if name not in catalog:
@@ -209,7 +206,7 @@ class PluginHost(PluginsApi):
             raise PluginError(f"no plugin named {name!r} was shipped with {self._router.address} (shipped: {have})")
         path, python = catalog[name]
         if python:
-            if _MODULE.fullmatch(name) is None:
+            if PYTHON_PLUGIN_NAME.fullmatch(name) is None:
                 raise PluginError(f"the Python plugin {name!r} cannot be imported: its name is not an identifier")
             assert self._plugins is not None
             argv = plugin_command(name, self._plugins)
