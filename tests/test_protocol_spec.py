@@ -1,0 +1,334 @@
+"""docs/protocol.md stays true, and is enough: a plugin written from it alone passes the plugin tests.
+
+The first half reads the spec: every example frame is checked both ways
+against remowt's encoder and decoder, and the message layouts, limits, error
+kinds and ControlApi methods against the code. The second half runs
+tests/plugins/raw_msgpack_plugin.py (the standard library and msgpack, nothing
+of remowt), linked straight to a user-side router.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import threading
+import typing
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import msgpack
+import msgspec
+import pytest
+from plugins.demo_api import BLOCK, DemoApi, DemoCallerApi, expected_bytes
+
+import remowt
+from remowt.endpoints.control import ControlApi, NodeInfo
+from remowt.errors import REMOTE_ERRORS, BadArguments, ConnectionLost, UnknownMethod
+from remowt.protocol import budget, dispatch, routing, streamstate, wire
+from remowt.protocol.service import proxy
+from remowt.rpc import router as router_module
+from remowt.rpc.router import Router, error_from_fail
+from remowt.rpc.streams import Stream
+from remowt.transports.stdio import ChildTransport, spawn_framed_child
+
+HERE = pathlib.Path(__file__).parent
+SPEC = (HERE.parent / "docs" / "protocol.md").read_text()
+RAW_PLUGIN = HERE / "plugins" / "raw_msgpack_plugin.py"
+ADDRESS = "plugin(7)"
+MIB = 1024 * 1024
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --- the spec's text --------------------------------------------------------------------------------
+
+
+def frame_examples() -> List[Tuple[Any, bytes]]:
+    """Every ```frame block of the spec: (its first line as a Python literal, the frame its hex lines spell)."""
+    examples = []
+    for block in re.findall(r"^```frame\n(.*?)^```", SPEC, re.M | re.S):
+        literal, *lines = block.splitlines()
+        hex_text = "".join(line.split("#", 1)[0] for line in lines)
+        examples.append((ast.literal_eval(literal), bytes.fromhex(hex_text)))
+    return examples
+
+
+def table_rows(section: str, first_column: str) -> List[List[str]]:
+    """The cells of the table rows in the spec's ``## section`` whose first cell matches ``first_column`` (a regex)."""
+    text = SPEC.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and re.fullmatch(first_column, cells[0]):
+            rows.append(cells)
+    return rows
+
+
+EXAMPLES = frame_examples()
+MESSAGES: Dict[str, type] = {cls.__struct_config__.tag: cls for cls in typing.get_args(wire.Message)}
+
+
+def test_the_spec_shows_a_frame_of_every_kind_it_promises() -> None:
+    tags = {literal[0] for literal, _ in EXAMPLES}
+    assert {"hello", "routes", "call", "reply", "fail", "open", "data", "credit", "eof", "reset"} <= tags
+
+
+@pytest.mark.parametrize(("literal", "frame"), EXAMPLES, ids=[f"{n}-{lit[0]}" for n, (lit, _) in enumerate(EXAMPLES)])
+def test_example_frame_is_what_remowt_writes_and_reads(literal: Any, frame: bytes) -> None:
+    (length,) = wire.HEADER.unpack_from(frame)
+    body = frame[wire.HEADER.size :]
+    assert length == len(body), "the length prefix counts the body"
+    assert msgpack.unpackb(body) == literal, "the first line is the body as msgpack decodes it"
+    message = wire.decode(body)
+    assert isinstance(message, MESSAGES[literal[0]])
+    if isinstance(message, wire.Data):
+        head, payload = wire.data_frame(message)
+        assert head + bytes(payload) == frame
+    else:
+        assert bytes(wire.encode(message)) == frame
+    reader = wire.FrameReader()
+    assert [bytes(b) for b in reader.feed(frame[:3]) + reader.feed(frame[3:])] == [body]
+
+
+def test_the_message_table_lists_every_message_with_its_fields_in_order() -> None:
+    layouts = {}
+    for _, array, *_ in table_rows("Messages", r"`\w+`"):
+        match = re.fullmatch(r'`\["(\w+)"((?:, \w+)*)\]`', array)
+        if match is not None:
+            layouts[match.group(1)] = [name for name in match.group(2).split(", ") if name]
+    assert layouts == {tag: list(cls.__struct_fields__) for tag, cls in MESSAGES.items()}
+
+
+def test_the_limits_table_is_the_code() -> None:
+    code = {
+        "PROTOCOL_VERSION": wire.PROTOCOL_VERSION,
+        "DEFAULT_MAX_FRAME": wire.DEFAULT_MAX_FRAME,
+        "MIN_MAX_FRAME": wire.MIN_MAX_FRAME,
+        "MAX_HOPS": routing.MAX_HOPS,
+        "DEFAULT_WINDOW": streamstate.DEFAULT_WINDOW,
+        "MAX_WINDOW": streamstate.MAX_WINDOW,
+        "MAX_CHUNK": streamstate.MAX_CHUNK,
+        "MAX_STREAMS": budget.MAX_STREAMS,
+        "MAX_UNACCEPTED": budget.MAX_UNACCEPTED,
+        "MAX_FAIL_TEXT": dispatch.MAX_FAIL_TEXT,
+        "HANDSHAKE_TIMEOUT": router_module.HANDSHAKE_TIMEOUT,
+    }
+    documented = {name.strip("`"): float(value) for name, value, _ in table_rows("Limits and constants", r"`[A-Z_]+`")}
+    assert documented == code
+
+
+def test_the_errors_table_says_what_each_kind_raises() -> None:
+    rows = {kind.strip("`"): raised for kind, raised, _ in table_rows("Errors", r"`[a-z-]+`")}
+    kinds = set(REMOTE_ERRORS) | {"os-error", "unreachable"}
+    assert kinds <= set(rows)
+    for kind in kinds:
+        error = error_from_fail(wire.Fail(1, ADDRESS, wire.USER, kind, "text", errno.EPIPE, None))
+        assert type(error).__name__ in rows[kind], kind
+    assert isinstance(error_from_fail(wire.Fail(1, ADDRESS, wire.USER, "no-such-kind", "x")), remowt.RemoteError)
+
+
+def test_the_control_api_table_is_the_declaration() -> None:
+    rows = {int(number): name.strip("`") for number, name, *_ in table_rows("Services and values", r"\d+")}
+    assert rows == {spec.number: attr for attr, spec in ControlApi.methods.items()}
+    assert ControlApi.namespace == 1
+    example = re.search(r"`NodeInfo` \(below\) encodes as\s+`(\{.*?\})`", SPEC, re.S)
+    assert example is not None
+    info = msgspec.msgpack.decode(msgpack.packb(ast.literal_eval(example.group(1))), type=NodeInfo)
+    assert msgpack.unpackb(msgspec.msgpack.encode(info)) == ast.literal_eval(example.group(1))
+
+
+def test_the_raw_plugin_imports_nothing_but_the_standard_library_and_msgpack() -> None:
+    tree = ast.parse(RAW_PLUGIN.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported - set(sys.stdlib_module_names) == {"msgpack"}
+
+
+# --- the raw plugin, linked straight to the user's router ---------------------------------------------
+
+
+class Shouter(DemoCallerApi):
+    def shout(self, text: str) -> str:
+        return text.upper()
+
+
+class Linked:
+    """The raw plugin started as a child, its stdio a link of a user router that serves DemoCallerApi."""
+
+    def __init__(self) -> None:
+        self.router = Router(wire.USER)
+        self.router.register(Shouter())
+        env = {**os.environ, "REMOWT_PLUGIN_ADDRESS": ADDRESS}
+        self.transport: ChildTransport = spawn_framed_child([sys.executable, str(RAW_PLUGIN)], env=env)
+        self.router.add_link(self.transport, timeout=10)
+        self.api = proxy(DemoApi, self.router, ADDRESS, timeout=30)
+
+    def close(self) -> None:
+        self.router.close()
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Linked]:
+    linked = Linked()
+    yield linked
+    linked.close()
+
+
+@pytest.fixture
+def linked() -> Iterator[Linked]:
+    linked = Linked()
+    yield linked
+    linked.close()
+
+
+def in_background(call: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``call`` on a thread; the returned function waits for it and gives its result (or raises its error)."""
+    outcome: List[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((call(), None))
+        except BaseException as e:
+            outcome.append((None, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> Any:
+        thread.join(30)
+        assert outcome, "the call did not end"
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        return result
+
+    return join
+
+
+def receive_pattern(stream: Stream, size: int) -> None:
+    """Read ``send_bytes``' pattern from ``stream`` to its end, checking every byte against a block of its value."""
+    blocks: Dict[int, bytes] = {}
+    got = 0
+    while True:
+        chunk = memoryview(stream.read_chunk(MIB, timeout=30))
+        if not chunk:
+            break
+        at = 0
+        while at < len(chunk):
+            value = ((got + at) // BLOCK) % 256
+            block = blocks.setdefault(value, bytes([value]) * BLOCK)
+            take = min(BLOCK - (got + at) % BLOCK, len(chunk) - at)
+            assert chunk[at : at + take] == block[:take], f"bytes from {got + at} are not {value}"
+            at += take
+        got += len(chunk)
+    assert got == size
+
+
+def read_stream(api: DemoApi, stream: Stream, size: int) -> None:
+    stream.close_write()  # it only reads
+    sent = in_background(lambda: api.send_bytes(stream.sid, size))
+    try:
+        receive_pattern(stream, size)
+    finally:
+        stream.close()
+    assert sent() is None
+
+
+def test_calls(shared: Linked) -> None:
+    api = shared.api
+    assert api.noop() is None
+    assert api.whoami() == (os.getuid(), shared.transport.process.pid)
+    assert api.echo(b"") == b""
+    assert api.echo(b"hi") == b"hi"
+    big = os.urandom(MIB)
+    assert api.echo(big) == big
+    assert api.ask_caller("hello") == "plugin heard HELLO"
+    assert proxy(ControlApi, shared.router, ADDRESS, timeout=10).info().address == ADDRESS
+
+
+def test_failures_come_back_as_the_spec_says(shared: Linked) -> None:
+    with pytest.raises(UnknownMethod, match="serves no method 99 in namespace 100"):
+        shared.router.call(ADDRESS, DemoApi.namespace, 99, wire.encode_value([])).result(10)
+    with pytest.raises(BadArguments, match=r"DemoApi\.echo"):
+        shared.router.call(ADDRESS, DemoApi.namespace, 2, wire.encode_value([12])).result(10)
+    with pytest.raises(BrokenPipeError, match="not open here"):
+        shared.api.send_bytes(12345, 10)
+
+
+def test_a_small_stream_is_the_pattern_byte_for_byte(shared: Linked) -> None:
+    size = 3 * BLOCK + 1234
+    stream = shared.router.open_stream(ADDRESS)
+    stream.close_write()
+    sent = in_background(lambda: shared.api.send_bytes(stream.sid, size))
+    assert stream.readall(timeout=30) == expected_bytes(size)
+    stream.close()
+    assert sent() is None
+
+
+def test_256_mib_under_flow_control(shared: Linked) -> None:
+    read_stream(shared.api, shared.router.open_stream(ADDRESS), 256 * MIB)
+    assert shared.router.stream_count() == 0
+
+
+def test_a_window_smaller_than_a_chunk_is_honoured(shared: Linked) -> None:
+    read_stream(shared.api, shared.router.open_stream(ADDRESS, window=1000), 5 * BLOCK + 17)
+
+
+def test_a_reset_stops_the_sender_and_fails_its_call(shared: Linked) -> None:
+    stream = shared.router.open_stream(ADDRESS)
+    stream.close_write()
+    sent = in_background(lambda: shared.api.send_bytes(stream.sid, 64 * MIB))
+    assert stream.read_chunk(MIB, timeout=30)
+    stream.close()
+    with pytest.raises(BrokenPipeError, match="reset"):
+        sent()
+    assert shared.api.noop() is None
+
+
+def test_a_crash_fails_the_call_in_flight_at_once(linked: Linked) -> None:
+    with pytest.raises(ConnectionLost):
+        linked.api.crash(3)
+    assert linked.router.wait_unreachable(ADDRESS, 10)
+    assert linked.transport.process.wait(10) == 3
+
+
+def test_a_crash_fails_calls_and_streams_of_others(linked: Linked) -> None:
+    stream = linked.router.open_stream(ADDRESS)
+    stream.close_write()
+    waiting = in_background(lambda: linked.api.send_bytes(stream.sid, 64 * MIB))
+    assert stream.read_chunk(MIB, timeout=30)
+    with pytest.raises(ConnectionLost):
+        linked.api.crash(4)
+    with pytest.raises(ConnectionLost):
+        waiting()
+    with pytest.raises(ConnectionLost):
+        while stream.read_chunk(MIB, timeout=30):
+            pass
+
+
+def test_the_plugin_exits_when_its_link_ends(linked: Linked) -> None:
+    linked.router.close()
+    assert linked.transport.process.wait(10) == 0
+
+
+def test_a_hello_of_another_version_ends_the_plugin() -> None:
+    env = {**os.environ, "REMOWT_PLUGIN_ADDRESS": ADDRESS}
+    hello = msgpack.packb(["hello", wire.PROTOCOL_VERSION + 1, wire.USER, wire.DEFAULT_MAX_FRAME])
+    done = subprocess.run(
+        [sys.executable, str(RAW_PLUGIN)],
+        input=wire.HEADER.pack(len(hello)) + hello,
+        capture_output=True,
+        env=env,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert b"expected a hello of version 3" in done.stderr
+    assert done.stdout == bytes(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, ADDRESS, wire.DEFAULT_MAX_FRAME)))
