@@ -3,10 +3,11 @@
 
 It serves ``DemoApi`` (namespace 100, see tests/plugins/demo_api.py) and
 ``ControlApi.ping``/``info`` (namespace 1) on its stdin/stdout, under the
-address in ``REMOWT_PLUGIN_ADDRESS``, and logs to stderr. Blocking threads: the
-main thread reads the link, each call runs on a thread of its own, and one
-lock keeps frames whole on stdout. It is the proof that the spec is enough, so
-every rule it follows is the spec's (section names in the comments).
+address in ``REMOWT_PLUGIN_ADDRESS``, and logs to stderr. Blocking threads:
+the main thread reads the link and runs the calls that never wait, a call
+that waits runs on a thread of its own, and one lock keeps frames whole on
+stdout. It is the proof that the spec is enough, so every rule it follows is
+the spec's (section names in the comments).
 """
 
 import errno
@@ -111,7 +112,10 @@ class Plugin:
         tag = message[0]
         if tag == "call":
             _, call_id, src, _dst, ns, method, args = message[:7]
-            threading.Thread(target=self.serve, args=(call_id, src, ns, method, args), daemon=True).start()
+            if (ns, method) in WAITING:  # "Calls": a handler that waits must not stop the reading
+                threading.Thread(target=self.serve, args=(call_id, src, ns, method, args), daemon=True).start()
+            else:
+                self.serve(call_id, src, ns, method, args)
         elif tag in ("reply", "fail"):
             self.on_answer(message)
         elif tag == "open":
@@ -275,6 +279,7 @@ def answer_value(answer: List[Any]) -> Any:
     raise Failure(kind, message, err, filename)
 
 
+#: (namespace, method): (name, argument types, handler).
 HANDLERS = {
     (CONTROL_NS, PING): ("ControlApi.ping", (), Plugin.ping),
     (CONTROL_NS, INFO): ("ControlApi.info", (), Plugin.info),
@@ -285,6 +290,8 @@ HANDLERS = {
     (DEMO_NS, ASK_CALLER): ("DemoApi.ask_caller", (str,), Plugin.ask_caller),
     (DEMO_NS, CRASH): ("DemoApi.crash", (int,), Plugin.crash),
 }
+#: The methods that wait (for credit, for an answer): each runs on a thread of its own, the rest on the reader.
+WAITING = {(DEMO_NS, SEND_BYTES), (DEMO_NS, ASK_CALLER)}
 
 
 class Frames:
