@@ -71,8 +71,15 @@ class EscalationError(RemoteError):
     kind = "escalation"
 
 
+class PluginError(RemoteError):
+    """A plugin could not be loaded or unloaded: an unknown name, one that ended before its handshake, …"""
+
+    kind = "plugin"
+
+
 REMOTE_ERRORS = {
-    cls.kind: cls for cls in (RemoteError, UnknownMethod, BadArguments, ResultTooLarge, InternalError, EscalationError)
+    cls.kind: cls
+    for cls in (RemoteError, UnknownMethod, BadArguments, ResultTooLarge, InternalError, EscalationError, PluginError)
 }
 
 

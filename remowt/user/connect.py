@@ -35,6 +35,7 @@ from ..transports.base import Transport
 from ..transports.stdio import spawn_framed_child
 from .connection import Remowt
 from .editing import LocalEditor
+from .plugins import PluginEvents
 from .privileged import serve_user_side
 
 _KEEPALIVE = ControlApi.methods["keepalive"]
@@ -116,6 +117,7 @@ def connect_transport(
     )
     router.register(_ProcessEvents(connection))
     router.register(LocalEditor())
+    router.register(PluginEvents())
     serve_user_side(router, connection)
     return connection
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 import msgspec
 
 from ..endpoints.control import ControlApi, NodeInfo
+from ..endpoints.plugins import PluginInfo
 from ..endpoints.subprocess import OsName, SpawnOptions, SpawnSpec, SubprocessApi, os_bytes
 from ..errors import ConnectionLost, MessageTooLarge, RemoteError, Unreachable, os_name_text
 from ..protocol.service import Result, Service, proxy, timed
@@ -30,6 +31,7 @@ from ..rpc.streams import Stream
 from ..runtime.deadline import Deadline
 from ..runtime.interrupts import without_interrupts
 from ..transports.fdpass import FdSender
+from . import plugins as _plugins
 from . import popen as _popen
 from . import sockets as _sockets
 from . import transfer as _transfer
@@ -116,6 +118,41 @@ class Node:
         """A typed proxy of the service ``declaration`` served here (``timeout`` per call; None: call_timeout)."""
         self._ready(None)
         return proxy(declaration, self.router, self.address, self.call_timeout if timeout is None else timeout)
+
+    # --- plugins --------------------------------------------------------
+
+    def load_plugin(self, name: str, timeout: Optional[float] = None) -> _plugins.Plugin:
+        """Start the plugin ``name`` shipped with this node's agent as ``plugin(n)``; its handle (a context manager).
+
+        Plugins are shipped with the agent's code (``plugins=`` of the
+        connectors, ``remowt bundle build --plugin``), so a name always means
+        the code this client sent. ``PluginError`` names what went wrong (an
+        unknown name, a plugin that ended before its handshake, with its stderr).
+        """
+        self._ready(None)
+        return _plugins.load(self, name, timeout)
+
+    def load_plugin_path(
+        self, path: Union[str, bytes, os.PathLike[str]], timeout: Optional[float] = None
+    ) -> _plugins.Plugin:
+        """Start the executable file ``path`` on this node's machine as a plugin (see :meth:`load_plugin`).
+
+        It is executed as it is, a ``.py`` file too (by its ``#!`` line), with
+        ``PYTHONPATH`` starting with the agent's code. A missing or
+        non-executable file is the ``OSError`` exec gave.
+        """
+        self._ready(None)
+        return _plugins.load_path(self, path, timeout)
+
+    def plugins(self) -> List[PluginInfo]:
+        """The plugins running on this node."""
+        self._ready(None)
+        return _plugins.loaded(self)
+
+    def shipped_plugins(self) -> List[str]:
+        """The names of the plugins shipped with this node's agent (what :meth:`load_plugin` takes)."""
+        self._ready(None)
+        return _plugins.available(self)
 
     def path(self, *segments: Union[str, bytes, os.PathLike[str]]) -> RemotePath:
         """A path here with :class:`pathlib.Path`'s face (:class:`~remowt.user.paths.RemotePath`)."""

@@ -1,0 +1,135 @@
+"""Plugins on the user's side: loading one on a node, the handle that reaches it, and its stderr in the log.
+
+``node.load_plugin(name)`` asks the node's plugin host
+(:class:`~remowt.endpoints.plugins.PluginsApi`) to start a plugin as
+``plugin(n)`` and returns a :class:`Plugin`: typed proxies of what it serves
+(:meth:`Plugin.service`), ``ping``/``info``, and :meth:`Plugin.unload` (also
+at the end of a ``with`` block). The number is this process's to choose, one
+counter for every connection and node, so two hosts never give the same
+address. The route to it is learned from the node's announcement before the
+load answers; a plugin that ends takes its route with it, and its calls and
+streams fail with ``ConnectionLost``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import threading
+from types import TracebackType
+from typing import TYPE_CHECKING, List, Optional, Type, TypeVar, Union
+
+from ..endpoints.control import ControlApi, NodeInfo
+from ..endpoints.plugins import HANDSHAKE_TIMEOUT, PluginEventsApi, PluginInfo, PluginsApi
+from ..errors import ConnectionLost, PluginError
+from ..protocol.service import Service, proxy
+from ..protocol.wire import plugin as plugin_address
+
+if TYPE_CHECKING:
+    from .node import Node
+
+S = TypeVar("S", bound=Service)
+#: How long a load may take by default: the host's own limit on the plugin's start, and some.
+LOAD_TIMEOUT = HANDSHAKE_TIMEOUT + 10.0
+_numbers = itertools.count(1)
+_numbers_lock = threading.Lock()
+
+
+def _next_number(node: Node) -> int:
+    """A plugin number no plugin this process can reach has (numbers go round after 65535)."""
+    reachable = node.router.reachable()
+    with _numbers_lock:
+        while True:
+            number = next(_numbers) % 65536
+            if plugin_address(number) not in reachable:
+                return number
+
+
+def logger_name(name: str) -> str:
+    """The logger a plugin's stderr goes to: ``remowt.plugin.<name>`` (for a path, its file name without ``.py``)."""
+    base = os.path.basename(name)
+    base = base[:-3] if base.endswith(".py") else base
+    return "remowt.plugin." + (base.replace(".", "_") or "unnamed")
+
+
+class PluginEvents(PluginEventsApi):
+    """The user's side of :class:`PluginEventsApi`: a plugin's stderr, a line at a time, as warnings in the log."""
+
+    def stderr(self, address: str, name: str, line: str) -> None:
+        logging.getLogger(logger_name(name)).warning("[%s] %s", address, line)
+
+
+class Plugin:
+    """A loaded plugin: its :attr:`address`, proxies of its services, and :meth:`unload` (a context manager)."""
+
+    def __init__(self, host: Node, info: PluginInfo) -> None:
+        self.host = host
+        self.number = info.number
+        self.address = info.address
+        self.name = info.name
+        self.pid = info.pid
+        self._control = proxy(ControlApi, host.router, self.address, host.call_timeout)
+
+    def __repr__(self) -> str:
+        return f"<Plugin {self.name} {self.address} pid {self.pid} on {self.host.description}>"
+
+    def service(self, declaration: Type[S], timeout: Optional[float] = None) -> S:
+        """A typed proxy of ``declaration`` served by this plugin (``timeout`` per call; None: the node's)."""
+        timeout = self.host.call_timeout if timeout is None else timeout
+        return proxy(declaration, self.host.router, self.address, timeout)
+
+    def ping(self) -> None:
+        """A round trip to the plugin."""
+        self._control.ping()
+
+    def info(self) -> NodeInfo:
+        """The plugin's address, pid, Python, machine and uid (its :class:`~remowt.endpoints.control.Control`'s)."""
+        return self._control.info()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the plugin runs: its address is reachable."""
+        return self.address in self.host.router.reachable()
+
+    def unload(self, timeout: Optional[float] = None) -> None:
+        """End the plugin; once this returns its address is unreachable. ``PluginError`` if it is not loaded."""
+        proxy(PluginsApi, self.host.router, self.host.address, LOAD_TIMEOUT if timeout is None else timeout).unload(
+            self.number
+        )
+
+    def __enter__(self) -> Plugin:
+        return self
+
+    def __exit__(
+        self, kind: Optional[Type[BaseException]], value: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        with contextlib.suppress(PluginError, ConnectionLost):  # it ended already, or its host did
+            self.unload()
+
+
+def _host(node: Node, timeout: Optional[float]) -> PluginsApi:
+    return proxy(PluginsApi, node.router, node.address, LOAD_TIMEOUT if timeout is None else timeout)
+
+
+def load(node: Node, name: str, timeout: Optional[float] = None) -> Plugin:
+    """Start the plugin ``name`` that was shipped with ``node``'s agent; see :meth:`Node.load_plugin`."""
+    host = _host(node, timeout)
+    return Plugin(node, host.load(_next_number(node), name))
+
+
+def load_path(node: Node, path: Union[str, bytes, os.PathLike[str]], timeout: Optional[float] = None) -> Plugin:
+    """Start the executable ``path`` on ``node``'s machine as a plugin; see :meth:`Node.load_plugin_path`."""
+    host = _host(node, timeout)
+    return Plugin(node, host.load_path(_next_number(node), os.fsencode(path)))
+
+
+def loaded(node: Node) -> List[PluginInfo]:
+    """The plugins ``node`` runs."""
+    return _host(node, node.call_timeout).loaded()
+
+
+def available(node: Node) -> List[str]:
+    """The names of the plugins shipped with ``node``'s agent."""
+    return _host(node, node.call_timeout).available()
