@@ -4,12 +4,14 @@ The first half reads the spec: every example frame is checked both ways
 against remowt's encoder and decoder, and the message layouts, limits, error
 kinds and ControlApi methods against the code. The second half runs
 tests/plugins/raw_msgpack_plugin.py (the standard library and msgpack, nothing
-of remowt), linked straight to a user-side router.
+of remowt) through the same call and stream tests, linked straight to a
+user-side router and loaded by path through a loopback, local and ssh agent.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import os
 import pathlib
@@ -23,6 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import msgpack
 import msgspec
 import pytest
+from _util import CONNECTIONS, proc_gone, shared_connection, wait_until
 from plugins.demo_api import BLOCK, DemoApi, DemoCallerApi, expected_bytes
 
 import remowt
@@ -152,7 +155,7 @@ def test_the_raw_plugin_imports_nothing_but_the_standard_library_and_msgpack() -
     assert imported - set(sys.stdlib_module_names) == {"msgpack"}
 
 
-# --- the raw plugin, linked straight to the user's router ---------------------------------------------
+# --- the raw plugin at work: linked straight to a user router, and loaded by path through an agent -------
 
 
 class Shouter(DemoCallerApi):
@@ -160,33 +163,48 @@ class Shouter(DemoCallerApi):
         return text.upper()
 
 
-class Linked:
-    """The raw plugin started as a child, its stdio a link of a user router that serves DemoCallerApi."""
+class Reached:
+    """A raw plugin as the tests reach it: the user's router that calls it, its proxy, its pid and uid."""
 
-    def __init__(self) -> None:
-        self.router = Router(wire.USER)
-        self.router.register(Shouter())
-        env = {**os.environ, "REMOWT_PLUGIN_ADDRESS": ADDRESS}
-        self.transport: ChildTransport = spawn_framed_child([sys.executable, str(RAW_PLUGIN)], env=env)
-        self.router.add_link(self.transport, timeout=10)
-        self.api = proxy(DemoApi, self.router, ADDRESS, timeout=30)
-
-    def close(self) -> None:
-        self.router.close()
+    def __init__(self, router: Router, address: str, pid: int, uid: int, end: Callable[[], None]) -> None:
+        self.router = router
+        self.address = address
+        self.api = proxy(DemoApi, router, address, timeout=60)
+        self.pid = pid
+        self.uid = uid
+        self.end = end
 
 
-@pytest.fixture(scope="module")
-def shared() -> Iterator[Linked]:
-    linked = Linked()
-    yield linked
-    linked.close()
+def linked_directly() -> Tuple[Reached, ChildTransport]:
+    """The raw plugin started as a child here, its stdio a link of a user router that serves DemoCallerApi."""
+    router = Router(wire.USER)
+    router.register(Shouter())
+    env = {**os.environ, "REMOWT_PLUGIN_ADDRESS": ADDRESS}
+    transport = spawn_framed_child([sys.executable, str(RAW_PLUGIN)], env=env)
+    router.add_link(transport, timeout=10)
+    return Reached(router, ADDRESS, transport.process.pid, os.getuid(), router.close), transport
 
 
-@pytest.fixture
-def linked() -> Iterator[Linked]:
-    linked = Linked()
-    yield linked
-    linked.close()
+def loaded_through(conn: remowt.Remowt) -> Reached:
+    """The raw plugin loaded by path on ``conn``'s agent (DemoCallerApi served on ``conn``'s router)."""
+    with contextlib.suppress(ValueError):  # served already: the module's tests share the connection
+        conn.router.register(Shouter())
+    plugin = conn.load_plugin_path(str(RAW_PLUGIN))
+    return Reached(conn.router, plugin.address, plugin.pid, conn.info().uid, lambda: plugin.__exit__(None, None, None))
+
+
+@pytest.fixture(params=["direct", *CONNECTIONS])
+def reached(request: pytest.FixtureRequest, connections: Dict[str, remowt.Remowt]) -> Iterator[Reached]:
+    """A fresh raw plugin: linked directly, or loaded through a loopback, local or ssh connection's agent."""
+    if request.param == "direct":
+        plugin, _ = linked_directly()
+    else:
+        plugin = loaded_through(shared_connection(request, connections, request.param))
+    try:
+        yield plugin
+    finally:
+        plugin.end()
+    assert wait_until(lambda: proc_gone(plugin.pid), 10), "the plugin outlived its link"
 
 
 def in_background(call: Callable[[], Any]) -> Callable[[], Any]:
@@ -203,7 +221,7 @@ def in_background(call: Callable[[], Any]) -> Callable[[], Any]:
     thread.start()
 
     def join() -> Any:
-        thread.join(30)
+        thread.join(60)
         assert outcome, "the call did not end"
         result, error = outcome[0]
         if error is not None:
@@ -218,7 +236,7 @@ def receive_pattern(stream: Stream, size: int) -> None:
     blocks: Dict[int, bytes] = {}
     got = 0
     while True:
-        chunk = memoryview(stream.read_chunk(MIB, timeout=30))
+        chunk = memoryview(stream.read_chunk(MIB, timeout=60))
         if not chunk:
             break
         at = 0
@@ -232,9 +250,10 @@ def receive_pattern(stream: Stream, size: int) -> None:
     assert got == size
 
 
-def read_stream(api: DemoApi, stream: Stream, size: int) -> None:
+def read_stream(plugin: Reached, size: int, window: int = streamstate.DEFAULT_WINDOW) -> None:
+    stream = plugin.router.open_stream(plugin.address, window)
     stream.close_write()  # it only reads
-    sent = in_background(lambda: api.send_bytes(stream.sid, size))
+    sent = in_background(lambda: plugin.api.send_bytes(stream.sid, size))
     try:
         receive_pattern(stream, size)
     finally:
@@ -242,81 +261,99 @@ def read_stream(api: DemoApi, stream: Stream, size: int) -> None:
     assert sent() is None
 
 
-def test_calls(shared: Linked) -> None:
-    api = shared.api
+def test_calls(reached: Reached) -> None:
+    api = reached.api
     assert api.noop() is None
-    assert api.whoami() == (os.getuid(), shared.transport.process.pid)
+    assert api.whoami() == (reached.uid, reached.pid)
     assert api.echo(b"") == b""
     assert api.echo(b"hi") == b"hi"
     big = os.urandom(MIB)
     assert api.echo(big) == big
     assert api.ask_caller("hello") == "plugin heard HELLO"
-    assert proxy(ControlApi, shared.router, ADDRESS, timeout=10).info().address == ADDRESS
+    assert proxy(ControlApi, reached.router, reached.address, timeout=10).info().address == reached.address
 
 
-def test_failures_come_back_as_the_spec_says(shared: Linked) -> None:
+def test_failures_come_back_as_the_spec_says(reached: Reached) -> None:
     with pytest.raises(UnknownMethod, match="serves no method 99 in namespace 100"):
-        shared.router.call(ADDRESS, DemoApi.namespace, 99, wire.encode_value([])).result(10)
+        reached.router.call(reached.address, DemoApi.namespace, 99, wire.encode_value([])).result(10)
     with pytest.raises(BadArguments, match=r"DemoApi\.echo"):
-        shared.router.call(ADDRESS, DemoApi.namespace, 2, wire.encode_value([12])).result(10)
+        reached.router.call(reached.address, DemoApi.namespace, 2, wire.encode_value([12])).result(10)
     with pytest.raises(BrokenPipeError, match="not open here"):
-        shared.api.send_bytes(12345, 10)
+        reached.api.send_bytes(12345, 10)
 
 
-def test_a_small_stream_is_the_pattern_byte_for_byte(shared: Linked) -> None:
+def test_a_small_stream_is_the_pattern_byte_for_byte(reached: Reached) -> None:
     size = 3 * BLOCK + 1234
-    stream = shared.router.open_stream(ADDRESS)
+    stream = reached.router.open_stream(reached.address)
     stream.close_write()
-    sent = in_background(lambda: shared.api.send_bytes(stream.sid, size))
+    sent = in_background(lambda: reached.api.send_bytes(stream.sid, size))
     assert stream.readall(timeout=30) == expected_bytes(size)
     stream.close()
     assert sent() is None
 
 
-def test_256_mib_under_flow_control(shared: Linked) -> None:
-    read_stream(shared.api, shared.router.open_stream(ADDRESS), 256 * MIB)
-    assert shared.router.stream_count() == 0
+def test_256_mib_under_flow_control(reached: Reached) -> None:
+    read_stream(reached, 256 * MIB)
+    assert reached.router.stream_count() == 0
 
 
-def test_a_window_smaller_than_a_chunk_is_honoured(shared: Linked) -> None:
-    read_stream(shared.api, shared.router.open_stream(ADDRESS, window=1000), 5 * BLOCK + 17)
+def test_a_window_smaller_than_a_chunk_is_honoured(reached: Reached) -> None:
+    read_stream(reached, 5 * BLOCK + 17, window=1000)
 
 
-def test_a_reset_stops_the_sender_and_fails_its_call(shared: Linked) -> None:
-    stream = shared.router.open_stream(ADDRESS)
+def test_a_reset_stops_the_sender_and_fails_its_call(reached: Reached) -> None:
+    stream = reached.router.open_stream(reached.address)
     stream.close_write()
-    sent = in_background(lambda: shared.api.send_bytes(stream.sid, 64 * MIB))
+    sent = in_background(lambda: reached.api.send_bytes(stream.sid, 64 * MIB))
     assert stream.read_chunk(MIB, timeout=30)
     stream.close()
     with pytest.raises(BrokenPipeError, match="reset"):
         sent()
-    assert shared.api.noop() is None
+    assert reached.api.noop() is None
 
 
-def test_a_crash_fails_the_call_in_flight_at_once(linked: Linked) -> None:
-    with pytest.raises(ConnectionLost):
-        linked.api.crash(3)
-    assert linked.router.wait_unreachable(ADDRESS, 10)
-    assert linked.transport.process.wait(10) == 3
-
-
-def test_a_crash_fails_calls_and_streams_of_others(linked: Linked) -> None:
-    stream = linked.router.open_stream(ADDRESS)
+def test_a_crash_fails_the_calls_and_streams_in_flight_at_once(reached: Reached) -> None:
+    stream = reached.router.open_stream(reached.address)
     stream.close_write()
-    waiting = in_background(lambda: linked.api.send_bytes(stream.sid, 64 * MIB))
+    waiting = in_background(lambda: reached.api.send_bytes(stream.sid, 64 * MIB))
     assert stream.read_chunk(MIB, timeout=30)
     with pytest.raises(ConnectionLost):
-        linked.api.crash(4)
+        reached.api.crash(3)
     with pytest.raises(ConnectionLost):
         waiting()
     with pytest.raises(ConnectionLost):
         while stream.read_chunk(MIB, timeout=30):
             pass
+    assert reached.router.wait_unreachable(reached.address, 10)
 
 
-def test_the_plugin_exits_when_its_link_ends(linked: Linked) -> None:
-    linked.router.close()
-    assert linked.transport.process.wait(10) == 0
+@pytest.mark.parametrize("kind", list(CONNECTIONS))
+def test_a_crashed_plugin_can_be_loaded_again(
+    request: pytest.FixtureRequest, connections: Dict[str, remowt.Remowt], kind: str
+) -> None:
+    conn = shared_connection(request, connections, kind)
+    first = loaded_through(conn)
+    with pytest.raises(ConnectionLost):
+        first.api.crash(3)
+    again = loaded_through(conn)
+    try:
+        assert again.api.whoami() == (again.uid, again.pid)
+    finally:
+        again.end()
+
+
+def test_the_plugin_exits_with_the_status_it_crashed_with() -> None:
+    plugin, transport = linked_directly()
+    with pytest.raises(ConnectionLost):
+        plugin.api.crash(3)
+    assert transport.process.wait(10) == 3
+    plugin.end()
+
+
+def test_the_plugin_exits_when_its_link_ends() -> None:
+    plugin, transport = linked_directly()
+    plugin.end()
+    assert transport.process.wait(10) == 0
 
 
 def test_a_hello_of_another_version_ends_the_plugin() -> None:

@@ -77,7 +77,11 @@ class Output:
         views = [memoryview(part) for part in parts]
         with self._lock:
             while views:
-                written = os.writev(self._fd, views)
+                try:
+                    written = os.writev(self._fd, views)
+                except BrokenPipeError:  # "Plugin launch": the link ended, as when stdin ends
+                    log("the link ended")
+                    os._exit(0)
                 while views and written >= len(views[0]):
                     written -= len(views[0])
                     views.pop(0)
