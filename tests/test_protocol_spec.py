@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import msgpack
 import msgspec
 import pytest
-from _util import CONNECTIONS, proc_gone, shared_connection, wait_until
+from _util import CONNECTIONS, RawPeer, proc_gone, shared_connection, wait_until
 from plugins.demo_api import BLOCK, DemoApi, DemoCallerApi, expected_bytes
 
 import remowt
@@ -312,6 +312,14 @@ def test_a_reset_stops_the_sender_and_fails_its_call(reached: Reached) -> None:
     assert reached.api.noop() is None
 
 
+def test_bytes_written_to_the_plugin_get_their_credit_back(reached: Reached) -> None:
+    stream = reached.router.open_stream(reached.address, window=BLOCK)
+    stream.write(os.urandom(4 * MIB), timeout=30)  # 64 windows: only credit coming back lets it finish
+    stream.close_write()
+    stream.close()
+    assert reached.api.noop() is None
+
+
 def test_a_crash_fails_the_calls_and_streams_in_flight_at_once(reached: Reached) -> None:
     stream = reached.router.open_stream(reached.address)
     stream.close_write()
@@ -354,6 +362,44 @@ def test_the_plugin_exits_when_its_link_ends() -> None:
     plugin, transport = linked_directly()
     plugin.end()
     assert transport.process.wait(10) == 0
+
+
+def raw_call(call_id: int, ns: int, method: int, args: List[Any]) -> wire.Call:
+    return wire.Call(call_id, wire.USER, ADDRESS, ns, method, msgspec.Raw(wire.encode_value(args)))
+
+
+def test_the_plugin_answers_frame_by_frame_as_the_spec_says() -> None:
+    env = {**os.environ, "REMOWT_PLUGIN_ADDRESS": ADDRESS}
+    transport = spawn_framed_child([sys.executable, str(RAW_PLUGIN)], env=env)
+    peer = RawPeer(transport)
+    try:
+        assert peer.next_message(10) == wire.Hello(wire.PROTOCOL_VERSION, ADDRESS, wire.DEFAULT_MAX_FRAME)
+        peer.send_message(wire.Hello(wire.PROTOCOL_VERSION, wire.USER, wire.DEFAULT_MAX_FRAME))
+        assert peer.next_message(10) == wire.Routes([])
+        peer.send_message(wire.Routes([]))
+        peer.send_message(wire.Data(wire.USER, ADDRESS, 9, True, memoryview(b"abc")))
+        assert peer.next_message(10) == wire.Reset(ADDRESS, wire.USER, 9, False, "no such stream")
+        peer.send_message(wire.Eof(wire.USER, ADDRESS, 9, True))
+        assert peer.next_message(10) == wire.Reset(ADDRESS, wire.USER, 9, False, "no such stream")
+        peer.send_message(wire.Credit(wire.USER, ADDRESS, 9, True, 10))  # dropped: nothing comes back
+        peer.send_message(wire.Reset(wire.USER, ADDRESS, 9, True, "closed"))  # dropped too
+        peer.send_message(wire.Notify(wire.USER, ADDRESS, 100, 1, msgspec.Raw(wire.encode_value([]))))  # no answer
+        peer.send_message(raw_call(2**63 - 1, 100, 1, []))
+        reply = peer.next_message(10)
+        assert reply == wire.Reply(2**63 - 1, ADDRESS, wire.USER, msgspec.Raw(b"\xc0"))
+        peer.send_message(raw_call(4, 77, 1, []))
+        fail = peer.next_message(10)
+        assert isinstance(fail, wire.Fail) and (fail.id, fail.kind) == (4, "unknown-method")
+        peer.send_message(wire.Open(wire.USER, ADDRESS, 5, 3))  # a window of 3 bytes
+        peer.send_message(raw_call(6, 100, 4, [5, 5]))
+        assert peer.next_message(10) == wire.Data(ADDRESS, wire.USER, 5, False, memoryview(b"\0\0\0"))
+        peer.send_message(wire.Credit(wire.USER, ADDRESS, 5, True, 2))
+        assert peer.next_message(10) == wire.Data(ADDRESS, wire.USER, 5, False, memoryview(b"\0\0"))
+        assert peer.next_message(10) == wire.Eof(ADDRESS, wire.USER, 5, False)
+        assert peer.next_message(10) == wire.Reply(6, ADDRESS, wire.USER, msgspec.Raw(b"\xc0"))
+    finally:
+        transport.close()
+    assert transport.process.returncode == 0
 
 
 def test_a_hello_of_another_version_ends_the_plugin() -> None:
