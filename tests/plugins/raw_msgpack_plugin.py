@@ -145,16 +145,16 @@ class Plugin:
     def on_stream_message(self, message: List[Any]) -> None:
         tag, src, _dst, sid, from_opener = message[:5]
         key = (src, sid) if from_opener else (OWN, sid)  # "Streams": whose sid space
+        answer = None
         with self.lock:
             stream = self.streams.get(key)
             if stream is None or stream.peer != src:
                 if tag in ("data", "eof"):
-                    self.out.send(["reset", OWN, src, sid, not from_opener, "no such stream"])
-                return
-            if tag == "data":
+                    answer = ["reset", OWN, src, sid, not from_opener, "no such stream"]
+            elif tag == "data":
                 # We read nothing on these streams: take the bytes as consumed and hand the credit back at once.
                 if message[5]:
-                    self.out.send(["credit", OWN, src, sid, not from_opener, len(message[5])])
+                    answer = ["credit", OWN, src, sid, not from_opener, len(message[5])]
             elif tag == "credit":
                 stream.credit += message[5]
             elif tag == "eof":
@@ -164,6 +164,8 @@ class Plugin:
                 stream.reset = message[5]
                 del self.streams[key]
             self.lock.notify_all()
+        if answer is not None:
+            self.out.send(answer)
 
     def forget_if_done(self, stream: Stream) -> None:
         if stream.peer_eof and stream.sent_eof:
@@ -178,26 +180,21 @@ class Plugin:
                 slot[1].set()
             self.lock.notify_all()
 
-    # --- calls, each on a thread of its own -------------------------------------------------------
+    # --- calls -------------------------------------------------------------------------------------
 
     def serve(self, call_id: int, caller: str, ns: int, method: int, args: List[Any]) -> None:
         try:
-            result = self.run(caller, ns, method, args)
-        except Failure as e:
-            self.out.send(["fail", call_id, OWN, caller, e.kind, e.message, e.errno, e.filename])
-        except OSError as e:
-            self.out.send(["fail", call_id, OWN, caller, "os-error", e.strerror or str(e), e.errno, e.filename])
+            answer = ["reply", call_id, OWN, caller, self.run(caller, ns, method, args)]
         except Exception as e:
-            self.out.send(["fail", call_id, OWN, caller, "internal", f"{type(e).__name__}: {e}", None, None])
-        else:
-            self.out.send(["reply", call_id, OWN, caller, result])
+            answer = ["fail", call_id, OWN, caller, *failure(e)]
+        self.out.send(answer)
 
     def run(self, caller: str, ns: int, method: int, args: List[Any]) -> Any:
         handler = HANDLERS.get((ns, method))
         if handler is None:
             raise Failure("unknown-method", f"{OWN} serves no method {method} in namespace {ns}")
         name, types, function = handler
-        if not isinstance(args, list) or len(args) != len(types) or not all(map(isinstance, args, types)):
+        if not isinstance(args, list) or len(args) != len(types) or any(type(a) is not t for a, t in zip(args, types)):
             raise Failure("bad-arguments", f"bad arguments for {name}: {args!r:.200}")
         return function(self, caller, *args)
 
@@ -273,6 +270,18 @@ class Plugin:
             pieces.append(memoryview(block)[offset : offset + take])
             start += take
         return pieces
+
+
+def failure(error: Exception) -> List[Any]:
+    """The kind, message, errno and filename of the fail that reports ``error`` ("Errors")."""
+    if isinstance(error, Failure):
+        return [error.kind, error.message, error.errno, error.filename]
+    if isinstance(error, OSError) and error.errno is not None:
+        name = error.filename
+        if isinstance(name, bytes):  # text, with the bytes that are not UTF-8 as \xff escapes
+            name = name.decode("utf-8", "backslashreplace")
+        return ["os-error", error.strerror or str(error), error.errno, name]
+    return ["internal", f"{type(error).__name__}: {error}", None, None]
 
 
 def answer_value(answer: List[Any]) -> Any:
