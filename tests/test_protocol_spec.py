@@ -144,6 +144,7 @@ def test_the_control_api_table_is_the_declaration() -> None:
     assert msgpack.unpackb(msgspec.msgpack.encode(info)) == ast.literal_eval(example.group(1))
 
 
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="sys.stdlib_module_names is new in Python 3.10")
 def test_the_raw_plugin_imports_nothing_but_the_standard_library_and_msgpack() -> None:
     tree = ast.parse(RAW_PLUGIN.read_text())
     imported = set()
