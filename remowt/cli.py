@@ -174,8 +174,20 @@ def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     build = actions.add_parser(
         "build",
         help="(re)build the artifact for this interpreter's platform",
-        description="Build the artifact for this interpreter's platform from the installed remowt and msgspec.",
+        description=(
+            "Build the artifact for this interpreter's platform from the installed remowt and msgspec. "
+            "With --plugin, every artifact also ships those plugins (loaded by name: conn.load_plugin)."
+        ),
     )
+    shipped = build.add_mutually_exclusive_group()
+    shipped.add_argument(
+        "--plugin",
+        action="append",
+        metavar="SRC",
+        help="ship this plugin: a Python package directory (with __main__.py), a module (NAME.py) or an "
+        "executable file; repeat for more. They replace the plugins the bundle shipped (default: keep them)",
+    )
+    shipped.add_argument("--no-plugins", action="store_true", help="ship no plugins any more")
     add = actions.add_parser(
         "add",
         help="add a platform from a msgspec wheel fetched with pip",
@@ -200,11 +212,12 @@ def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _bundle_main(args: argparse.Namespace) -> int:
     """``remowt bundle build|add|list``: print what was done; exit 1 with the reason when it fails."""
     from .deploy import bundle
+    from .deploy.plugins import plugin_name
 
     directory = os.path.abspath(args.dir) if args.dir else bundle.default_bundle_dir()
     try:
         if args.bundle_command == "build":
-            digest = bundle.build_local(directory)
+            digest = bundle.build_local(directory, [] if args.no_plugins else args.plugin)
             print(f"{bundle.local_platform()} {digest} in {directory}")
         elif args.bundle_command == "add":
             added = bundle.add_platform(directory, args.platform, args.msgspec_version)
@@ -216,6 +229,8 @@ def _bundle_main(args: argparse.Namespace) -> int:
                 state = {True: "current", False: "stale: sources changed", None: "made elsewhere"}[info.current]
                 made = f"msgspec {info.msgspec_version} from {info.source}" if info.source else ""
                 print(f"{info.platform:<16} {info.sha256}  {state}  {made}".rstrip())
+            for source in bundle.read_plugin_sources(directory):
+                print(f"plugin {plugin_name(source)}: {source}")
     except bundle.BundleError as e:
         print(f"remowt: {e}", file=sys.stderr)
         return 1

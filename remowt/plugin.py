@@ -20,8 +20,8 @@ starts (:mod:`remowt.endpoints.plugins`)::
 The client calls it through a proxy of the same declaration:
 ``conn.load_plugin("greeter").service(Greeter).greet("you")``. A handler
 may call back whoever called it (:func:`caller_service`), accept the streams
-its caller opened (:func:`accept_stream`) and open its own
-(:func:`router`'s ``open_stream``), as the agent's services do. Handlers
+its caller opened (:func:`accept_stream`) and open its own to it
+(:func:`open_stream`; to anyone: :func:`router`'s), as the agent's services do. Handlers
 run in the router's worker pool (``inline`` ones on the link's reader
 thread); what a handler raises is the caller's error, ``OSError`` with its
 errno. What the plugin writes to stderr (the :mod:`logging` module's
@@ -40,6 +40,7 @@ from .endpoints.plugins import ADDRESS_ENV
 from .errors import RemowtError
 from .protocol import wire
 from .protocol.service import Service, proxy
+from .protocol.streamstate import DEFAULT_WINDOW
 from .rpc.router import Router
 from .rpc.streams import Stream
 from .transports.base import Transport
@@ -70,6 +71,11 @@ def caller_service(declaration: Type[S], timeout: Optional[float] = None) -> S:
 def accept_stream(sid: int) -> Stream:
     """The stream ``sid`` that the caller of the current call opened to this plugin."""
     return router().accept_stream(caller(), sid)
+
+
+def open_stream(window: int = DEFAULT_WINDOW) -> Stream:
+    """A new stream to the caller of the current call; pass its ``sid`` to the caller to accept it."""
+    return router().open_stream(caller(), window)
 
 
 def serve(*implementations: Service, transport: Optional[Transport] = None) -> None:

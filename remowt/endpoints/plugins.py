@@ -26,20 +26,21 @@ the privileged agent's plugins never share an address).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import msgspec
 
 from ..deploy.local import agent_pythonpath, plugin_command
 from ..errors import BadArguments, ConnectionLost, PluginError, ProtocolError, Unreachable
 from ..protocol import wire
-from ..protocol.service import Service, proxy, rpc
+from ..protocol.service import Service, rpc
 from ..rpc.link import Link
-from ..rpc.router import Router
+from ..rpc.router import Pending, Router
 from ..transports.stdio import ChildTransport, spawn_framed_child
 from .watchdog import Watchdog
 
@@ -51,6 +52,10 @@ HANDSHAKE_TIMEOUT = 30.0
 EXIT_TIMEOUT = 2.0
 #: A stderr line longer than this is cut (a plugin writing binary garbage must not flood the log).
 MAX_LINE = 4096
+#: How many stderr lines may wait for the owner's answer; then the plugin's stderr waits.
+STDERR_WINDOW = 64
+#: How long an unanswered stderr line holds the next ones (an owner that stopped answering).
+STDERR_TIMEOUT = 30.0
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -87,7 +92,7 @@ class PluginsApi(Service, namespace=50):
         """The plugins running here."""
         raise NotImplementedError
 
-    @rpc(5, inline=True)
+    @rpc(5)
     def available(self) -> List[str]:
         """The names of the plugins shipped with the agent."""
         raise NotImplementedError
@@ -96,10 +101,40 @@ class PluginsApi(Service, namespace=50):
 class PluginEventsApi(Service, namespace=51):
     """Served by whoever loads plugins."""
 
-    @rpc(1, inline=True, oneway=True)
+    @rpc(1, inline=True)
     def stderr(self, address: str, name: str, line: str) -> None:
-        """A line the plugin ``name`` at ``address`` wrote to its stderr."""
+        """A line the plugin ``name`` at ``address`` wrote to its stderr (a call: the host waits for room)."""
         raise NotImplementedError
+
+
+_STDERR = PluginEventsApi.methods["stderr"]
+
+
+class _StderrSender:
+    """Sends a plugin's stderr lines to whoever loaded it, at most :data:`STDERR_WINDOW` unanswered.
+
+    Runs on the transport's stderr thread: a plugin that writes faster than
+    the owner logs waits on its full stderr pipe, as a program does on a
+    slow terminal, and the agent holds a bounded amount for it.
+    """
+
+    def __init__(self, router: Router, owner: str, address: str, name: str) -> None:
+        self._router = router
+        self._owner = owner
+        self._address = address
+        self._name = name
+        self._unanswered: Deque[Pending] = collections.deque()
+
+    def __call__(self, line: str) -> None:
+        while len(self._unanswered) >= STDERR_WINDOW:
+            oldest = self._unanswered.popleft()
+            if not oldest.wait(STDERR_TIMEOUT):
+                oldest.abandon()
+        args = _STDERR.encode_args((self._address, self._name, line[:MAX_LINE]), {})
+        try:
+            self._unanswered.append(self._router.call(self._owner, PluginEventsApi.namespace, _STDERR.number, args))
+        except (ConnectionLost, Unreachable):
+            log.info("%s (%s): %s", self._address, self._name, line)
 
 
 class _Plugin:
@@ -209,31 +244,32 @@ class PluginHost(PluginsApi):
         env = dict(os.environ)
         env[ADDRESS_ENV] = address
         env["PYTHONPATH"] = os.pathsep.join([*agent_pythonpath(), *filter(None, [env.get("PYTHONPATH")])])
-        events = proxy(PluginEventsApi, self._router, owner)
-
-        def stderr(line: str) -> None:
-            try:
-                events.stderr(address, name, line[:MAX_LINE])
-            except (ConnectionLost, Unreachable):
-                log.info("%s (%s): %s", address, name, line)
-
+        stderr = _StderrSender(self._router, owner, address, name)
         transport = spawn_framed_child(argv, env=env, exit_timeout=EXIT_TIMEOUT, on_stderr=stderr)
         pid = transport.process.pid
         if self._watchdog is not None:
             self._watchdog.watch(pid)  # its own session: the group is the plugin's pid
         try:
-            link = self._router.add_link(transport, timeout=HANDSHAKE_TIMEOUT, name=address)
+            link = self._router.add_link(transport, timeout=HANDSHAKE_TIMEOUT, name=address, leaf=True)
         except (ConnectionLost, ProtocolError) as e:
             transport.close()
             self._forget(pid)
-            how = _ending(transport.process.returncode) or f"failed ({e})"
+            if isinstance(e, ProtocolError):
+                how = f"broke the protocol ({e})"
+            else:
+                how = _ending(transport.process.returncode) or f"failed ({e})"
             tail = transport.stderr_tail().strip()
             raise PluginError(
                 f"plugin {name} {how} before its handshake" + (f"; its stderr:\n{tail}" if tail else "")
             ) from None
+        except BaseException:  # the agent is closing, an interrupt: no plugin is left behind
+            transport.close()
+            self._forget(pid)
+            raise
         if link.peer != address:
             link.close()
             link.join(EXIT_TIMEOUT)
+            self._forget(pid)
             raise PluginError(
                 f"plugin {name} said it is {link.peer}, not {address} (it must take the address in ${ADDRESS_ENV})"
             )

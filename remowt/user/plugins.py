@@ -14,6 +14,7 @@ streams fail with ``ConnectionLost``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -21,10 +22,12 @@ import threading
 from types import TracebackType
 from typing import TYPE_CHECKING, List, Optional, Type, TypeVar, Union
 
+import msgspec
+
 from ..endpoints.control import ControlApi, NodeInfo
 from ..endpoints.plugins import HANDSHAKE_TIMEOUT, PluginEventsApi, PluginInfo, PluginsApi
-from ..errors import ConnectionLost, PluginError
-from ..protocol.service import Service, proxy
+from ..errors import ConnectionLost, PluginError, RemoteError, Unreachable
+from ..protocol.service import MethodSpec, Result, Service, proxy
 from ..protocol.wire import plugin as plugin_address
 
 if TYPE_CHECKING:
@@ -33,6 +36,9 @@ if TYPE_CHECKING:
 S = TypeVar("S", bound=Service)
 #: How long a load may take by default: the host's own limit on the plugin's start, and some.
 LOAD_TIMEOUT = HANDSHAKE_TIMEOUT + 10.0
+_LOAD = PluginsApi.methods["load"]
+_LOAD_PATH = PluginsApi.methods["load_path"]
+_UNLOAD = PluginsApi.methods["unload"]
 _numbers = itertools.count(1)
 _numbers_lock = threading.Lock()
 
@@ -115,14 +121,48 @@ def _host(node: Node, timeout: Optional[float]) -> PluginsApi:
 
 def load(node: Node, name: str, timeout: Optional[float] = None) -> Plugin:
     """Start the plugin ``name`` that was shipped with ``node``'s agent; see :meth:`Node.load_plugin`."""
-    host = _host(node, timeout)
-    return Plugin(node, host.load(_next_number(node), name))
+    return _load(node, _LOAD, name, timeout)
 
 
 def load_path(node: Node, path: Union[str, bytes, os.PathLike[str]], timeout: Optional[float] = None) -> Plugin:
     """Start the executable ``path`` on ``node``'s machine as a plugin; see :meth:`Node.load_plugin_path`."""
-    host = _host(node, timeout)
-    return Plugin(node, host.load_path(_next_number(node), os.fsencode(path)))
+    return _load(node, _LOAD_PATH, os.fsencode(path), timeout)
+
+
+def _load(node: Node, method: MethodSpec, what: Union[str, bytes], timeout: Optional[float]) -> Plugin:
+    """Ask for a load and wait for it; a caller that stops waiting (a timeout, Ctrl-C) leaves no plugin running.
+
+    The call is left to :func:`_unload_late`, which unloads the plugin if it
+    started after all.
+    """
+    number = _next_number(node)
+    timeout = LOAD_TIMEOUT if timeout is None else timeout
+    args = method.encode_args((number, what), {})
+    pending = node.router.call(node.address, PluginsApi.namespace, method.number, args)
+    late = functools.partial(_unload_late, node, number)
+    try:
+        answered = pending.wait(timeout)
+    except BaseException:  # an interrupt while waiting
+        if not pending.abandon(late):  # the answer came meanwhile
+            with contextlib.suppress(BaseException):
+                late(pending.result(), None)
+        raise
+    if not answered and pending.abandon(late):
+        raise TimeoutError(f"{node.address} did not load plugin {os.fsdecode(what)!r} within {timeout:g} s")
+    try:
+        info = method.decode_result(pending.result())
+    except msgspec.ValidationError as e:
+        raise RemoteError(f"{method.name} returned a malformed result: {e}") from None
+    return Plugin(node, info)
+
+
+def _unload_late(node: Node, number: int, result: Optional[Result], error: Optional[BaseException]) -> None:
+    """A load answered after its caller gave up: unload the plugin (without waiting: this is the reader thread)."""
+    if error is not None or node.closed:
+        return
+    with contextlib.suppress(ConnectionLost, Unreachable):
+        args = _UNLOAD.encode_args((number,), {})
+        node.router.call(node.address, PluginsApi.namespace, _UNLOAD.number, args).abandon()
 
 
 def loaded(node: Node) -> List[PluginInfo]:
