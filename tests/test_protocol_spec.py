@@ -29,6 +29,7 @@ from _util import CONNECTIONS, RawPeer, proc_gone, shared_connection, wait_until
 from plugins.demo_api import BLOCK, DemoApi, DemoCallerApi, expected_bytes
 
 import remowt
+from remowt.endpoints import plugins as plugin_host
 from remowt.endpoints.control import ControlApi, NodeInfo
 from remowt.errors import REMOTE_ERRORS, BadArguments, ConnectionLost, UnknownMethod
 from remowt.protocol import budget, dispatch, routing, streamstate, wire
@@ -119,7 +120,11 @@ def test_the_limits_table_is_the_code() -> None:
         "MAX_UNACCEPTED": budget.MAX_UNACCEPTED,
         "MAX_FAIL_TEXT": dispatch.MAX_FAIL_TEXT,
         "HANDSHAKE_TIMEOUT": router_module.HANDSHAKE_TIMEOUT,
+        "EXIT_TIMEOUT": plugin_host.EXIT_TIMEOUT,
+        "MAX_LINE": plugin_host.MAX_LINE,
+        "STDERR_WINDOW": plugin_host.STDERR_WINDOW,
     }
+    assert plugin_host.HANDSHAKE_TIMEOUT == router_module.HANDSHAKE_TIMEOUT
     documented = {name.strip("`"): float(value) for name, value, _ in table_rows("Limits and constants", r"`[A-Z_]+`")}
     assert documented == code
 
