@@ -32,6 +32,7 @@ from __future__ import annotations
 import array
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -226,6 +227,11 @@ class SystemdNamespace:
         """Run ``args`` inside as root, text output captured."""
         return subprocess.run([*self.command(None), *args], capture_output=True, text=True, check=check, timeout=60)
 
+    def write_unit(self, name: str, text: str) -> None:
+        """Write the unit file ``name`` inside (in /etc/systemd/system, on the overlay) and reload systemd."""
+        argv = [*self.command(None), "/bin/sh", "-c", 'cat > "/etc/systemd/system/$1" && systemctl daemon-reload']
+        subprocess.run([*argv, "sh", name], input=text, text=True, check=True, timeout=60)
+
     def connect(self, user: Optional[str] = TEST_USER, **kwargs: Any) -> remowt.Remowt:
         """A connection to an agent deployed and started inside as ``user`` (None: root); sudo's password is known."""
         kwargs.setdefault("prompter", lambda prompt: TEST_PASSWORD)
@@ -246,14 +252,37 @@ class SystemdNamespace:
                 if self.pid:
                     os.kill(self.pid, signal.SIGKILL)
                 process.wait(timeout)
-        self._remove_cgroup()
+        self._remove_cgroup(timeout)
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def _remove_cgroup(self) -> None:
-        """Remove the (by now empty) cgroup tree systemd ran in, deepest first."""
+    def _remove_cgroup(self, timeout: float) -> None:
+        """Wait until the cgroup tree systemd ran in is empty (its killed processes gone), then remove it."""
         if not os.path.isdir(self.cgroup):
             return
+        if not _wait_unpopulated(os.path.join(self.cgroup, "cgroup.events"), timeout):
+            raise RuntimeError(f"processes are left in {self.cgroup} {timeout:g} s after systemd ended")
         for root, dirs, _ in os.walk(self.cgroup, topdown=False):
             for name in dirs:
                 os.rmdir(os.path.join(root, name))
         os.rmdir(self.cgroup)
+
+
+def _wait_unpopulated(events: str, timeout: float) -> bool:
+    """Whether the cgroup whose ``cgroup.events`` is ``events`` has no process left in its tree within ``timeout`` s.
+
+    The kernel marks the file changed (POLLPRI) when ``populated`` changes.
+    """
+    deadline = time.monotonic() + timeout
+    fd = os.open(events, os.O_RDONLY)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        while True:
+            if b"populated 0" in os.pread(fd, 4096, 0).splitlines():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(left * 1000)
+    finally:
+        os.close(fd)

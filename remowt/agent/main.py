@@ -23,6 +23,7 @@ from ..endpoints.escalate import Escalator
 from ..endpoints.fs import Files
 from ..endpoints.sockets import Sockets
 from ..endpoints.subprocess import Subprocesses
+from ..endpoints.systemd import Systemd
 from ..endpoints.watchdog import Watchdog, start_watchdog
 from ..protocol import wire
 from ..rpc.keepalive import SilenceWatch
@@ -60,6 +61,8 @@ class Agent:
         self.router.register(self.files)
         self.sockets = Sockets(self.router)
         self.router.register(self.sockets)
+        self.systemd = Systemd()
+        self.router.register(self.systemd)
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:
             self.escalator = Escalator(self.router, tree)
@@ -88,6 +91,7 @@ class Agent:
         self.silence.stop()
         if self.escalator is not None:
             self.escalator.close()
+        self.systemd.close()
         self.subprocesses.kill_all(timeout)
         self.sockets.close_listeners(timeout)
         self.router.close(timeout)

@@ -32,6 +32,7 @@ from ..runtime.interrupts import without_interrupts
 from ..transports.fdpass import FdSender
 from . import popen as _popen
 from . import sockets as _sockets
+from . import systemd as _systemd
 from . import transfer as _transfer
 from .children import Children
 from .command import Command
@@ -116,6 +117,11 @@ class Node:
         """A typed proxy of the service ``declaration`` served here (``timeout`` per call; None: call_timeout)."""
         self._ready(None)
         return proxy(declaration, self.router, self.address, self.call_timeout if timeout is None else timeout)
+
+    @property
+    def systemd(self) -> _systemd.Systemd:
+        """This node's systemd (:class:`~remowt.user.systemd.Systemd`; ``.user``: the user's ``--user`` manager)."""
+        return _systemd.Systemd(self)
 
     def path(self, *segments: Union[str, bytes, os.PathLike[str]]) -> RemotePath:
         """A path here with :class:`pathlib.Path`'s face (:class:`~remowt.user.paths.RemotePath`)."""
