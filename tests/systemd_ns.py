@@ -151,6 +151,9 @@ class SystemdNamespace:
         self.process: Optional[subprocess.Popen[bytes]] = None
         #: The host pid of the inner systemd (PID 1 inside), once it is ready.
         self.pid = 0
+        # Connections made by connect(), closed before systemd stops: an nsenter outside the namespace reaps
+        # its child inside, and the namespace ends only once every process in it was reaped.
+        self._connections: List[remowt.Remowt] = []
 
     def __enter__(self) -> SystemdNamespace:
         try:
@@ -237,10 +240,14 @@ class SystemdNamespace:
         kwargs.setdefault("prompter", lambda prompt: TEST_PASSWORD)
         kwargs.setdefault("escalation", "sudo")
         kwargs.setdefault("description", f"the agent in systemd's namespace as {user or 'root'}")
-        return remowt.connect_command([*self.command(user), "/bin/sh", "-c"], **kwargs)
+        connection = remowt.connect_command([*self.command(user), "/bin/sh", "-c"], **kwargs)
+        self._connections.append(connection)
+        return connection
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Power systemd off (SIGKILL after ``timeout``), then remove its cgroup and files; nothing is left."""
+        for connection in self._connections:
+            connection.close()
         process = self.process
         if process is not None and process.poll() is None:
             if self.pid:
@@ -248,12 +255,21 @@ class SystemdNamespace:
             try:
                 process.wait(timeout if self.pid else 0)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)  # the unshare parent and PID 1: the namespace ends with it
-                if self.pid:
-                    os.kill(self.pid, signal.SIGKILL)
+                self._kill()
                 process.wait(timeout)
         self._remove_cgroup(timeout)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _kill(self) -> None:
+        """SIGKILL the unshare parent, PID 1 (the namespace's processes die with it) and whatever is in the cgroup."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+        kill = os.path.join(self.cgroup, "cgroup.kill")  # Linux 5.14 and later
+        if os.path.exists(kill):
+            with open(kill, "w") as f:
+                f.write("1")
 
     def _remove_cgroup(self, timeout: float) -> None:
         """Wait until the cgroup tree systemd ran in is empty (its killed processes gone), then remove it."""

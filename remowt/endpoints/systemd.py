@@ -72,7 +72,8 @@ class JobOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """How a job ended: ``result`` is systemd's job result (``done``, ``failed``, ``timeout``, ``dependency`` …).
 
     ``unit_result`` is the unit's ``Result`` afterwards (``success``,
-    ``exit-code``, ``signal`` …), ``active`` its ``ActiveState``, and
+    ``exit-code``, ``signal`` …; empty once the unit was unloaded, as a
+    stopped transient unit is), ``active`` its ``ActiveState``, and
     ``message`` what systemctl said (empty for ``done``).
     """
 
@@ -197,7 +198,10 @@ class Systemd(SystemdApi):
             result = next((name for name, pattern in _JOB_RESULTS if pattern.search(err)), "")
             if not result:
                 raise _error(f"systemctl {spec.verb} {spec.unit}", err, spec.unit)
-        state = self.properties(spec.unit, ["Result", "ActiveState"], spec.user)
+        try:
+            state = self.properties(spec.unit, ["Result", "ActiveState"], spec.user)
+        except NoSuchUnit:  # unloaded once stopped (a transient unit): what is not loaded is inactive
+            state = {"ActiveState": "inactive"}
         message = "" if result == "done" else err.strip()
         return JobOutcome(
             unit=spec.unit,
