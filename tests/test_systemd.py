@@ -9,13 +9,14 @@ their own.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 from typing import Iterator, List
 
 import pytest
-from _util import wait_until
+from _util import children_of, wait_until
 from systemd_ns import TEST_USER, SystemdNamespace, SystemdUnavailable
 
 import remowt
@@ -46,6 +47,7 @@ def ns() -> Iterator[SystemdNamespace]:
             ("remowt-test-reloader.service", RELOADER),
         ):
             namespace.write_unit(name, text)
+        namespace.run("systemctl", "start", "dbus.service")  # else only the first client of the bus starts it
         yield namespace
 
 
@@ -316,3 +318,28 @@ def test_cli(ns: SystemdNamespace) -> None:
     logs = _cli(ns, "unit", "local", "logs", "remowt-test-failing.service")
     assert logs.returncode == 0
     assert any(line.endswith("]: failing-unit-says-hello") for line in logs.stdout.splitlines())
+
+
+def test_cli_logs_follow_ends_on_ctrl_c(ns: SystemdNamespace) -> None:
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(remowt.__file__)))
+    argv = ["env", f"PYTHONPATH={checkout}", sys.executable, "-m", "remowt", "unit", "local", "logs", "-f"]
+    follow = subprocess.Popen(
+        [*ns.command(None), *argv, "-n", "1", "dbus.service"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert follow.stdout is not None
+        assert "dbus" in follow.stdout.readline()  # the last entry: it follows now
+        (cli,) = children_of(follow.pid)  # nsenter's child inside: the CLI, as the host numbers it
+        os.kill(cli, signal.SIGINT)
+        assert follow.wait(timeout=30) == 0, follow.communicate()[1]
+    finally:
+        follow.kill()
+        follow.wait()
+    assert wait_until(lambda: "journalctl" not in ns.run("ps", "-eo", "comm").stdout.split(), 10)
+
+
+def test_without_systemd_the_error_says_so() -> None:
+    if os.path.exists("/run/systemd/system"):
+        pytest.skip("systemd runs this machine")
+    with remowt.connect_local() as conn, pytest.raises(SystemdError, match="not been booted with systemd"):
+        conn.systemd.units()
