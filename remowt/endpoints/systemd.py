@@ -150,6 +150,7 @@ def manager_env(user: bool) -> Dict[str, str]:
     """The environment systemctl needs: for ``--user``, the user's runtime dir (SystemdError if there is none)."""
     env = dict(os.environ)
     env["SYSTEMD_COLORS"] = "0"
+    env["LC_ALL"] = "C.UTF-8"  # the messages _JOB_RESULTS and _error read, untranslated
     env["SYSTEMD_PAGER"] = ""
     if user:
         runtime = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"

@@ -115,7 +115,8 @@ class Systemd:
         outcome = self._api(timeout).job(JobSpec(verb=verb, unit=unit, timeout=timeout, user=self.is_user))
         if outcome.result != "done":
             raise JobFailed(
-                f"{verb} {unit}: job {outcome.result} (unit result {outcome.unit_result}): {outcome.message}",
+                f"{verb} {unit}: job {outcome.result} (unit result {outcome.unit_result}): "
+                + (outcome.message.splitlines() or ["no message"])[0],
                 unit=unit,
                 verb=verb,
                 result=outcome.result,
