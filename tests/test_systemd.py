@@ -343,3 +343,41 @@ def test_without_systemd_the_error_says_so() -> None:
         pytest.skip("systemd runs this machine")
     with remowt.connect_local() as conn, pytest.raises(SystemdError, match="not been booted with systemd"):
         conn.systemd.units()
+
+
+def test_an_interrupted_job_leaves_the_connection_serving(ns: SystemdNamespace, conn: remowt.Remowt) -> None:
+    ns.write_unit("remowt-test-interrupted.service", "[Service]\nType=oneshot\nExecStart=/bin/sleep 600\n")
+    systemd = conn.privileged.systemd
+
+    def ctrl_c(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # a real signal while the caller waits for the job
+        with pytest.raises(KeyboardInterrupt):
+            systemd.start("remowt-test-interrupted.service", timeout=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    conn.ping()
+    assert systemd.status("remowt-test-interrupted.service").active == "activating"  # the job goes on
+    assert systemd.stop("remowt-test-interrupted.service").result == "done"
+
+
+def test_a_lost_link_during_a_job(ns: SystemdNamespace) -> None:
+    ns.write_unit("remowt-test-lost.service", "[Service]\nType=oneshot\nExecStart=/bin/sleep 600\n")
+    connection = ns.connect(None)  # root: the job runs in this agent, which is killed outright
+    with connection:
+        agent = connection.info().pid
+        killer = threading.Timer(0.3, ns.run, ("kill", "-KILL", str(agent)))
+        killer.start()
+        with pytest.raises(ConnectionLost):
+            connection.systemd.start("remowt-test-lost.service", timeout=60)
+        killer.join()
+
+    def systemctl_gone() -> bool:  # the dead agent's watchdog kills it: no event reaches us for that
+        return "systemctl" not in ns.run("ps", "-eo", "comm").stdout.split()
+
+    assert wait_until(systemctl_gone, 10)
+    ns.run("systemctl", "stop", "remowt-test-lost.service")

@@ -61,7 +61,7 @@ class Agent:
         self.router.register(self.files)
         self.sockets = Sockets(self.router)
         self.router.register(self.sockets)
-        self.systemd = Systemd()
+        self.systemd = Systemd(watchdog)
         self.router.register(self.systemd)
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:

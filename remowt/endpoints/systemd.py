@@ -30,6 +30,7 @@ import msgspec
 from ..errors import AccessDenied, BadArguments, NoSuchUnit, SystemdError
 from ..protocol.service import Service, rpc
 from ..runtime.real_subprocess import Popen as LocalPopen
+from .watchdog import Watchdog
 
 Verb = Literal["start", "stop", "restart", "reload", "try-restart", "reload-or-restart"]
 #: systemctl's words for a job that did not end ``done`` (systemd 252, ``bus-wait-for-jobs.c``), by job result.
@@ -161,9 +162,13 @@ def manager_env(user: bool) -> Dict[str, str]:
 
 
 class Systemd(SystemdApi):
-    """The agent's implementation: one systemctl per call, killed if the agent shuts down meanwhile."""
+    """The agent's implementation: one systemctl per call, killed if the agent shuts down meanwhile.
 
-    def __init__(self) -> None:
+    ``watchdog`` (the agent process has one) kills a systemctl still running if the agent dies outright.
+    """
+
+    def __init__(self, watchdog: Optional[Watchdog] = None) -> None:
+        self._watchdog = watchdog
         self._lock = threading.Lock()
         self._running: Set[LocalPopen] = set()
         self._closed = False
@@ -192,8 +197,8 @@ class Systemd(SystemdApi):
     def job(self, spec: JobSpec) -> JobOutcome:
         check_unit_name(spec.unit)
         _check_timeout(spec.timeout)
-        argv = [spec.verb, "--job-mode=replace", "--", spec.unit]
-        returncode, _, err = self._run(["systemctl", *_scope(spec.user), *argv], spec.user, spec.timeout, spec.unit)
+        argv = ["systemctl", *_scope(spec.user), "--no-ask-password", spec.verb, "--job-mode=replace", "--", spec.unit]
+        returncode, _, err = self._run(argv, spec.user, spec.timeout, spec.unit)
         result = "done"
         if returncode != 0:
             result = next((name for name, pattern in _JOB_RESULTS if pattern.search(err)), "")
@@ -264,6 +269,8 @@ class Systemd(SystemdApi):
             )
         except FileNotFoundError:
             raise SystemdError(f"{argv[0]} is not installed here: is this a systemd machine?") from None
+        if self._watchdog is not None:
+            self._watchdog.watch(process.pid)  # its own session: its group is its pid
         with self._lock:
             closed = self._closed
             self._running.add(process)
@@ -282,6 +289,8 @@ class Systemd(SystemdApi):
         finally:
             with self._lock:
                 self._running.discard(process)
+            if self._watchdog is not None:
+                self._watchdog.forget(process.pid)
         return process.returncode, out, err
 
     def close(self) -> None:
