@@ -152,6 +152,18 @@ def test_a_failing_unit_reports_its_job_result_and_journal(conn: remowt.Remowt) 
         assert len(list(journal)) == 1
 
 
+def test_job_results_other_than_failed(ns: SystemdNamespace, conn: remowt.Remowt) -> None:
+    with pytest.raises(JobFailed) as failed:
+        conn.privileged.systemd.reload("remowt-test-reloader.service")  # not running
+    assert (failed.value.result, failed.value.verb) == ("invalid", "reload")
+    needs = "remowt-test-failing.service"
+    dependent = f"[Unit]\nRequires={needs}\nAfter={needs}\n[Service]\nExecStart=/bin/sleep infinity\n"
+    ns.write_unit("remowt-test-dependent.service", dependent)
+    with pytest.raises(JobFailed) as failed:
+        conn.privileged.systemd.start("remowt-test-dependent.service")
+    assert failed.value.result == "dependency"
+
+
 def test_no_such_unit_for_jobs(conn: remowt.Remowt) -> None:
     with pytest.raises(NoSuchUnit, match=r"no-such-unit\.service"):
         conn.privileged.systemd.start("no-such-unit.service")

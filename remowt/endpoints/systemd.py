@@ -33,7 +33,8 @@ from ..runtime.real_subprocess import Popen as LocalPopen
 from .watchdog import Watchdog
 
 Verb = Literal["start", "stop", "restart", "reload", "try-restart", "reload-or-restart"]
-#: systemctl's words for a job that did not end ``done`` (systemd 252, ``bus-wait-for-jobs.c``), by job result.
+#: systemctl's words for a job that did not end ``done`` (systemd 252, ``bus-wait-for-jobs.c``; checked against
+#: the strings of its libsystemd-shared), by job result.
 _JOB_RESULTS = (
     ("canceled", re.compile(r"^Job for \S+ canceled\.", re.M)),
     ("timeout", re.compile(r"^Job for \S+ timed out\.", re.M)),
