@@ -216,6 +216,8 @@ def test_follow_delivers_lines_as_written_and_stops_on_close(conn: remowt.Remowt
                 pass
             closer.join()
         assert journal.process.returncode is not None
+        assert journal.next_entry() is None  # closed: the end, again
+        journal.close()
         assert "journalctl" not in conn.privileged.check_output(["ps", "-eo", "comm"], text=True).split()
     finally:
         systemd.stop("remowt-test-reloader.service")

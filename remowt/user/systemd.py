@@ -14,13 +14,15 @@ subprocess service's (:class:`Journal`).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import threading
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import msgspec
 
 from ..endpoints.systemd import JobOutcome, JobSpec, SystemdApi, TransientSpec, UnitState, Verb, check_unit_name
-from ..errors import JobFailed, SystemdError
+from ..errors import ConnectionLost, JobFailed, SystemdError
 from . import popen as _popen
 
 if TYPE_CHECKING:
@@ -214,14 +216,19 @@ class Journal:
     """Journal entries as they come (iterate); a context manager. :meth:`close` ends a follow at once.
 
     The caller's thread waits on the output stream of ``journalctl`` on the
-    node: a Ctrl-C stops the waiting only (close ends journalctl), a lost link
-    ends the iteration with ``ConnectionLost``.
+    node: a Ctrl-C stops the waiting only (closing ends journalctl), a lost
+    link ends the iteration with ``ConnectionLost``. One thread reads; any
+    thread may close.
     """
 
     def __init__(self, process: _popen.Popen, unit: str) -> None:
         self.process = process
         self.unit = unit
         self._buffer = b""
+        self._lock = threading.Lock()
+        self._reading = False
+        self._closing = False
+        self._pipes_closed = False
 
     def __enter__(self) -> Journal:
         return self
@@ -238,6 +245,20 @@ class Journal:
 
     def next_entry(self) -> Optional[JournalEntry]:
         """The next entry, waiting for it; None at the end (journalctl ended: no follow, or closed)."""
+        with self._lock:
+            if self._closing:
+                return None
+            self._reading = True
+        try:
+            return self._next_entry()
+        finally:
+            with self._lock:
+                self._reading = False
+                close_pipes = self._closing
+            if close_pipes:  # close() came meanwhile and left the pipes to this reader
+                self._close_pipes()
+
+    def _next_entry(self) -> Optional[JournalEntry]:
         stdout = self.process.stdout
         assert stdout is not None
         while b"\n" not in self._buffer:
@@ -258,10 +279,22 @@ class Journal:
             raise SystemdError(f"journalctl for {self.unit} failed ({returncode}): {said or 'no message'}")
 
     def close(self) -> None:
-        """End journalctl (if it still runs) and its pipes."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+        """End journalctl (if it still runs): a reader waiting in :meth:`next_entry` gets None."""
+        with self._lock:
+            self._closing = True
+            reading = self._reading
+        with contextlib.suppress(ConnectionLost):  # the link went, and journalctl with it
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
+        if not reading:
+            self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        with self._lock:
+            if self._pipes_closed:
+                return
+            self._pipes_closed = True
         for pipe in (self.process.stdout, self.process.stderr):
             if pipe is not None:
                 pipe.close()
