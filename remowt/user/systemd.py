@@ -194,7 +194,8 @@ class Systemd:
         other (its stdio, its wait, killed when the connection ends).
         """
         name = check_unit_name(unit or f"remowt-scope-{secrets.token_hex(6)}.scope")
-        command = ["systemd-run", *self._scope_flag(), "--scope", "--quiet", f"--unit={name}", "--", *argv]
+        options = ["--scope", "--quiet", "--no-ask-password", f"--unit={name}"]
+        command = ["systemd-run", *self._manager_flag(), *options, "--", *argv]
         return self.node.Popen(command, **popen_kwargs)
 
     def journal(self, unit: str, *, lines: Optional[int] = None, follow: bool = False) -> Journal:
@@ -208,7 +209,7 @@ class Systemd:
         argv += ["--follow"] if follow else []
         return Journal(self.node.Popen(argv, stdout=_popen.PIPE, stderr=_popen.PIPE, bufsize=0), unit)
 
-    def _scope_flag(self) -> List[str]:
+    def _manager_flag(self) -> List[str]:
         return ["--user"] if self.is_user else []
 
 
