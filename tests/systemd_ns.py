@@ -17,8 +17,8 @@ pid. Stopping sends SIGRTMIN+4 (poweroff: systemd stops its units and
 exits, which ends the namespaces and their mounts), waits for the
 ``unshare`` parent to end, SIGKILLs PID 1 if it did not, and removes the
 cgroup it ran in and the temporary directory: no namespace, mount or
-process is left. One instance per test process (the cgroup is named by
-our pid).
+process is left. Instances do not meet: each has its cgroup (named by our
+pid and a count), its directory and its namespaces.
 
 :meth:`SystemdNamespace.connect` reaches an agent inside through
 :func:`remowt.connect_command` on ``nsenter`` (and ``runuser`` for the test
@@ -30,6 +30,7 @@ password inside the namespace. Needs root and what
 from __future__ import annotations
 
 import array
+import itertools
 import os
 import pwd
 import select
@@ -113,6 +114,9 @@ UNSHARE = ("unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--propaga
 _ENTER_CGROUP = 'echo 0 > "$1/cgroup.procs" && exec unshare --cgroup /bin/sh -c "$2"'
 
 
+_instances = itertools.count()
+
+
 class SystemdUnavailable(RuntimeError):
     """This machine lacks what a systemd in namespaces needs (root, systemd, unshare, a cgroup2 hierarchy)."""
 
@@ -146,7 +150,7 @@ class SystemdNamespace:
     def __init__(self) -> None:
         check_host()
         self.directory = tempfile.mkdtemp(prefix="remowt-systemd-")
-        self.cgroup = os.path.join(cgroup2_mount(), f"remowt-systemd-{os.getpid()}")
+        self.cgroup = os.path.join(cgroup2_mount(), f"remowt-systemd-{os.getpid()}-{next(_instances)}")
         self.log_path = os.path.join(self.directory, "systemd.log")
         self.process: Optional[subprocess.Popen[bytes]] = None
         #: The host pid of the inner systemd (PID 1 inside), once it is ready.
