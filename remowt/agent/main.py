@@ -26,6 +26,7 @@ from ..endpoints.parent_signals import stand_in_for_the_caller
 from ..endpoints.plugins import PluginHost
 from ..endpoints.sockets import Sockets
 from ..endpoints.subprocess import Subprocesses
+from ..endpoints.systemd import Systemd
 from ..endpoints.watchdog import Watchdog, start_watchdog
 from ..protocol import wire
 from ..rpc.keepalive import SilenceWatch
@@ -69,6 +70,8 @@ class Agent:
         self.router.register(self.sockets)
         self.plugins = PluginHost(self.router, plugins, watchdog)
         self.router.register(self.plugins)
+        self.systemd = Systemd(watchdog)
+        self.router.register(self.systemd)
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:
             options = [f"--plugins={plugins}"] if plugins is not None and tree is None else []
@@ -98,6 +101,7 @@ class Agent:
         self.silence.stop()
         if self.escalator is not None:
             self.escalator.close()
+        self.systemd.close()
         self.subprocesses.kill_all(timeout)
         self.sockets.close_listeners(timeout)
         self.plugins.close(timeout)

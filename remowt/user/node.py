@@ -34,6 +34,7 @@ from ..transports.fdpass import FdSender
 from . import plugins as _plugins
 from . import popen as _popen
 from . import sockets as _sockets
+from . import systemd as _systemd
 from . import transfer as _transfer
 from .children import Children
 from .command import Command
@@ -153,6 +154,11 @@ class Node:
         """The names of the plugins shipped with this node's agent (what :meth:`load_plugin` takes)."""
         self._ready(None)
         return _plugins.available(self)
+
+    @property
+    def systemd(self) -> _systemd.Systemd:
+        """This node's systemd (:class:`~remowt.user.systemd.Systemd`; ``.user``: the user's ``--user`` manager)."""
+        return _systemd.Systemd(self)
 
     def path(self, *segments: Union[str, bytes, os.PathLike[str]]) -> RemotePath:
         """A path here with :class:`pathlib.Path`'s face (:class:`~remowt.user.paths.RemotePath`)."""
