@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import msgpack
 
-VERSION = 3  # "Handshake"
+VERSION = 4  # "Handshake"
 MAX_FRAME = 8 * 1024 * 1024  # what we accept; announced in our Hello
 MAX_CHUNK = 256 * 1024  # "Streams": our Data frames carry at most this much
 HEADER = struct.Struct(">I")  # "Framing"
