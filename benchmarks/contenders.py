@@ -39,6 +39,40 @@ def remowt_loopback_ping() -> Iterator[Operation]:
         yield conn.ping
 
 
+NOOP_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "noop_plugin.py")
+
+
+@contextlib.contextmanager
+def plugin_calls(conn: Any, call: str) -> Iterator[Operation]:
+    """On ``conn`` (a connection shipping :data:`NOOP_PLUGIN`): the plugin loaded, and ``call`` of it.
+
+    ``ping``: the plugin's control ping (answered on its link's reader thread,
+    as the agent answers its own); ``noop``: a method of its own service (in its worker pool).
+    """
+    from noop_plugin import NoopApi
+
+    with conn, conn.load_plugin("noop_plugin") as plugin:
+        yield plugin.ping if call == "ping" else plugin.service(NoopApi).noop
+
+
+@contextlib.contextmanager
+def remowt_local_plugin_ping() -> Iterator[Operation]:
+    """``plugin.ping()``: a no-op call to plugin(n) of a local agent, through the agent."""
+    import remowt
+
+    with plugin_calls(remowt.connect_local(plugins=[NOOP_PLUGIN]), "ping") as call:
+        yield call
+
+
+@contextlib.contextmanager
+def remowt_local_plugin_noop() -> Iterator[Operation]:
+    """``NoopApi.noop()`` of plugin(n) of a local agent, through the agent."""
+    import remowt
+
+    with plugin_calls(remowt.connect_local(plugins=[NOOP_PLUGIN]), "noop") as call:
+        yield call
+
+
 ECHO_SOURCE = """
 for item in channel:
     channel.send(item)

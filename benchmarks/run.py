@@ -82,6 +82,22 @@ def ping_group(quick: bool) -> Group:
     )
 
 
+def plugin_group(quick: bool) -> Group:
+    return Group(
+        name="plugin",
+        title="no-op call to a plugin through the agent vs to the agent",
+        **round_trips(quick),
+        contenders=[
+            Contender("remowt local plugin ping", c.remowt_local_plugin_ping, requires=("remowt",)),
+            Contender("remowt local ping", c.remowt_local_ping, requires=("remowt",)),
+            Contender("remowt local plugin noop", c.remowt_local_plugin_noop, requires=("remowt",), note="info only"),
+        ],
+        targets=[Target("remowt local plugin ping", "remowt local ping", 1.5)],
+        detail="plugin ping: plugin(n).ping(), user → agent → plugin and back; ping: conn.ping() to the agent; "
+        "plugin noop: a method of the plugin's own service (its worker pool)",
+    )
+
+
 def spawn_group(quick: bool) -> Group:
     return Group(
         name="spawn",
@@ -215,6 +231,21 @@ def ssh_ping_group(quick: bool) -> Group:
         targets=[Target("remowt ssh ping", "paramiko cat echo", 1.3)],
         detail="remowt: conn.ping(); paramiko: 16 bytes to an exec'd `cat` and back on one channel; "
         "execnet: channel send+receive of 16 bytes on an echo loop; mitogen: context.call(noop)",
+    )
+
+
+def ssh_plugin_group(quick: bool) -> Group:
+    return Group(
+        name="ssh-plugin",
+        title="ssh: no-op call to a plugin through the agent vs to the agent",
+        **round_trips(quick),
+        contenders=[
+            ssh_contender("remowt ssh plugin ping", s.remowt_ssh_plugin_ping),
+            ssh_contender("remowt ssh ping", s.remowt_ssh_ping),
+            ssh_contender("remowt ssh plugin noop", s.remowt_ssh_plugin_noop, note="info only"),
+        ],
+        targets=[Target("remowt ssh plugin ping", "remowt ssh ping", 1.5)],
+        detail="as `plugin`, over ssh to the run's sshd",
     )
 
 
@@ -353,6 +384,7 @@ def ssh_tree_group(quick: bool) -> Group:
 
 GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ping": ping_group,
+    "plugin": plugin_group,
     "spawn": spawn_group,
     "throughput": throughput_group,
     "run": run_group_,
@@ -360,6 +392,7 @@ GROUPS: Dict[str, Callable[[bool], Group]] = {
     "ssh-connect": ssh_connect_group,
     "ssh-spawn": ssh_spawn_group,
     "ssh-ping": ssh_ping_group,
+    "ssh-plugin": ssh_plugin_group,
     "ssh-throughput": ssh_throughput_group,
     "ssh-keystroke": ssh_keystroke_group,
     "ssh-forward-throughput": ssh_forward_throughput_group,

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 import ssh_server
-from contenders import CHUNK, execnet_echo, head_argv, read_stdout
+from contenders import CHUNK, NOOP_PLUGIN, execnet_echo, head_argv, plugin_calls, read_stdout
 from harness import Factory, Operation, Then
 
 #: paramiko then negotiates aes128-gcm@openssh.com (disabling a name it does not know is harmless).
@@ -204,6 +204,26 @@ def remowt_ssh_ping() -> Iterator[Operation]:
     """``conn.ping()`` over ssh."""
     with remowt_connect() as conn:
         yield conn.ping
+
+
+@contextlib.contextmanager
+def remowt_ssh_plugin_ping() -> Iterator[Operation]:
+    """``plugin.ping()`` over ssh: a no-op call to plugin(n), through the agent."""
+    import remowt
+
+    conn = remowt.connect(ssh_server.ALIAS, ssh_config=ssh_server.server().ssh_config, plugins=[NOOP_PLUGIN])
+    with plugin_calls(conn, "ping") as call:
+        yield call
+
+
+@contextlib.contextmanager
+def remowt_ssh_plugin_noop() -> Iterator[Operation]:
+    """``NoopApi.noop()`` of plugin(n) over ssh, through the agent."""
+    import remowt
+
+    conn = remowt.connect(ssh_server.ALIAS, ssh_config=ssh_server.server().ssh_config, plugins=[NOOP_PLUGIN])
+    with plugin_calls(conn, "noop") as call:
+        yield call
 
 
 @contextlib.contextmanager

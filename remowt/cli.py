@@ -90,9 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cp.add_argument("-P", "--port", type=int, help="port to connect to")
     socket_commands = _add_socket_parsers(commands)
-    for command in (ssh, edit, *socket_commands):
+    unit = _add_unit_parser(commands)
+    for command in (ssh, edit, *socket_commands, unit):
         command.add_argument("-p", "--port", type=int, help="port to connect to")
-    for command in (ssh, edit, cp, *socket_commands):
+    for command in (ssh, edit, cp, *socket_commands, unit):
         command.add_argument("-l", "--login", metavar="USER", help="user to log in as")
         command.add_argument("-i", "--identity", metavar="KEY", action="append", help="private key file (repeatable)")
         command.add_argument("-F", "--config", metavar="FILE", help="ssh config file (default ~/.ssh/config)")
@@ -174,8 +175,20 @@ def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     build = actions.add_parser(
         "build",
         help="(re)build the artifact for this interpreter's platform",
-        description="Build the artifact for this interpreter's platform from the installed remowt and msgspec.",
+        description=(
+            "Build the artifact for this interpreter's platform from the installed remowt and msgspec. "
+            "With --plugin, every artifact also ships those plugins (loaded by name: conn.load_plugin)."
+        ),
     )
+    shipped = build.add_mutually_exclusive_group()
+    shipped.add_argument(
+        "--plugin",
+        action="append",
+        metavar="SRC",
+        help="ship this plugin: a Python package directory (with __main__.py), a module (NAME.py) or an "
+        "executable file; repeat for more. They replace the plugins the bundle shipped (default: keep them)",
+    )
+    shipped.add_argument("--no-plugins", action="store_true", help="ship no plugins any more")
     add = actions.add_parser(
         "add",
         help="add a platform from a msgspec wheel fetched with pip",
@@ -200,11 +213,12 @@ def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _bundle_main(args: argparse.Namespace) -> int:
     """``remowt bundle build|add|list``: print what was done; exit 1 with the reason when it fails."""
     from .deploy import bundle
+    from .deploy.plugins import plugin_name
 
     directory = os.path.abspath(args.dir) if args.dir else bundle.default_bundle_dir()
     try:
         if args.bundle_command == "build":
-            digest = bundle.build_local(directory)
+            digest = bundle.build_local(directory, [] if args.no_plugins else args.plugin)
             print(f"{bundle.local_platform()} {digest} in {directory}")
         elif args.bundle_command == "add":
             added = bundle.add_platform(directory, args.platform, args.msgspec_version)
@@ -216,6 +230,8 @@ def _bundle_main(args: argparse.Namespace) -> int:
                 state = {True: "current", False: "stale: sources changed", None: "made elsewhere"}[info.current]
                 made = f"msgspec {info.msgspec_version} from {info.source}" if info.source else ""
                 print(f"{info.platform:<16} {info.sha256}  {state}  {made}".rstrip())
+            for source in bundle.read_plugin_sources(directory):
+                print(f"plugin {plugin_name(source)}: {source}")
     except bundle.BundleError as e:
         print(f"remowt: {e}", file=sys.stderr)
         return 1
@@ -600,6 +616,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(_sockets_main(args, parser))
     if args.command == "cp":
         sys.exit(copy_main(args, parser))
+    if args.command == "unit":
+        sys.exit(unit_main(args))
     job = _job(args, words, parser)
     stdio = plug_closed_stdio()
     with SignalForwarder() as signals:
@@ -883,3 +901,83 @@ def _private_dir() -> Iterator[str]:
 
 def _tell(line: str) -> None:
     print(f"remowt: {line}", file=sys.stderr, flush=True)
+
+
+def _add_unit_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    unit = commands.add_parser(
+        "unit",
+        help="a systemd unit of an ssh host (or of this machine): status, start, stop, restart, logs",
+        usage="remowt unit [-h] [options] HOST {status,start,stop,restart,logs} UNIT",
+        description=(
+            "Show or change UNIT of HOST's systemd (HOST 'local': this machine, through a local agent). "
+            "start, stop and restart wait for the job (exit 1 with systemd's job result if it failed); status "
+            "exits 0 when the unit is active, 3 when not, 4 when there is no such unit; logs prints its journal "
+            "(-f: then new entries until interrupted). A system unit's start, stop and restart need --sudo. "
+            "Exit 255 if the connection failed or was lost."
+        ),
+    )
+    unit.add_argument("host", help="host name or ~/.ssh/config alias, optionally user@host; 'local': this machine")
+    unit.add_argument("action", choices=["status", "start", "stop", "restart", "logs"])
+    unit.add_argument("unit", metavar="UNIT", help="the unit's name (foo.service, bar.timer ...)")
+    unit.add_argument("--sudo", action="store_true", help="through the privileged agent (as root)")
+    unit.add_argument("--user", action="store_true", help="the login's --user manager, not the system's")
+    unit.add_argument("-f", "--follow", action="store_true", help="logs: go on printing new entries")
+    unit.add_argument("-n", "--lines", type=int, metavar="N", help="logs: the last N entries (default all; -f: 10)")
+    unit.add_argument("--timeout", type=float, default=90.0, help="start/stop/restart: seconds to wait for the job")
+    return unit
+
+
+def unit_main(args: argparse.Namespace) -> int:
+    """``remowt unit HOST ACTION UNIT``: what systemctl and journalctl would say there, through remowt."""
+    from .errors import NoSuchUnit
+
+    if args.lines is not None and args.lines < 0:
+        print(f"remowt: unit: -n must be >= 0, got {args.lines}", file=sys.stderr)
+        return 2
+    try:
+        connection = client.connect_local() if args.host == "local" else _connection(args)
+    except (OSError, RemowtError) as e:
+        print(f"remowt: {e}", file=sys.stderr)
+        return 255
+    try:
+        with connection:
+            return _unit_action(connection.privileged if args.sudo else connection, args)
+    except KeyboardInterrupt:  # logs -f ends here, as journalctl -f does
+        return 0 if args.action == "logs" else 130
+    except ConnectionLost as e:
+        print(f"remowt: {e}", file=sys.stderr)
+        return 255
+    except (OSError, RemowtError) as e:
+        print(f"remowt: {e}", file=sys.stderr)
+        return 4 if isinstance(e, NoSuchUnit) else 1
+
+
+def _unit_action(node: Node, args: argparse.Namespace) -> int:
+    manager = node.systemd.user if args.user else node.systemd
+    if args.action == "status":
+        status = manager.status(args.unit)
+        print(f"{status.unit} - {status.description}")
+        print(f"  Loaded: {status.load} ({status.fragment_path or '-'}; {status.unit_file_state or '-'})")
+        print(f"  Active: {status.active} ({status.sub}), result {status.result}")
+        if status.main_pid:
+            print(f"  Main PID: {status.main_pid}")
+        return 0 if status.active in ("active", "reloading") else 3
+    if args.action == "logs":
+        lines = 10 if args.follow and args.lines is None else args.lines
+        with manager.journal(args.unit, lines=lines, follow=args.follow) as journal:
+            for entry in journal:
+                print(_journal_line(entry.fields, entry.message), flush=args.follow)
+        return 0
+    outcome = manager.job(args.action, args.unit, timeout=args.timeout)
+    print(f"{args.action} {outcome.unit}: {outcome.result} (now {outcome.active})")
+    return 0
+
+
+def _journal_line(fields: Dict[str, Any], message: str) -> str:
+    """An entry as journalctl's short format writes it: time, identifier[pid]: message."""
+    stamp = fields.get("__REALTIME_TIMESTAMP", "0")
+    seconds = int(stamp) / 1e6 if isinstance(stamp, str) and stamp.isdigit() else 0.0
+    when = time.strftime("%b %d %H:%M:%S", time.localtime(seconds))
+    who = fields.get("SYSLOG_IDENTIFIER") or fields.get("_COMM") or "?"
+    pid = fields.get("_PID")
+    return f"{when} {who}{f'[{pid}]' if pid else ''}: {message}"

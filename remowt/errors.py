@@ -71,8 +71,59 @@ class EscalationError(RemoteError):
     kind = "escalation"
 
 
+class PluginError(RemoteError):
+    """A plugin could not be loaded or unloaded: an unknown name, one that ended before its handshake, …"""
+
+    kind = "plugin"
+
+
+class SystemdError(RemoteError):
+    """systemd refused or failed a request (the message is systemctl's, naming the unit)."""
+
+    kind = "systemd"
+
+
+class NoSuchUnit(SystemdError):
+    """The unit (or unit file) does not exist."""
+
+    kind = "no-such-unit"
+
+
+class AccessDenied(SystemdError):
+    """systemd refused the request to this user; the privileged agent (``conn.privileged.systemd``) may do it."""
+
+    kind = "access-denied"
+
+
+class JobFailed(SystemdError):
+    """A job did not end ``done``: ``result`` is systemd's job result, ``unit_result`` the unit's ``Result``."""
+
+    kind = "job-failed"
+
+    def __init__(
+        self, message: str, *, unit: str = "", verb: str = "", result: str = "", unit_result: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.unit = unit
+        self.verb = verb
+        self.result = result
+        self.unit_result = unit_result
+
+
 REMOTE_ERRORS = {
-    cls.kind: cls for cls in (RemoteError, UnknownMethod, BadArguments, ResultTooLarge, InternalError, EscalationError)
+    cls.kind: cls
+    for cls in (
+        RemoteError,
+        UnknownMethod,
+        BadArguments,
+        ResultTooLarge,
+        InternalError,
+        EscalationError,
+        SystemdError,
+        NoSuchUnit,
+        AccessDenied,
+        PluginError,
+    )
 }
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this machine (as root, idempotently) for the ssh, escalation and signal tests:
 # openssh-server/client, sudo, opendoas, python3 with pip and venv, iproute2 (network namespaces), tmux (a real terminal's Ctrl-C),
-# the programs the terminal tests drive in it (vi, top, git) and a nix daemon (the socket tests) installed;
+# the programs the terminal tests drive in it (vi, top, git), a nix daemon (the socket tests), and systemd with
+# dbus (the systemd tests boot it in namespaces of their own; util-linux's unshare, nsenter and runuser start it) installed;
 # the user remowt-test with a known password, allowed to escalate with sudo and doas, each asking for the
 # password every time.
 # Does not start sshd: the tests start their own.
@@ -16,7 +17,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 missing=0
-for path in /usr/sbin/sshd /usr/bin/ssh /usr/bin/ssh-keygen /usr/bin/sudo /usr/bin/doas /usr/bin/python3; do
+for path in /usr/sbin/sshd /usr/bin/ssh /usr/bin/ssh-keygen /usr/bin/sudo /usr/bin/doas /usr/bin/python3 \
+    /lib/systemd/systemd /usr/bin/dbus-daemon /usr/bin/unshare /usr/bin/nsenter /usr/sbin/runuser; do
     [ -x "$path" ] || missing=1
 done
 command -v ip >/dev/null || missing=1
@@ -30,7 +32,7 @@ if [ "$missing" -eq 1 ]; then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         openssh-server openssh-client sudo opendoas python3 python3-pip python3-venv iproute2 tmux vim-tiny procps \
-        git nix-bin
+        git nix-bin systemd dbus util-linux
 fi
 
 # The user: a home, bash, a password (which also unlocks the account, so sshd lets it log in with a key).

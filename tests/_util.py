@@ -145,6 +145,15 @@ def agent_children(pid: int) -> Set[int]:
     return {child for child in children_of(pid) if not is_watchdog(child)}
 
 
+def read_now(read_fd: int) -> bytes:
+    """What pipe ``read_fd`` holds now, up to 100 bytes (b"" when nothing); it is left non-blocking."""
+    os.set_blocking(read_fd, False)
+    try:
+        return os.read(read_fd, 100)
+    except BlockingIOError:
+        return b""
+
+
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -37,18 +37,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KINDS = ("subprocess", "local", "ssh")
 
 # Why a case that passes with subprocess does not pass over remowt (yet), by test method name.
-FDS = "the child needs this process's own fds (closed 0-2, fds left open): issue 12 item 1, SCM_RIGHTS"
-CWD = "the child needs this process's cwd (over ssh the login's): issue 12 item 2"
-PARENT = "the child signals its parent (os.getppid()), which is the agent: the agent dies of SIGUSR1"
+FDS = (
+    "the child needs this process's own fds (closed 0-2, pass_fds, close_fds=False): only a local agent takes "
+    "them (SCM_RIGHTS); over ssh the child runs where they do not exist"
+)
+CWD = "the child needs this process's cwd: over ssh it starts in the login's home, where sshd starts a command"
 INTERNALS = (
     "tests subprocess's own internals (_execute_child, _fork_exec, _communicate, _wait, _active, waitpid "
-    "on the child's pid in this process, mocks of proc.stdin)"
+    "on the child's pid in this process)"
 )
-PREEXEC = "preexec_fn / pass_fds run code in or share fds of this process: refused with ValueError"
+PREEXEC = "preexec_fn runs a function of this process in the child, which the agent forks: refused with ValueError"
 CAUSES: Dict[str, str] = {
-    **dict.fromkeys(["test_close_fds", "test_swap_std_fds_with_one_closed"], FDS),
+    **dict.fromkeys(
+        [
+            "test_close_fds",
+            "test_swap_std_fds_with_one_closed",
+            "test_pass_fds",
+            "test_pass_fds_inheritable",
+            "test_pass_fds_redirected",
+        ],
+        FDS,
+    ),
     "test_executable_without_cwd": CWD,
-    "test_communicate_eintr": PARENT,
     **dict.fromkeys(
         [
             "test__use_vfork",
@@ -63,17 +73,11 @@ CAUSES: Dict[str, str] = {
             "test_leak_fast_process_del_killed",
             "test_send_signal_race",
             "test_stopped",
-            "test_communicate_BrokenPipeError_stdin_close",
-            "test_communicate_BrokenPipeError_stdin_close_with_timeout",
-            "test_communicate_BrokenPipeError_stdin_write",
         ],
         INTERNALS,
     ),
     **dict.fromkeys(
         [
-            "test_pass_fds",
-            "test_pass_fds_inheritable",
-            "test_pass_fds_redirected",
             "test_preexec",
             "test_preexec_exception",
             "test_preexec_errpipe_does_not_double_close_pipes",

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
+from functools import partial
 from typing import Iterator
 
 import pytest
-from _util import fd_count, wait_until
+from _util import fd_count, read_now, wait_until
 
 import remowt
+from remowt.endpoints.subprocess import SpawnOptions, move_off_targets, place_fds
 from remowt.errors import BadArguments, ConnectionLost
-from remowt.transports.fdpass import FdReceiver, FdSender, socket_pair
+from remowt.runtime.real_subprocess import Popen as LocalPopen
+from remowt.transports.fdpass import MAX_FDS, FdReceiver, FdSender, socket_pair
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -115,3 +119,86 @@ def test_fds_that_cannot_be_sent_send_no_spawn_either() -> None:
         assert fd_count() == here and conn.children.count() == 0
         quiet = {"stdin": remowt.DEVNULL, "stdout": remowt.DEVNULL, "stderr": remowt.DEVNULL}
         assert conn.run(["true"], **quiet).returncode == 0  # the connection serves on
+
+
+def test_a_batch_takes_up_to_scm_max_fd(pair: tuple[FdSender, FdReceiver]) -> None:
+    sender, receiver = pair
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        assert sender.try_send(11, [null] * MAX_FDS)
+        received = receiver.take(11, MAX_FDS, timeout=5)
+        assert len(set(received)) == MAX_FDS
+        for fd in received:
+            os.close(fd)
+        with pytest.raises(ValueError, match="at most 253"):
+            sender.try_send(12, [null] * (MAX_FDS + 1))
+    finally:
+        os.close(null)
+
+
+def test_the_agent_knows_who_started_it(pair: tuple[FdSender, FdReceiver]) -> None:
+    _, receiver = pair
+    assert receiver.peer_pid() == os.getpid()
+
+
+def test_fds_are_placed_in_the_child_even_where_another_ones_source_is() -> None:
+    # the agent gets the fds at numbers of its own, which may be other fds' targets: each target but the first and
+    # the last is where the fd for the next target was received, so placing them in turn would overwrite a source
+    # before its placement; the first fd is at its own target (a dup2 onto itself would leave it close-on-exec)
+    made = [os.pipe() for _ in range(6)]
+    received = [os.dup(write_fd) for _, write_fd in made]
+    targets = [received[0], *received[2:], max(received) + 1]
+    inherited = dict(zip(targets, received))
+    move_off_targets(inherited)
+    placements = tuple((fd, target) for target, fd in inherited.items())
+    script = "import os, sys\nfor fd in sys.argv[1:]: os.write(int(fd), fd.encode())"
+    try:
+        child = LocalPopen(
+            [sys.executable, "-c", script, *map(str, targets)],
+            close_fds=False,
+            preexec_fn=partial(place_fds, placements),
+        )
+        assert child.wait(10) == 0
+        assert [read_now(read_fd) for read_fd, _ in made] == [str(target).encode() for target in targets]
+    finally:
+        for fd in [*inherited.values(), *(fd for pair in made for fd in pair)]:
+            os.close(fd)
+
+
+def test_pass_fds_the_agent_refuses_are_closed_there() -> None:
+    with remowt.connect_local() as conn:
+        conn.run(["true"])
+        there = agent_fds(conn)
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            for targets in ([1], [null, null]):
+                with pytest.raises(BadArguments, match="pass_fds must be distinct fd numbers above 2"):
+                    conn.spawn(["true"], SpawnOptions(pass_fds=targets))
+            with pytest.raises(FileNotFoundError):
+                conn.Popen(["no-such-program-remowt-fdpass"], pass_fds=[null])
+        finally:
+            os.close(null)
+        assert wait_until(lambda: agent_fds(conn) == there, 10), agent_fds(conn)
+
+
+def test_pass_fds_on_a_terminal_are_refused() -> None:
+    with remowt.connect_local() as conn, pytest.raises(ValueError, match="a child on a terminal"):
+        conn.Popen(["true"], pty=True, stdout=remowt.PIPE, pass_fds=[2])
+
+
+def test_more_fds_than_a_message_carries_is_a_clear_error() -> None:
+    with remowt.connect_local() as conn:
+        conn.run(["true"])
+        many = [os.open(os.devnull, os.O_RDONLY) for _ in range(MAX_FDS + 1)]
+        try:
+            for fd in many:
+                os.set_inheritable(fd, True)
+            here, there = fd_count(), agent_fds(conn)
+            for kwargs in ({"pass_fds": many}, {"close_fds": False}):
+                with pytest.raises(ValueError, match="fds to hand the child: at most 253 go in one message"):
+                    conn.run(["true"], **kwargs)
+            assert (fd_count(), agent_fds(conn), conn.children.count()) == (here, there, 0)
+            assert conn.run(["true"], pass_fds=many[: MAX_FDS - 3]).returncode == 0  # the stdio's 3 and these: 253
+        finally:
+            for fd in many:
+                os.close(fd)

@@ -1,7 +1,7 @@
 """The packages are layers: a lower one never imports a higher one, and importing never goes round in a circle.
 
 Layers, low to high (docs/architecture.md draws them): version, errors, runtime,
-protocol, transports, rpc, deploy, endpoints, agent, user, cli, __main__, and the
+protocol, transports, rpc, deploy, endpoints, agent, plugin, user, cli, __main__, and the
 package's own ``__init__``. Every import counts for the layering, also one
 inside a function or under ``TYPE_CHECKING``. Circles are looked for among
 the imports that run when a module is imported (the module's top level);
@@ -29,6 +29,7 @@ LAYERS = [
     "remowt.deploy",
     "remowt.endpoints",
     "remowt.agent",
+    "remowt.plugin",
     "remowt.user",
     "remowt.cli",
     "remowt.__main__",

@@ -19,11 +19,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator
+from unittest import mock
 
 import pytest
-from _util import CONNECTIONS, shared_connection
+from _util import CONNECTIONS, read_now, shared_connection
 
 import remowt
 
@@ -478,6 +480,18 @@ def test_communicate_twice_returns_the_same(sp: Any) -> None:
     assert proc.communicate() == (b"out\n", b"err\n")
 
 
+def test_communicate_writes_and_closes_stdin_itself(sp: Any) -> None:
+    # as CPython's test_communicate_BrokenPipeError_stdin_*: the input goes to p.stdin, which is then closed,
+    # and a BrokenPipeError from either is not an error
+    for failing in ("write", "close"):
+        proc = sp.Popen(["true"])
+        with proc, mock.patch.object(proc, "stdin") as stdin:
+            getattr(stdin, failing).side_effect = BrokenPipeError
+            proc.communicate(b"stuff")
+            stdin.write.assert_called_once_with(b"stuff")
+            stdin.close.assert_called_once_with()
+
+
 def test_input_the_child_does_not_read(sp: Any) -> None:
     # the child exits without reading: the broken pipe is not an error
     result = sp.run(["sh", "-c", "exit 0"], input=b"x" * (4 << 20), stdout=PIPE)
@@ -802,6 +816,15 @@ def test_select_on_stdout(sp: Any) -> None:
     assert readable == [proc.stdout]
     assert proc.stdout.readline() == b"ready\n"
     assert proc.communicate(b"go\n", timeout=10) == (b"done\n", None)
+
+
+def test_select_right_after_a_partial_read(sp: Any) -> None:
+    # as CPython's test_select_unbuffered: what came and is not read yet is readable through fileno() at once
+    proc = sp.Popen([PY, "-c", "import sys; sys.stdout.write('apple')"], stdout=PIPE, bufsize=0)
+    with proc:
+        assert proc.stdout.read(4) == b"appl"
+        assert select.select([proc.stdout], [], [], 0.0)[0] == [proc.stdout]
+        assert proc.stdout.read() == b"e"
 
 
 def test_stdin_file_offset_after_a_partial_read(sp: Any, tmp_path: pathlib.Path) -> None:
@@ -1244,10 +1267,138 @@ def test_popen_is_subscriptable(sp: Any) -> None:
     assert sp.Popen[bytes].__origin__ is sp.Popen
 
 
-def test_close_fds_false_is_accepted(sp: Any) -> None:
-    # locally the child would also inherit this process's inheritable fds; remotely there are none to inherit
-    result = sp.run([PRINTF, "%s", "fds"], stdout=PIPE, close_fds=False)
-    assert (result.returncode, result.stdout) == (0, b"fds")
+# --- this process's fds, its preexec_fn, and a child that signals its parent ---------
+
+
+# The child lists the fds it has (but the listing's own) and writes each number into the fd of that number.
+LIST_FDS = """
+import os, sys
+fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+open_fds = [fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")]
+for fd in open_fds:
+    if fd > 2 and fd in map(int, sys.argv[1:]):
+        os.write(fd, str(fd).encode())
+print(",".join(map(str, open_fds)))
+"""
+
+
+def fds_of_child(sp: Any, *write_to: int, **kwargs: Any) -> set[int]:
+    """The fds a child started with ``kwargs`` has open above 2 (it writes its number into each of ``write_to``)."""
+    result = sp.run([PY, "-c", LIST_FDS, *map(str, write_to)], stdout=PIPE, check=True, **kwargs)
+    return {int(fd) for fd in result.stdout.split(b",")} - {0, 1, 2}
+
+
+@pytest.fixture
+def pipes() -> Iterator[list[tuple[int, int]]]:
+    """Twenty pipes of this process, the odd ones inheritable (spread over the low numbers a local agent uses too)."""
+    made = [os.pipe() for _ in range(20)]
+    for i, (_, write_fd) in enumerate(made):
+        os.set_inheritable(write_fd, bool(i % 2))
+    try:
+        yield made
+    finally:
+        for pair in made:
+            for fd in pair:
+                os.close(fd)
+
+
+def test_pass_fds_appear_at_their_numbers_and_no_other(sp: Any, pipes: list[tuple[int, int]]) -> None:
+    passed = [write_fd for _, write_fd in pipes]
+    if not real_fds(sp):
+        with pytest.raises(ValueError, match="pass_fds: this process's fds cannot reach the children of"):
+            sp.run(["true"], pass_fds=passed)
+        return
+    # the child gets our fds at the same numbers, whatever numbers the agent received them at, inheritable there
+    assert fds_of_child(sp, *passed, pass_fds=passed) == set(passed)
+    for read_fd, write_fd in pipes:
+        assert read_now(read_fd) == str(write_fd).encode()
+    # our flags are left as they were; 0-2 in pass_fds are the child's stdio anyway
+    assert [os.get_inheritable(write_fd) for _, write_fd in pipes] == [bool(i % 2) for i in range(20)]
+    assert fds_of_child(sp, pass_fds=[0, 2, passed[3]]) == {passed[3]}
+
+
+def test_pass_fds_also_given_as_stdio(sp: Any, tmp_path: pathlib.Path) -> None:
+    # as CPython's test_pass_fds_redirected: fds given as stdio are passed at their own numbers too
+    read_fd, write_fd = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        kwargs = {"stdin": null, "stdout": write_fd, "stderr": null, "pass_fds": [null, write_fd]}
+        if not real_fds(sp):
+            with pytest.raises(ValueError, match="pass_fds"):
+                sp.Popen([PY, "-c", LIST_FDS], **kwargs)
+            return
+        with sp.Popen([PY, "-c", LIST_FDS], **kwargs) as proc:
+            output = os.read(read_fd, 1024)
+        assert proc.returncode == 0
+        assert {int(fd) for fd in output.split(b",")} == {0, 1, 2, null, write_fd}
+    finally:
+        for fd in (read_fd, write_fd, null):
+            os.close(fd)
+
+
+def test_pass_fds_overrides_close_fds_with_a_warning(sp: Any, pipes: list[tuple[int, int]]) -> None:
+    fd = pipes[0][1]
+    with pytest.warns(RuntimeWarning, match="overriding close_fds"):
+        if real_fds(sp):
+            assert sp.call(["true"], close_fds=False, pass_fds=(fd,)) == 0
+        else:
+            with pytest.raises(ValueError, match="pass_fds"):
+                sp.call(["true"], close_fds=False, pass_fds=(fd,))
+
+
+def test_pass_fds_that_are_not_open(sp: Any) -> None:
+    fd = 987
+    assert not os.path.exists(f"/proc/self/fd/{fd}")
+    with pytest.raises((OSError, ValueError)) as info:
+        sp.run(["true"], pass_fds=[fd])
+    if real_fds(sp):
+        assert isinstance(info.value, OSError) and info.value.errno == errno.EBADF
+    with pytest.raises(ValueError, match="bad value"):
+        sp.run(["true"], pass_fds=[-5])
+
+
+def test_close_fds_false_passes_the_inheritable_fds(sp: Any, pipes: list[tuple[int, int]]) -> None:
+    inheritable = {write_fd for i, (_, write_fd) in enumerate(pipes) if i % 2}
+    others = {fd for pair in pipes for fd in pair} - inheritable
+    inherited = fds_of_child(sp, *inheritable, close_fds=False)
+    assert not inherited & others
+    if real_fds(sp):  # locally, at their own numbers; remotely no fd of this process exists where the child runs
+        assert inherited >= inheritable
+        for i, (read_fd, write_fd) in enumerate(pipes):
+            assert read_now(read_fd) == (str(write_fd).encode() if i % 2 else b"")
+    else:
+        assert not inherited & inheritable
+    assert not fds_of_child(sp, close_fds=True) & (inheritable | others)
+
+
+def test_preexec_fn_is_refused_on_remowt(sp: Any) -> None:
+    if sp is subprocess:
+        assert sp.run(["true"], preexec_fn=lambda: None).returncode == 0
+        return
+    with pytest.raises(ValueError, match="preexec_fn: the child is forked by the agent, another process"):
+        sp.run(["true"], preexec_fn=lambda: None)
+
+
+CALLS_ITS_PARENT = "import os, signal, sys; os.kill(os.getppid(), getattr(signal, sys.argv[1]))"
+
+
+@pytest.mark.timeout(20, method="thread")  # pytest-timeout's own method uses SIGALRM, one of those signals
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGUSR2", "SIGALRM"])
+def test_a_child_that_signals_its_parent(sp: Any, name: str) -> None:
+    # as CPython's test_communicate_eintr: with subprocess the caller gets it; a local agent passes it on to
+    # us; over ssh the parent is the agent, which takes it (it must not die of it); the loopback's is us
+    signum = getattr(signal, name)
+    got = threading.Event()
+    previous = signal.signal(signum, lambda *_: got.set())
+    try:
+        with sp.Popen([PY, "-c", CALLS_ITS_PARENT, name], stdout=PIPE) as proc:
+            assert proc.communicate(timeout=10) == (b"", None)
+        assert proc.returncode == 0
+        if not (sp is not subprocess and sp.description.startswith("ssh")):
+            assert got.wait(10)
+        assert sp.run(["true"]).returncode == 0  # the connection serves on
+    finally:
+        signal.signal(signum, previous)
 
 
 @pytest.mark.parametrize(

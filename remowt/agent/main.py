@@ -17,19 +17,23 @@ import sys
 import threading
 from typing import List, Optional
 
+from ..deploy.local import default_plugins_dir
 from ..endpoints.control import Control
 from ..endpoints.editor import FileEdits
 from ..endpoints.escalate import Escalator
 from ..endpoints.fs import Files
+from ..endpoints.parent_signals import stand_in_for_the_caller
+from ..endpoints.plugins import PluginHost
 from ..endpoints.sockets import Sockets
 from ..endpoints.subprocess import Subprocesses
+from ..endpoints.systemd import Systemd
 from ..endpoints.watchdog import Watchdog, start_watchdog
 from ..protocol import wire
 from ..rpc.keepalive import SilenceWatch
 from ..rpc.router import Router
 from ..transports.base import Transport
 from ..transports.fdpass import FdReceiver
-from ..transports.stdio import FdTransport, enlarge_pipe
+from ..transports.stdio import take_stdio
 
 log = logging.getLogger("remowt.agent")
 
@@ -39,7 +43,10 @@ class Agent:
 
     ``watchdog`` (the agent process has one; the loopback, in the user's process, none) is told
     which children to kill should this process die before :meth:`shutdown`. ``fds`` (a local
-    agent's fd socket) brings the fds the user hands its children.
+    agent's fd socket) brings the fds the user hands its children. ``plugins`` is the directory
+    of the plugins shipped with it (:mod:`remowt.endpoints.plugins`; None: none), which a
+    privileged agent started here gets too unless it runs from a verified ``tree`` (whose own
+    plugins it then has).
     """
 
     def __init__(
@@ -48,6 +55,7 @@ class Agent:
         watchdog: Optional[Watchdog] = None,
         tree: Optional[str] = None,
         fds: Optional[FdReceiver] = None,
+        plugins: Optional[str] = None,
     ) -> None:
         self.router = Router(address)
         self.silence = SilenceWatch()
@@ -60,9 +68,14 @@ class Agent:
         self.router.register(self.files)
         self.sockets = Sockets(self.router)
         self.router.register(self.sockets)
+        self.plugins = PluginHost(self.router, plugins, watchdog)
+        self.router.register(self.plugins)
+        self.systemd = Systemd(watchdog)
+        self.router.register(self.systemd)
         self.escalator: Optional[Escalator] = None
         if address == wire.AGENT:
-            self.escalator = Escalator(self.router, tree)
+            options = [f"--plugins={plugins}"] if plugins is not None and tree is None else []
+            self.escalator = Escalator(self.router, tree, options)
             self.router.register(self.escalator)
         self.upstream_lost = threading.Event()
         self._finished = threading.Event()
@@ -88,8 +101,10 @@ class Agent:
         self.silence.stop()
         if self.escalator is not None:
             self.escalator.close()
+        self.systemd.close()
         self.subprocesses.kill_all(timeout)
         self.sockets.close_listeners(timeout)
+        self.plugins.close(timeout)
         self.router.close(timeout)
         self.subprocesses.join(timeout)
         self.files.join(timeout)
@@ -98,35 +113,20 @@ class Agent:
             self.watchdog.close(timeout)
 
 
-def _take_stdio() -> FdTransport:
-    """Keep stdin/stdout for the protocol; point fds 0 and 1 elsewhere so nothing else corrupts it.
-
-    Pipes are enlarged: sshd gives 64 KiB ones, so output spliced into the link would wake this
-    process every 64 KiB.
-    """
-    read_fd, write_fd = os.dup(0), os.dup(1)
-    enlarge_pipe(read_fd)
-    enlarge_pipe(write_fd)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    os.dup2(2, 1)
-    return FdTransport(read_fd, write_fd)
-
-
 def _inherited_socket(fd: int) -> int:
     """The fd socket the user passed, made close-on-exec (children get only the fds they are given)."""
     os.set_inheritable(fd, False)
     return fd
 
 
-USAGE = """usage: remowt-agent real-agent [--local] [--privileged] [--tree=DIGEST] [--fd-socket=FD]
+USAGE = """usage: remowt-agent real-agent [--local] [--privileged] [--tree=DIGEST] [--fd-socket=FD] [--plugins=DIR]
        remowt-agent askpass [PROMPT]
        remowt-agent editor FILE...
 real-agent serves the remowt protocol on stdin/stdout (--local: the user side is on this machine;
 --privileged: take the address agent-privileged; --tree: the digest of the deployed tree it runs from,
 which the privileged agent's copy must have; --fd-socket: the unix socket on which the user sends the fds
-its children get as stdio); askpass is sudo's password helper (sudo -A); editor is the
+its children get as stdio; --plugins: the directory of the plugins loaded by name, by default remowt-plugins
+beside the agent's code); askpass is sudo's password helper (sudo -A); editor is the
 EDITOR of children on a terminal (the caller edits the file)."""
 
 
@@ -145,12 +145,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     trees = [option[len("--tree=") :] for option in args_list[1:] if option.startswith("--tree=")]
     sockets = [option[len("--fd-socket=") :] for option in args_list[1:] if option.startswith("--fd-socket=")]
-    options = [option for option in args_list[1:] if not option.startswith(("--tree=", "--fd-socket="))]
+    plugins = [option[len("--plugins=") :] for option in args_list[1:] if option.startswith("--plugins=")]
+    options = [option for option in args_list[1:] if not option.startswith(("--tree=", "--fd-socket=", "--plugins="))]
     if (
         args_list[:1] != ["real-agent"]
         or not set(options) <= {"--local", "--privileged"}
         or len(trees) > 1
         or len(sockets) > 1
+        or len(plugins) > 1
         or not all(fd.isdigit() for fd in sockets)
     ):
         # argparse would cost the agent's start-up more than this whole function
@@ -166,11 +168,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         # (A handler, not SIG_IGN, so the children get the default back at exec.)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
     fds = FdReceiver(_inherited_socket(int(sockets[0]))) if sockets else None
+    stand_in_for_the_caller(None if fds is None else fds.peer_pid())  # a child's signals to its parent
     watchdog = start_watchdog()
     address = wire.AGENT_PRIVILEGED if privileged else wire.AGENT
-    agent = Agent(address, watchdog, trees[0] if trees else None, fds)
+    agent = Agent(address, watchdog, trees[0] if trees else None, fds, plugins[0] if plugins else default_plugins_dir())
     try:
-        agent.serve(_take_stdio())
+        agent.serve(take_stdio())
         agent.upstream_lost.wait()
     finally:
         agent.shutdown()

@@ -11,6 +11,11 @@ directory on the target. ``trees`` holds, for each artifact's sha256, the
 digest of the tree it unpacks to (:mod:`remowt.deploy.tree`), which the
 target checks before every start.
 
+Plugins (:mod:`remowt.deploy.plugins`) ship inside every artifact, under
+``remowt-plugins/``: those whose sources the bundle's ``plugins`` file lists
+(``remowt bundle build --plugin``), and those a connection adds for itself
+(:meth:`AgentBundle.with_plugins`, an artifact kept in memory).
+
 ``sources.json`` records how each artifact was made (from what is installed
 here, or from a msgspec wheel kept under ``wheels/``) and a fingerprint of its
 inputs (paths, sizes, mtimes), so :meth:`AgentBundle.default` rebuilds stale
@@ -39,16 +44,19 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import RemowtError
 from ..runtime.real_subprocess import Popen as LocalPopen
+from .local import PLUGINS
+from .plugins import PluginFile, PluginSourceError, Source, fingerprint, plugin_files
 from .tree import artifact_digest
 
 BUNDLE_DIR_ENV = "REMOWT_BUNDLE_DIR"
 HASHES = "hashes"
 TREES = "trees"
 SOURCES = "sources.json"
+PLUGIN_SOURCES = "plugins"
 WHEELS = "wheels"
 LOCK = ".lock"
 INSTALLED = "installed"
@@ -283,10 +291,18 @@ def _read_sources(directory: str) -> Dict[str, Dict[str, str]]:
 class AgentBundle:
     """A validated bundle: its directory, the sha256 of each platform's artifact and the digest of its tree."""
 
-    def __init__(self, directory: str, hashes: Mapping[str, str], trees: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        directory: str,
+        hashes: Mapping[str, str],
+        trees: Mapping[str, str],
+        artifacts: Optional[Mapping[str, bytes]] = None,
+    ) -> None:
         self.directory = directory
         self.hashes: Dict[str, str] = dict(hashes)
         self.trees: Dict[str, str] = dict(trees)
+        #: Artifacts made in memory (:meth:`with_plugins`), by platform; the others are read from the directory.
+        self.artifacts: Dict[str, bytes] = dict(artifacts or {})
 
     def __repr__(self) -> str:
         return f"<AgentBundle {self.directory} {' '.join(sorted(self.hashes))}>"
@@ -356,8 +372,34 @@ class AgentBundle:
         """The artifact's bytes, checked against the sha256 this bundle was loaded with."""
         if platform not in self.hashes:
             raise BundleError(f"platform {platform} is missing from bundle {self.directory}")
+        if platform in self.artifacts:
+            return self.artifacts[platform]
         with _locked(self.directory, exclusive=False):
             return self._check(platform)
+
+    def with_plugins(self, sources: Sequence[Source]) -> AgentBundle:
+        """This bundle with the plugins of ``sources`` added to every artifact (made in memory, kept for reuse).
+
+        Each artifact gets a new sha256 and tree digest, so a target caches
+        the agent with these plugins beside the one without, and a plugin's
+        name always means the code sent. A source that cannot be shipped is
+        a :class:`~remowt.deploy.plugins.PluginSourceError`.
+        """
+        files = plugin_files(sources)
+        if not files:
+            return self
+        key = fingerprint(files)
+        hashes, trees, artifacts = {}, {}, {}
+        for platform in self.platforms:
+            made = _shipped.get((self.hashes[platform], key))
+            if made is None:
+                data = add_plugins(self.read_artifact(platform), files)
+                made = (data, hashlib.sha256(data).hexdigest(), _tree_digest(data, artifact_name(platform)))
+                while len(_shipped) >= _SHIPPED_KEPT:
+                    del _shipped[next(iter(_shipped))]
+                _shipped[(self.hashes[platform], key)] = made
+            artifacts[platform], hashes[platform], trees[platform] = made
+        return AgentBundle(self.directory, hashes, trees, artifacts)
 
 
 def _tree_digest(artifact: bytes, path: str) -> str:
@@ -370,12 +412,13 @@ def _tree_digest(artifact: bytes, path: str) -> str:
 # --- building --------------------------------------------------------------
 
 
-def build_artifact(files: Sequence[Tuple[str, bytes]]) -> bytes:
+def build_artifact(files: Sequence[Tuple[str, bytes]], executables: Collection[str] = ()) -> bytes:
     """A deterministic ``tar.gz`` of ``files`` (archive name, content).
 
     Entries are sorted, parent directories are made explicit, times and owners
-    are zero, modes are 0755 for directories and extension modules and 0644
-    otherwise, and the gzip header carries no name or time.
+    are zero, modes are 0755 for directories, extension modules and the names
+    in ``executables`` and 0644 otherwise, and the gzip header carries no name
+    or time.
     """
     entries: Dict[str, Optional[bytes]] = {}
     for name, data in files:
@@ -401,7 +444,7 @@ def build_artifact(files: Sequence[Tuple[str, bytes]]) -> bytes:
                 tar.addfile(info)
             else:
                 info.size = len(content)
-                info.mode = 0o755 if name.endswith(".so") else 0o644
+                info.mode = 0o755 if name.endswith(".so") or name in executables else 0o644
                 tar.addfile(info, io.BytesIO(content))
     return raw.getvalue()
 
@@ -487,10 +530,19 @@ def _wheel_files(path: str) -> List[Tuple[str, bytes]]:
 class _Recipe:
     """How one platform's artifact is made, and a fingerprint of its inputs (stats only, no reads)."""
 
-    def __init__(self, directory: str, platform: str, source: str, remowt_files: Sequence[Tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        directory: str,
+        platform: str,
+        source: str,
+        remowt_files: Sequence[Tuple[str, str]],
+        plugins: Sequence[str] = (),
+    ) -> None:
+        self.directory = directory
         self.platform = platform
         self.source = source
         self.remowt_files = remowt_files
+        self.plugins = plugins
         self.msgspec_files: List[Tuple[str, str]] = []
         if source == INSTALLED:
             import msgspec
@@ -510,7 +562,7 @@ class _Recipe:
                     f"add the platform again with: {_rebuild_hint(directory, platform)}"
                 ) from None
             inputs = [source, st.st_size, st.st_mtime_ns]
-        blob = json.dumps([FORMAT, ENTRY, platform, source, _stats(remowt_files), inputs])
+        blob = json.dumps([FORMAT, ENTRY, platform, source, _stats(remowt_files), inputs, _plugin_stats(plugins)])
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
 
     def build(self) -> bytes:
@@ -520,7 +572,9 @@ class _Recipe:
         else:
             files += _wheel_files(self.wheel)
         files.append((ENTRY_NAME, ENTRY.encode()))
-        return build_artifact(with_bytecode(files) if builds_bytecode(self.platform) else files)
+        files = with_bytecode(files) if builds_bytecode(self.platform) else files
+        shipped = _plugin_files(self.plugins, self.directory)
+        return build_artifact(files + [(f.name, f.data) for f in shipped], [f.name for f in shipped if f.executable])
 
     def record(self, digest: str) -> Dict[str, str]:
         return {
@@ -548,23 +602,33 @@ def _current(
     )
 
 
-def _make(directory: str, wanted: Mapping[str, str], force: bool) -> Dict[str, str]:
+def _make(
+    directory: str, wanted: Mapping[str, str], force: bool, plugins: Optional[Sequence[str]] = None
+) -> Dict[str, str]:
     """Under the lock, build each platform of ``wanted`` (platform → source) whose inputs changed.
 
-    With ``force``, build them all. Returns the bundle's hashes afterwards.
+    With ``force``, build them all; with ``plugins`` (absolute paths), record
+    them as the plugin sources first. Returns the bundle's hashes afterwards.
     """
     try:
         _make_private(directory)
     except OSError as e:
         raise BundleError(f"cannot create the agent bundle {directory}: {e.strerror}") from None
     with _locked(directory, exclusive=True):
+        if plugins is not None:
+            _plugin_files(plugins, None)  # refused before anything changes
+            try:
+                _write_atomic(os.path.join(directory, PLUGIN_SOURCES), "".join(f"{p}\n" for p in plugins).encode())
+            except OSError as e:
+                raise BundleError(f"cannot write the agent bundle {directory}: {e.strerror}") from None
         hashes = _read_hashes(directory, missing_ok=True)
         sources = _read_sources(directory)
         trees = _read_trees(directory)
         remowt_files = _remowt_files()
+        shipped = read_plugin_sources(directory)
         changed = False
         for platform in sorted(wanted):
-            recipe = _Recipe(directory, platform, wanted[platform], remowt_files)
+            recipe = _Recipe(directory, platform, wanted[platform], remowt_files, shipped)
             if not force and _current(directory, recipe, sources, hashes):
                 continue
             data = recipe.build()
@@ -606,10 +670,12 @@ def refresh(directory: str) -> None:
     }
     wanted.setdefault(local, INSTALLED)
     remowt_files = _remowt_files()
+    shipped = read_plugin_sources(directory)
     stale = {}
     for platform, source in wanted.items():
         try:
-            if not _current(directory, _Recipe(directory, platform, source, remowt_files), sources, hashes):
+            recipe = _Recipe(directory, platform, source, remowt_files, shipped)
+            if not _current(directory, recipe, sources, hashes):
                 stale[platform] = source
         except BundleError as e:
             if platform == local:
@@ -619,10 +685,19 @@ def refresh(directory: str) -> None:
         _make(directory, stale, force=False)
 
 
-def build_local(directory: str) -> str:
-    """(Re)build the running interpreter's platform from the installed remowt and msgspec; return its sha256."""
+def build_local(directory: str, plugins: Optional[Sequence[Source]] = None) -> str:
+    """(Re)build the running interpreter's platform from the installed remowt and msgspec; return its sha256.
+
+    ``plugins`` (sources, see :mod:`remowt.deploy.plugins`) become the plugins
+    every artifact ships, the other platforms' artifacts rebuilt with them
+    ([]: none); None keeps the ones recorded.
+    """
     platform = local_platform()
-    return _make(directory, {platform: INSTALLED}, force=True)[platform]
+    paths = None if plugins is None else [os.path.abspath(os.fspath(source)) for source in plugins]
+    digest = _make(directory, {platform: INSTALLED}, force=True, plugins=paths)[platform]
+    if paths is not None:
+        refresh(directory)
+    return digest
 
 
 def _msgspec_requirement(version: Optional[str]) -> str:
@@ -714,6 +789,7 @@ def describe(directory: str) -> List[PlatformInfo]:
     bundle = AgentBundle.from_dir(directory)
     sources = _read_sources(bundle.directory)
     remowt_files = _remowt_files()
+    shipped = read_plugin_sources(bundle.directory)
     out = []
     for platform in bundle.platforms:
         record = sources.get(platform)
@@ -724,9 +800,86 @@ def describe(directory: str) -> List[PlatformInfo]:
             out.append(PlatformInfo(platform, bundle.hashes[platform], record["msgspec"], INSTALLED, None))
             continue
         try:
-            recipe = _Recipe(bundle.directory, platform, record["source"], remowt_files)
+            recipe = _Recipe(bundle.directory, platform, record["source"], remowt_files, shipped)
             current: Optional[bool] = _current(bundle.directory, recipe, sources, bundle.hashes)
         except BundleError:
             current = False
         out.append(PlatformInfo(platform, bundle.hashes[platform], record["msgspec"], record["source"], current))
     return out
+
+
+# --- plugins -----------------------------------------------------------------
+
+
+def _plugin_files(sources: Sequence[Source], recorded_in: Optional[str]) -> List[PluginFile]:
+    """The files of plugin ``sources``; a :class:`BundleError` when one cannot be shipped.
+
+    ``recorded_in``: the bundle whose ``plugins`` file lists them (the error says how to drop them).
+    """
+    try:
+        return plugin_files(sources)
+    except PluginSourceError as e:
+        hint = (
+            f"; ship others with: remowt bundle build --dir {shlex.quote(recorded_in)} --plugin SRC ... "
+            f"(or --no-plugins)"
+            if recorded_in
+            else ""
+        )
+        raise BundleError(f"{e}{hint}") from None
+
+
+def _plugin_stats(sources: Sequence[str]) -> List[object]:
+    """Paths, sizes and mtimes of the plugin sources' files (a source that is gone: its path alone)."""
+    out: List[object] = []
+    for source in sources:
+        if os.path.isdir(source):
+            out.append(_stats(_tree(source, source, ("",))))
+        elif os.path.exists(source):
+            out.append(_stats([(source, source)]))
+        else:
+            out.append(source)
+    return out
+
+
+def read_plugin_sources(directory: str) -> List[str]:
+    """The plugin sources a bundle ships in every artifact (its ``plugins`` file: one absolute path a line)."""
+    path = os.path.join(directory, PLUGIN_SOURCES)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f.read().splitlines()]
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"cannot read {path}: {e}") from None
+    sources = [line for line in lines if line]
+    for source in sources:
+        if not os.path.isabs(source):
+            raise BundleError(f"{path}: plugin sources are absolute paths, got {source!r}")
+    return sources
+
+
+def add_plugins(artifact: bytes, files: Sequence[PluginFile]) -> bytes:
+    """``artifact`` with the plugins of ``files`` in it (replacing plugins of the same names it had)."""
+    names = {file.name.split("/")[1] for file in files}
+    kept: List[Tuple[str, bytes]] = []
+    executables = {file.name for file in files if file.executable}
+    with tarfile.open(fileobj=io.BytesIO(artifact), mode="r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or (parts[0] == PLUGINS and len(parts) > 1 and _plugin_of(parts[1]) in names):
+                continue
+            content = tar.extractfile(member)
+            assert content is not None
+            kept.append((member.name, content.read()))
+            if member.mode & 0o100:
+                executables.add(member.name)
+    return build_artifact(kept + [(file.name, file.data) for file in files], executables)
+
+
+def _plugin_of(entry: str) -> str:
+    """The plugin name of an entry in the plugins directory (``name``, ``name.py``)."""
+    return entry[:-3] if entry.endswith(".py") else entry
+
+
+_shipped: Dict[Tuple[str, str], Tuple[bytes, str, str]] = {}  # (artifact sha256, plugins) -> artifact, sha256, tree
+_SHIPPED_KEPT = 8

@@ -9,6 +9,7 @@ agent bundle alike.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -19,6 +20,12 @@ from .tree import PRIVILEGED
 
 AGENT = "remowt.agent.main"
 """The agent's entry module: ``real-agent [--local] [--privileged]`` or ``askpass [PROMPT]``."""
+PLUGINS = "remowt-plugins"
+"""The directory of the plugins shipped with the agent, beside its ``remowt`` package (not importable as a name)."""
+PLUGIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+"""What a plugin's name may be (a plain file name)."""
+PYTHON_PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""What a Python plugin's name may be (an importable module)."""
 
 
 def agent_pythonpath() -> List[str]:
@@ -44,7 +51,28 @@ def python_command(entry: str, *args: str, python: Optional[str] = None) -> List
     return [python or sys.executable, "-I", "-S", "-B", "-c", bootstrap, *args]
 
 
-def privileged_command(tree: Optional[str]) -> List[str]:
+def plugin_command(module: str, plugins: str, python: Optional[str] = None) -> List[str]:
+    """The command that runs the Python plugin ``module`` (a module or package in ``plugins``) as ``__main__``.
+
+    Run as :func:`python_command` runs the agent, with ``plugins`` importable
+    after the agent's own code (so plugins shipped together share modules).
+    """
+    path = [*agent_pythonpath(), plugins]
+    run = f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    bootstrap = f"import runpy, sys; sys.path[:0] = {path!r}; {run}"
+    return [python or sys.executable, "-I", "-S", "-B", "-c", bootstrap]
+
+
+def default_plugins_dir() -> str:
+    """Where the agent finds the plugins shipped with it: :data:`PLUGINS` beside its ``remowt`` package.
+
+    In a deployed tree (and root's verified copy of it) that is the tree's
+    own directory, which the tree digest covers.
+    """
+    return os.path.join(agent_pythonpath()[0], PLUGINS)
+
+
+def privileged_command(tree: Optional[str], *options: str) -> List[str]:
     """The command that starts the privileged agent, which the escalation tool runs as root.
 
     ``tree`` is the digest the client sent for a deployed agent (see
@@ -54,9 +82,9 @@ def privileged_command(tree: Optional[str]) -> List[str]:
     installation), the agent's code is imported from where it is.
     """
     if tree is None:
-        return python_command(AGENT, "real-agent", "--privileged")
+        return python_command(AGENT, "real-agent", "--privileged", *options)
     [source] = agent_pythonpath()  # a deployed agent's remowt and msgspec are in its tree
-    return [sys.executable, "-I", "-S", "-B", "-c", PRIVILEGED, source, tree, "real-agent", "--privileged"]
+    return [sys.executable, "-I", "-S", "-B", "-c", PRIVILEGED, source, tree, "real-agent", "--privileged", *options]
 
 
 def agent_argv(python: Optional[str] = None, *options: str) -> List[str]:

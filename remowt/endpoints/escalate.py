@@ -35,7 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import msgspec
 
@@ -168,11 +168,14 @@ def _runtime_dir() -> Optional[str]:
 class _Attempt:
     """One try at starting the privileged agent: spawn the tool, answer its prompts, shake hands."""
 
-    def __init__(self, router: Router, owner: str, choice: Optional[str], tree: Optional[str]) -> None:
+    def __init__(
+        self, router: Router, owner: str, choice: Optional[str], tree: Optional[str], options: Sequence[str] = ()
+    ) -> None:
         import secrets
 
         self.router = router
         self.tree = tree
+        self.options = tuple(options)
         self.prompt = proxy(PromptApi, router, owner)
         if os.geteuid() == 0:
             self.tool, self.path = "", ""
@@ -216,7 +219,7 @@ class _Attempt:
         transport: Optional[ChildTransport] = None
         watch = -1
         try:
-            argv = privileged_command(self.tree)
+            argv = privileged_command(self.tree, *self.options)
             env: Optional[Dict[str, str]] = None
             pass_fds: Tuple[int, ...] = ()
             if self.tool == "sudo":
@@ -226,7 +229,7 @@ class _Attempt:
                 self.master, self.slave = os.openpty()
                 pass_fds = (self.slave,)
                 argv = [sys.executable, "-I", "-S", "-c", _CTTY, str(self.slave), self.path, *TOOLS[self.tool], "--"]
-                argv += privileged_command(self.tree)
+                argv += privileged_command(self.tree, *self.options)
             process = self._spawn(argv, env, pass_fds)
             assert process.stdout is not None
             watch = os.dup(process.stdout.fileno())
@@ -461,12 +464,14 @@ class Escalator(EscalateApi):
     """The agent's implementation: at most one privileged agent, started on demand.
 
     ``tree``: the digest of the deployed tree this agent runs from, which root
-    verifies its own copy against (:func:`~remowt.deploy.local.privileged_command`).
+    verifies its own copy against (:func:`~remowt.deploy.local.privileged_command`); ``options``: more
+    of the privileged agent's ``real-agent`` options (a local agent's ``--plugins=DIR``).
     """
 
-    def __init__(self, router: Router, tree: Optional[str] = None) -> None:
+    def __init__(self, router: Router, tree: Optional[str] = None, options: Sequence[str] = ()) -> None:
         self._router = router
         self._tree = tree
+        self._options = tuple(options)
         self._start = threading.Lock()
         self._lock = threading.Lock()
         self._privileged: Optional[_Privileged] = None
@@ -486,7 +491,7 @@ class Escalator(EscalateApi):
                     raise ConnectionLost("the agent is shutting down")
                 if self._privileged is not None:
                     return self._privileged.attempt.tool
-                attempt = self._attempt = _Attempt(self._router, owner, tool, self._tree)
+                attempt = self._attempt = _Attempt(self._router, owner, tool, self._tree, self._options)
             try:
                 link = attempt.run()
             finally:

@@ -80,6 +80,11 @@ class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     ``user_shell`` the argv are arguments of the user's shell (from the
     password database; ``["-c", line]`` runs a line as ssh does), in the
     home directory; without any, it is that shell as a login shell.
+    ``pass_fds`` are fd numbers the child gets the caller's fds at, as
+    :class:`subprocess.Popen`'s ``pass_fds`` (each > 2, inheritable in the
+    child, every other fd above 2 closed): the caller sends its fds of those
+    numbers after any passed stdio (:attr:`SpawnSpec.passed`), so only an
+    agent started on the caller's machine takes them.
     """
 
     executable: Optional[bytes] = None
@@ -97,6 +102,7 @@ class SpawnOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     pipesize: int = -1
     terminal: Optional[Terminal] = None
     user_shell: bool = False
+    pass_fds: List[int] = []
 
     def __post_init__(self) -> None:
         if self.executable is not None:
@@ -226,6 +232,8 @@ def _check_terminal(spec: SpawnSpec) -> None:
         raise BadArguments(
             "a child on a terminal writes its stderr there too: give no other stderr, closed or passed stdio"
         )
+    if spec.options.pass_fds:
+        raise BadArguments("a child on a terminal gets no pass_fds: it starts a session of its own on the terminal")
     if spec.stdout is None and not spec.lazy_stdout:
         raise BadArguments("the output of a child on a terminal must be read: give a stdout stream")
     if not 0 < terminal.cols < 65536 or not 0 < terminal.rows < 65536:
@@ -261,6 +269,32 @@ def _user_shell(argv: List[bytes], options: SpawnOptions) -> Tuple[List[bytes], 
     name = os.path.basename(shell)
     argv = [name, *argv] if argv else [b"-" + name]
     return argv, msgspec.structs.replace(options, executable=shell, cwd=cwd, env=env, user_shell=False)
+
+
+def move_off_targets(fds: Dict[int, int]) -> None:
+    """Renumber each fd (value) that is some target's number (key) to a number that is none (close-on-exec),
+    so that no placement in the child overwrites a source it has yet to place, nor leaves one close-on-exec."""
+    targets = set(fds)
+    spare: List[int] = []  # free numbers that are targets: held until the move is done, so the next dup skips them
+    try:
+        for target, fd in fds.items():
+            if fd not in targets:
+                continue
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            while moved in targets:
+                spare.append(moved)
+                moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(fd)
+            fds[target] = moved
+    finally:
+        for fd in spare:
+            os.close(fd)
+
+
+def place_fds(placements: Tuple[Tuple[int, int], ...]) -> None:
+    """In the child, before exec: each source fd copied to its target number (inheritable there, as ``pass_fds``)."""
+    for source, target in placements:
+        os.dup2(source, target)
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
@@ -299,24 +333,43 @@ class Subprocesses(SubprocessApi):
         return child
 
     def spawn(self, spec: SpawnSpec) -> int:
-        passed = self._take_passed(spec)  # first: whatever fails below, the caller's fds are closed here
+        passed, inherited = self._take_passed(spec)  # first: whatever fails below, the caller's fds are closed here
         try:
-            return self._spawn(spec, passed)
+            return self._spawn(spec, passed, inherited)
         finally:
-            for fd in passed.values():
+            for fd in [*passed.values(), *inherited.values()]:
                 os.close(fd)
 
-    def _take_passed(self, spec: SpawnSpec) -> Dict[str, int]:
-        """The caller's fds for the stdio ``spec.passed`` names, by name."""
-        if not spec.passed:
-            return {}
-        if self._fds is None:
-            raise BadArguments("passed stdio needs the fd socket of an agent started on the caller's machine")
-        if len(set(spec.passed)) != len(spec.passed):
-            raise BadArguments(f"passed names a stdio twice: {spec.passed}")
-        return dict(zip(spec.passed, self._fds.take(spec.handle, len(spec.passed))))
+    def _take_passed(self, spec: SpawnSpec) -> Tuple[Dict[str, int], Dict[int, int]]:
+        """The caller's fds: for the stdio ``spec.passed`` names, by name; for ``pass_fds``, by target number.
 
-    def _spawn(self, spec: SpawnSpec, passed: Dict[str, int]) -> int:
+        The latter are numbered off every target (:func:`move_off_targets`), ready for :func:`place_fds`.
+        """
+        targets = spec.options.pass_fds
+        if not spec.passed and not targets:
+            return {}, {}
+        if self._fds is None:
+            raise BadArguments(
+                "passed stdio and pass_fds need the fd socket of an agent started on the caller's machine"
+            )
+        fds = self._fds.take(spec.handle, len(spec.passed) + len(targets))
+        passed = dict(zip(spec.passed, fds))
+        inherited = dict(zip(targets, fds[len(spec.passed) :]))
+        try:
+            if len(passed) != len(spec.passed):
+                raise BadArguments(f"passed names a stdio twice: {spec.passed}")
+            if len(inherited) != len(targets) or min(targets, default=3) < 3:
+                raise BadArguments(f"pass_fds must be distinct fd numbers above 2, got {targets}")
+            if inherited:
+                move_off_targets(inherited)
+        except BaseException:
+            for fd in {*fds, *inherited.values()}:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        return passed, inherited
+
+    def _spawn(self, spec: SpawnSpec, passed: Dict[str, int], inherited: Dict[int, int]) -> int:
         owner = self._router.caller()
         if spec.options.user_shell:
             argv, options = _user_shell(spec.argv, spec.options)
@@ -355,7 +408,7 @@ class Subprocesses(SubprocessApi):
                         enlarge_pipe(ours[name])
                 for name in spec.closed:
                     theirs[name] = os.open(os.devnull, os.O_WRONLY if name == "stdin" else os.O_RDONLY)
-                process = LocalPopen(spec.argv, **self._popen_kwargs(spec, {**theirs, **passed}))
+                process = LocalPopen(spec.argv, **self._popen_kwargs(spec, {**theirs, **passed}, inherited))
             except (ValueError, KeyError, TypeError) as e:  # bad env, unknown user or group: the caller's mistake
                 raise BadArguments(f"cannot start {os_name_text(spec.argv[0])!r}: {e}") from None
         except BaseException:
@@ -397,8 +450,13 @@ class Subprocesses(SubprocessApi):
         ours["stdout"] = master
         theirs.update(stdin=slave, stdout=slave, stderr=slave)
 
-    def _popen_kwargs(self, spec: SpawnSpec, fds: Dict[str, int]) -> Dict[str, Any]:
-        """Popen's arguments; ``fds`` are the child's ends of its stdio pipes (the rest is /dev/null)."""
+    def _popen_kwargs(self, spec: SpawnSpec, fds: Dict[str, int], inherited: Dict[int, int]) -> Dict[str, Any]:
+        """Popen's arguments; ``fds`` are the child's ends of its stdio pipes (the rest is /dev/null).
+
+        ``inherited`` (target number: fd) are placed by :func:`place_fds` after fork. subprocess's ``pass_fds``
+        cannot: it keeps fds at the numbers they have here. subprocess then closes nothing: every fd of the
+        agent is close-on-exec (so is each source), and the targets, made by ``dup2``, are the only others.
+        """
         options = spec.options
         stderr = subprocess.STDOUT if spec.stderr_to_stdout else fds.get("stderr", subprocess.DEVNULL)
         env: Optional[Dict[bytes, bytes]] = None
@@ -422,6 +480,9 @@ class Subprocesses(SubprocessApi):
             extra_groups=options.extra_groups,
             start_new_session=options.start_new_session,
         )
+        if inherited:
+            placements = tuple((fd, target) for target, fd in inherited.items())
+            kwargs.update(close_fds=False, preexec_fn=functools.partial(place_fds, placements))
         if options.terminal is not None:
             kwargs.update(start_new_session=True, preexec_fn=_take_terminal)
             editor = self._editor_host().environment

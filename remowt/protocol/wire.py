@@ -14,7 +14,7 @@ import msgspec
 
 from ..errors import MessageTooLarge, ProtocolError
 
-PROTOCOL_VERSION = 3  # 2: spawn argv, executable, cwd and env as bytes; 3: spawn takes passed fds
+PROTOCOL_VERSION = 4  # 2: spawn argv, executable, cwd and env as bytes; 3: spawn takes passed fds; 4: and pass_fds
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 # A peer must take at least this (a Data frame of a whole 1 MiB pipe, a spawn with a long command line).
 MIN_MAX_FRAME = 2 * 1024 * 1024

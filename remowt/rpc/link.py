@@ -128,6 +128,8 @@ class Link:
         self.name = name
         self.peer: Optional[str] = None
         self.peer_max_frame = wire.DEFAULT_MAX_FRAME
+        #: A leaf reaches nothing behind it (a plugin): the routes it announces are ignored.
+        self.leaf = False
         self._on_frame = on_frame
         self._on_close = on_close
         self._frames = wire.FrameReader(max_frame, SPLIT_SIZE if transport.small_reads else 0)

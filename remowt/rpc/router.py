@@ -176,8 +176,20 @@ class Router:
 
     # --- links ----------------------------------------------------------
 
-    def add_link(self, transport: Transport, *, timeout: float = HANDSHAKE_TIMEOUT, name: Optional[str] = None) -> Link:
-        """Attach a transport, exchange hellos, and return the ready link."""
+    def add_link(
+        self,
+        transport: Transport,
+        *,
+        timeout: float = HANDSHAKE_TIMEOUT,
+        name: Optional[str] = None,
+        leaf: bool = False,
+    ) -> Link:
+        """Attach a transport, exchange hellos, and return the ready link.
+
+        A ``leaf`` peer (a plugin) is reached, but reaches nothing for this
+        router: the routes it announces are ignored, so it can never take
+        another node's address.
+        """
         link = Link(
             transport,
             self._on_frame,
@@ -185,6 +197,7 @@ class Router:
             max_frame=self.max_frame,
             name=name or f"{self.address}-{transport.name}",
         )
+        link.leaf = leaf
         ready = Flag()
         with self._lock:
             if self._closed:
@@ -467,6 +480,10 @@ class Router:
             ready.set()
 
     def _on_routes(self, link: Link, message: wire.Routes) -> None:
+        if link.leaf:
+            if message.reachable:
+                log.warning("ignoring the routes %s announced by %s: it is a leaf", message.reachable, link.peer)
+            return
         reachable = []
         for address, hops in message.reachable:
             try:

@@ -24,7 +24,9 @@ from .stdio import dup_above_stdio
 
 log = logging.getLogger("remowt.fdpass")
 TOKEN = struct.Struct("!Q")
-MAX_FDS = 3  # a child's stdin, stdout and stderr
+MAX_FDS = 253
+"""The most fds one message carries (Linux's ``SCM_MAX_FD``): a child's stdio and the fds it inherits."""
+PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 CLAIM_TIMEOUT = 10.0
 """How long a spawn waits for its batch (it was sent before the call, so it is there unless the sender died)."""
 
@@ -48,6 +50,8 @@ class FdSender:
 
     def try_send(self, token: int, fds: Sequence[int]) -> bool:
         """Send ``fds`` under ``token`` if the socket has room now (whole or not at all); False if not."""
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"{len(fds)} fds to hand the child: at most {MAX_FDS} go in one message (SCM_MAX_FD)")
         data = [TOKEN.pack(token)]
         message = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
         with self._lock:
@@ -88,6 +92,13 @@ class FdReceiver:
         self._ended = False  # the sender closed its end
         self._closed = False
 
+    def peer_pid(self) -> int:
+        """The process that made the socket pair: the user side that started this agent (``SO_PEERCRED``)."""
+        pid, _, _ = PEER_CREDENTIALS.unpack(
+            self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
+        )
+        return int(pid)
+
     def take(self, token: int, count: int, timeout: float = CLAIM_TIMEOUT) -> List[int]:
         """The ``count`` fds sent under ``token`` (the caller closes them), waiting up to ``timeout`` seconds."""
         deadline = Deadline(timeout)
@@ -103,7 +114,7 @@ class FdReceiver:
             if fds is not None:
                 if len(fds) != count:
                     _close_all(fds)
-                    raise BadArguments(f"spawn {token} was sent {len(fds)} fds for {count} passed stdio")
+                    raise BadArguments(f"spawn {token} was sent {len(fds)} fds for {count} passed ones")
                 return fds
             if missing:
                 raise BadArguments(

@@ -275,7 +275,12 @@ class ChildTransport(FdTransport):
 
     name = "child"
 
-    def __init__(self, process: subprocess.Popen[bytes], exit_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        exit_timeout: float = 5.0,
+        on_stderr: Optional[Callable[[str], None]] = None,
+    ) -> None:
         assert process.stdout is not None and process.stdin is not None
         read_fd = dup_above_stdio(process.stdout.fileno())
         write_fd = dup_above_stdio(process.stdin.fileno())
@@ -285,6 +290,7 @@ class ChildTransport(FdTransport):
         self.process = process
         self.exit_timeout = exit_timeout
         self.stderr_lines: List[str] = []
+        self._on_stderr = on_stderr
         self._stderr_thread: Optional[threading.Thread] = None
         if process.stderr is not None:
             self._stderr_thread = threading.Thread(
@@ -299,7 +305,10 @@ class ChildTransport(FdTransport):
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 self.stderr_lines.append(line)
                 del self.stderr_lines[:-50]
-                log.info("[pid %d] %s", self.process.pid, line)
+                if self._on_stderr is not None:
+                    self._on_stderr(line)
+                else:
+                    log.info("[pid %d] %s", self.process.pid, line)
 
     def stderr_tail(self) -> str:
         """The last lines the child wrote to stderr (for error messages)."""
@@ -326,8 +335,13 @@ def spawn_framed_child(
     cwd: Optional[str] = None,
     capture_stderr: bool = True,
     pass_fds: Sequence[int] = (),
+    exit_timeout: float = 5.0,
+    on_stderr: Optional[Callable[[str], None]] = None,
 ) -> ChildTransport:
     """Start ``argv`` with framed stdio and return the transport that talks to it (it inherits ``pass_fds`` too).
+
+    Closing the transport waits ``exit_timeout`` seconds for the child's exit, then kills it.
+    ``on_stderr(line)`` takes each line of its stderr (on a thread of its own) instead of the log.
 
     The child runs in a session of its own: a terminal's Ctrl-C (or hangup), sent
     to the caller's whole process group, is for the caller to handle, not a way to
@@ -348,4 +362,20 @@ def spawn_framed_child(
     assert process.stdin is not None and process.stdout is not None
     enlarge_pipe(process.stdin.fileno())
     enlarge_pipe(process.stdout.fileno())
-    return ChildTransport(process)
+    return ChildTransport(process, exit_timeout, on_stderr)
+
+
+def take_stdio() -> FdTransport:
+    """Keep stdin/stdout for the protocol (an agent's, a plugin's); fds 0 and 1 now go elsewhere, harmlessly.
+
+    Pipes are enlarged: sshd gives 64 KiB ones, so output spliced into the link would wake this
+    process every 64 KiB.
+    """
+    read_fd, write_fd = os.dup(0), os.dup(1)
+    enlarge_pipe(read_fd)
+    enlarge_pipe(write_fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return FdTransport(read_fd, write_fd)

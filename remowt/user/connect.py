@@ -17,6 +17,8 @@ from typing import Callable, List, Optional, Sequence, Union
 from ..agent.main import Agent
 from ..deploy import local
 from ..deploy.bundle import AgentBundle
+from ..deploy.plugins import Source as PluginSource
+from ..deploy.plugins import stage, unstage
 from ..deploy.remote import remote_start_command, start_agent
 from ..endpoints.control import Control, ControlApi
 from ..endpoints.escalate import check_tool
@@ -35,6 +37,7 @@ from ..transports.base import Transport
 from ..transports.stdio import spawn_framed_child
 from .connection import Remowt
 from .editing import LocalEditor
+from .plugins import PluginEvents
 from .privileged import serve_user_side
 
 _KEEPALIVE = ControlApi.methods["keepalive"]
@@ -116,6 +119,7 @@ def connect_transport(
     )
     router.register(_ProcessEvents(connection))
     router.register(LocalEditor())
+    router.register(PluginEvents())
     serve_user_side(router, connection)
     return connection
 
@@ -133,6 +137,7 @@ def connect_command(
     call_timeout: Optional[float] = CALL_TIMEOUT,
     agent_keepalive: float = _keepalive.DEFAULT_INTERVAL,
     agent_keepalive_count: int = _keepalive.DEFAULT_COUNT,
+    plugins: Sequence[PluginSource] = (),
 ) -> Remowt:
     """A connection to an agent reached by running ``argv`` here, speaking the protocol on its stdin and stdout.
 
@@ -145,8 +150,10 @@ def connect_command(
     ``argv`` itself starts an agent. The command ends with the connection.
     ``description`` names it in messages (with the command's pid).
     ``connect_timeout`` bounds starting and deploying; the rest is as for
-    :func:`connect`.
+    :func:`connect` (``plugins`` only with ``deploy``).
     """
+    if plugins and not deploy:
+        raise ValueError("plugins are shipped with a deployed agent: give them only with deploy=True")
     return _connect_command(
         [str(arg) for arg in argv],
         deploy=deploy,
@@ -159,6 +166,7 @@ def connect_command(
         call_timeout=call_timeout,
         agent_keepalive=agent_keepalive,
         agent_keepalive_count=agent_keepalive_count,
+        plugins=plugins,
     )
 
 
@@ -176,10 +184,13 @@ def _connect_command(
     agent_keepalive: float = _keepalive.DEFAULT_INTERVAL,
     agent_keepalive_count: int = _keepalive.DEFAULT_COUNT,
     fd_socket: Optional[socket.socket] = None,
+    plugins: Sequence[PluginSource] = (),
+    on_close: Sequence[Callable[[], None]] = (),
 ) -> Remowt:
     """:func:`connect_command`; ``fd_socket`` is an end of :func:`fdpass.socket_pair` that ``args`` name.
 
     The command inherits ``fd_socket`` (and this side closes its copy); the connection keeps the other end.
+    ``on_close`` hooks run after the command ended (the connection's close, or a failed start).
     """
     if not args:
         raise ValueError("argv must not be empty")
@@ -190,16 +201,29 @@ def _connect_command(
     deadline = Deadline(connect_timeout, f"starting {name}")
     agent_bundle = None
     if deploy:
-        agent_bundle = bundle if bundle is not None else AgentBundle.default()
+        agent_bundle = _shipping(bundle, plugins)
         args.append(remote_start_command(agent_bundle, python))
-    transport = spawn_framed_child(args, pass_fds=() if fd_socket is None else (fd_socket.fileno(),))
+    try:
+        transport = spawn_framed_child(args, pass_fds=() if fd_socket is None else (fd_socket.fileno(),))
+    except BaseException:
+        for hook in on_close:
+            hook()
+        raise
     try:
         if agent_bundle is not None:
             start_agent(transport, agent_bundle, timeout=deadline.left() or 0.0)
+    except BaseException as e:
+        transport.close()
+        for hook in on_close:
+            hook()
+        if isinstance(e, ConnectionLost):
+            raise ConnectionLost(f"{name} failed to start: {e}") from None
+        raise
+    try:
         return connect_transport(
             transport,
             description=f"{name} pid {transport.process.pid}",
-            on_close=[transport.close],
+            on_close=[transport.close, *on_close],
             prompter=prompter,
             escalation=escalation,
             call_timeout=call_timeout,
@@ -207,11 +231,24 @@ def _connect_command(
             agent_keepalive_count=agent_keepalive_count,
             deadline=deadline,
         )
-    except ConnectionLost as e:
+    except ConnectionLost as e:  # connect_transport ran the hooks
         raise ConnectionLost(f"{name} failed to start: {e}") from None
-    except BaseException:
-        transport.close()
-        raise
+
+
+def _shipping(bundle: Optional[AgentBundle], plugins: Sequence[PluginSource]) -> AgentBundle:
+    """The bundle to deploy: ``bundle`` (default :meth:`AgentBundle.default`) with ``plugins`` added."""
+    agent_bundle = bundle if bundle is not None else AgentBundle.default()
+    return agent_bundle.with_plugins(plugins) if plugins else agent_bundle
+
+
+def _stage(plugins: Sequence[PluginSource]) -> Optional[str]:
+    """A private copy of ``plugins`` for an agent that runs this process's code (None without plugins)."""
+    return stage(plugins) if plugins else None
+
+
+def _unstaging(staged: Optional[str]) -> List[Callable[[], None]]:
+    """The hook that removes a staged copy when its agent ended."""
+    return [] if staged is None else [lambda: unstage(staged)]
 
 
 def _start_keepalives(router: Router, link: Link, interval: float, count: int) -> _keepalive.Sender:
@@ -230,17 +267,19 @@ def loopback(
     prompter: Optional[Prompter] = None,
     escalation: Optional[str] = None,
     call_timeout: Optional[float] = CALL_TIMEOUT,
+    plugins: Sequence[PluginSource] = (),
 ) -> Remowt:
     """A connection to an agent running on threads in this process (tests, teaching).
 
     ``prompter(prompt) -> password`` answers password prompts (default: ask
     on the terminal); ``escalation`` picks the tool for ``conn.privileged``;
-    ``call_timeout`` is :attr:`Remowt.call_timeout`.
+    ``call_timeout`` is :attr:`Remowt.call_timeout`; ``plugins`` as for :func:`connect`.
     """
     check_prompter(prompter)
     check_tool(escalation)
+    staged = _stage(plugins)
     user_end, agent_end = loopback_transport.pair()
-    agent = Agent()
+    agent = Agent(plugins=staged)
     failure: List[BaseException] = []
 
     def serve() -> None:
@@ -253,7 +292,7 @@ def loopback(
     connection = connect_transport(
         user_end,
         description="loopback",
-        on_close=[agent.shutdown],
+        on_close=[agent.shutdown, *_unstaging(staged)],
         prompter=prompter,
         escalation=escalation,
         call_timeout=call_timeout,
@@ -274,18 +313,26 @@ def connect_local(
     call_timeout: Optional[float] = CALL_TIMEOUT,
     agent_keepalive: float = _keepalive.DEFAULT_INTERVAL,
     agent_keepalive_count: int = _keepalive.DEFAULT_COUNT,
+    plugins: Sequence[PluginSource] = (),
 ) -> Remowt:
     """Start an agent as a child process on this machine and connect to it.
 
-    ``prompter``, ``escalation`` and ``call_timeout`` are as for :func:`loopback`; ``agent_keepalive`` and
-    ``agent_keepalive_count`` as for :func:`connect`.
+    ``prompter``, ``escalation`` and ``call_timeout`` are as for :func:`loopback`; ``agent_keepalive``,
+    ``agent_keepalive_count`` and ``plugins`` as for :func:`connect`.
     """
     started_env = dict(os.environb)
-    ours, theirs = fdpass.socket_pair()
+    staged = _stage(plugins)
+    options = [] if staged is None else [f"--plugins={staged}"]
+    try:
+        ours, theirs = fdpass.socket_pair()
+    except BaseException:
+        for hook in _unstaging(staged):
+            hook()
+        raise
     try:
         with theirs:
             connection = _connect_command(
-                local.agent_argv(python, f"--fd-socket={theirs.fileno()}"),
+                local.agent_argv(python, f"--fd-socket={theirs.fileno()}", *options),
                 deploy=False,
                 description="local agent",
                 prompter=prompter,
@@ -294,6 +341,7 @@ def connect_local(
                 agent_keepalive=agent_keepalive,
                 agent_keepalive_count=agent_keepalive_count,
                 fd_socket=theirs,
+                on_close=_unstaging(staged),
             )
     except BaseException:
         ours.close()
@@ -322,6 +370,7 @@ def connect(
     bundle: Optional[AgentBundle] = None,
     python: str = "python3",
     call_timeout: Optional[float] = CALL_TIMEOUT,
+    plugins: Sequence[PluginSource] = (),
 ) -> Remowt:
     """Connect over ssh to ``host`` (a name or ``~/.ssh/config`` alias), deploy the agent if needed, start it.
 
@@ -337,6 +386,9 @@ def connect(
     picks its tool, as for :func:`loopback`; without a prompter, the
     terminal is asked when there is one. ``bundle`` is what to deploy
     (default :meth:`AgentBundle.default`), ``python`` the target's interpreter.
+    ``plugins`` are plugin sources (a package directory, a ``.py`` module, an
+    executable file) shipped with the agent for this connection, loaded by
+    name with :meth:`~remowt.user.node.Node.load_plugin`.
 
     ``connect_timeout`` (else ConnectTimeout, else 15 s) bounds all of it:
     TCP, the ssh handshake, authentication (not the time a prompter takes),
@@ -370,7 +422,7 @@ def connect(
         keepalive_interval=keepalive_interval,
     )
     asker = prompter if prompter is not None else terminal_prompter if has_terminal() else None
-    agent_bundle = bundle if bundle is not None else AgentBundle.default()  # local work: not the target's time
+    agent_bundle = _shipping(bundle, plugins)  # local work: not the target's time
     deadline = Deadline(target.connect_timeout, f"connecting to {target}")
     session = ssh_transport.open_session(target, config, password=password, prompter=asker, deadline=deadline)
     try:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 import msgspec
 
 from ..endpoints.control import ControlApi, NodeInfo
+from ..endpoints.plugins import PluginInfo
 from ..endpoints.subprocess import OsName, SpawnOptions, SpawnSpec, SubprocessApi, os_bytes
 from ..errors import ConnectionLost, MessageTooLarge, RemoteError, Unreachable, os_name_text
 from ..protocol.service import Result, Service, proxy, timed
@@ -30,8 +31,10 @@ from ..rpc.streams import Stream
 from ..runtime.deadline import Deadline
 from ..runtime.interrupts import without_interrupts
 from ..transports.fdpass import FdSender
+from . import plugins as _plugins
 from . import popen as _popen
 from . import sockets as _sockets
+from . import systemd as _systemd
 from . import transfer as _transfer
 from .children import Children
 from .command import Command
@@ -116,6 +119,46 @@ class Node:
         """A typed proxy of the service ``declaration`` served here (``timeout`` per call; None: call_timeout)."""
         self._ready(None)
         return proxy(declaration, self.router, self.address, self.call_timeout if timeout is None else timeout)
+
+    # --- plugins --------------------------------------------------------
+
+    def load_plugin(self, name: str, timeout: Optional[float] = None) -> _plugins.Plugin:
+        """Start the plugin ``name`` shipped with this node's agent as ``plugin(n)``; its handle (a context manager).
+
+        Plugins are shipped with the agent's code (``plugins=`` of the
+        connectors, ``remowt bundle build --plugin``), so a name always means
+        the code this client sent. ``PluginError`` names what went wrong (an
+        unknown name, a plugin that ended before its handshake, with its stderr).
+        """
+        self._ready(None)
+        return _plugins.load(self, name, timeout)
+
+    def load_plugin_path(
+        self, path: Union[str, bytes, os.PathLike[str]], timeout: Optional[float] = None
+    ) -> _plugins.Plugin:
+        """Start the executable file ``path`` on this node's machine as a plugin (see :meth:`load_plugin`).
+
+        It is executed as it is, a ``.py`` file too (by its ``#!`` line), with
+        ``PYTHONPATH`` starting with the agent's code. A missing or
+        non-executable file is the ``OSError`` exec gave.
+        """
+        self._ready(None)
+        return _plugins.load_path(self, path, timeout)
+
+    def plugins(self) -> List[PluginInfo]:
+        """The plugins running on this node."""
+        self._ready(None)
+        return _plugins.loaded(self)
+
+    def shipped_plugins(self) -> List[str]:
+        """The names of the plugins shipped with this node's agent (what :meth:`load_plugin` takes)."""
+        self._ready(None)
+        return _plugins.available(self)
+
+    @property
+    def systemd(self) -> _systemd.Systemd:
+        """This node's systemd (:class:`~remowt.user.systemd.Systemd`; ``.user``: the user's ``--user`` manager)."""
+        return _systemd.Systemd(self)
 
     def path(self, *segments: Union[str, bytes, os.PathLike[str]]) -> RemotePath:
         """A path here with :class:`pathlib.Path`'s face (:class:`~remowt.user.paths.RemotePath`)."""
@@ -344,7 +387,8 @@ class Node:
         ``passed`` maps stdio names (whose mode is then ignored) to fds of this
         process that the child gets as they are, as a local child would: only
         where :attr:`fd_sender` is set (an agent this process started here).
-        The caller keeps its fds; they must stay open until this returns.
+        So are this process's fds that ``options.pass_fds`` names, at the same
+        numbers. The caller keeps its fds; they must stay open until this returns.
 
         Without an answer within ``timeout`` seconds (None: :attr:`call_timeout`)
         it raises ``TimeoutError``; a child the agent starts after that is
@@ -367,7 +411,8 @@ class Node:
         if not set(given) <= set(STDIO) or set(given) & set(lazy):
             raise ValueError(f"passed may name stdin, stdout and stderr not in outputs, got {sorted(given)}")
         sender = self.fd_sender
-        if given and sender is None:
+        handed = [*given.values(), *options.pass_fds]
+        if handed and sender is None:
             raise ValueError(f"{self.description} cannot take this process's fds (only an agent started here can)")
         modes = {name: DEVNULL if name in given else mode for name, mode in zip(STDIO, (stdin, stdout, stderr))}
         stdin, stdout, stderr = modes["stdin"], modes["stdout"], modes["stderr"]
@@ -422,10 +467,10 @@ class Node:
                     why = f"the spawn request is {e.size} bytes, over the agent's frame limit of {e.limit}"
                     program = os_name_text(options.executable or args[0]) if args else "the login shell"
                     raise OSError(errno.E2BIG, f"{os.strerror(errno.E2BIG)} ({why})", program) from None
-                if given:
+                if handed:
                     assert sender is not None
                     limit = self.call_timeout if timeout is None else timeout
-                    _send_fds(sender, handle, list(given.values()), limit, (pending, opened, mark))
+                    _send_fds(sender, handle, handed, limit, (pending, opened, mark))
             try:
                 process.pid = _SPAWN.decode_result(self._spawned(pending, process, timeout))
             except msgspec.ValidationError as e:

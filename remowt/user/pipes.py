@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import collections
 import errno
+import fcntl
 import io
 import os
 import select
@@ -25,6 +26,8 @@ from ..rpc.streams import MAX_CHUNK, Chunk, Stream, as_bytes
 from ..runtime.interrupts import start, without_interrupts
 from ..runtime.waiting import Flag, Gate, wait_on
 from ..transports.stdio import enlarge_pipe
+
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)  # Linux's number; fcntl names it from Python 3.10
 
 
 class PipeEnd:
@@ -122,8 +125,13 @@ class _PipeFile(io.RawIOBase):
         if self.pipesize > 0:  # else the default size, as a local child's pipe has
             enlarge_pipe(write_fd, self.pipesize)
         mine, theirs = (write_fd, read_fd) if self.end.writable else (read_fd, write_fd)
-        start(threading.Thread(target=self._copy, args=(theirs,), name=f"remowt{self.name}", daemon=True))
+        if not self._copy_ahead(theirs):
+            start(threading.Thread(target=self._copy, args=(theirs,), name=f"remowt{self.name}", daemon=True))
         self._fd = mine
+
+    def _copy_ahead(self, fd: int) -> bool:
+        """Before the thread starts, on the caller's thread: copy what is there already; True if that was all."""
+        return False
 
     @abc.abstractmethod
     def _copy(self, fd: int) -> None:
@@ -178,6 +186,21 @@ class StreamReader(_PipeFile):
             return None if n is None else bytes(buffer[:n])
         self.touched = True
         return self.end.stream.read_chunk(size)
+
+    def _copy_ahead(self, fd: int) -> bool:
+        """What the stream holds already goes into the new pipe now (as much as it takes), and its end if
+        that came too: ``select()`` right after ``fileno()`` sees what a local child's pipe would hold."""
+        stream = self.end.stream
+        room = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        while room and stream.buffered:
+            data = stream.read(min(room, MAX_CHUNK))
+            os.write(fd, data)  # an empty pipe takes up to its size at once
+            room -= len(data)
+        if not stream.at_eof:
+            return False
+        os.close(fd)
+        self.end.release()
+        return True
 
     def _copy(self, fd: int) -> None:
         """Stream → pipe until the stream ends or nobody reads the pipe."""

@@ -65,14 +65,16 @@ class TimeoutExpired(subprocess.TimeoutExpired, SubprocessError):
     """A timeout passed while waiting for a child."""
 
 
-_LOCAL_ONLY = "{} runs in this process, but the child runs on the target; it cannot be honoured"
+PREEXEC_REFUSED = (
+    "preexec_fn: the child is forked by the agent, another process (on the target), where a function of this "
+    "process cannot run; it cannot be honoured: do that work in the command itself, or with Popen's own "
+    "arguments (env, cwd, umask, user, group, start_new_session, process_group)"
+)
 
 
-def _check_local_only(preexec_fn: Any, pass_fds: Sequence[int], startupinfo: Any, creationflags: int) -> None:
+def _check_local_only(preexec_fn: Any, startupinfo: Any, creationflags: int) -> None:
     if preexec_fn is not None:
-        raise ValueError("preexec_fn: " + _LOCAL_ONLY.format("a preexec_fn"))
-    if pass_fds:
-        raise ValueError("pass_fds: this process's fds do not exist on the target")
+        raise ValueError(PREEXEC_REFUSED)
     if startupinfo is not None:
         raise ValueError("startupinfo is Windows only")
     if creationflags:
@@ -205,6 +207,48 @@ def _terminal_stdio(stdout: Stdio, stderr: Stdio) -> Stdio:
     return DEVNULL
 
 
+def _fd_numbers(pass_fds: Sequence[Any]) -> List[int]:
+    """``pass_fds`` as subprocess takes them: ints (sorted, each once), none negative."""
+    numbers = sorted({int(fd) for fd in pass_fds})
+    if numbers and numbers[0] < 0:
+        raise ValueError(f"bad value(s) in pass_fds: {numbers[0]}")
+    return numbers
+
+
+def _fds_to_pass(conn: Node, terminal: Optional[Terminal], pass_fds: List[int], close_fds: bool) -> List[int]:
+    """This process's fds the child gets at the same numbers, besides its stdio: ``pass_fds``, or with
+    ``close_fds=False`` every inheritable one, as subprocess's child gets them. Only an agent started here
+    takes fds; elsewhere ``pass_fds`` is refused and ``close_fds=False`` passes none (documented)."""
+    if not pass_fds and close_fds:
+        return []
+    if terminal is not None or conn.fd_sender is None:
+        if not pass_fds:
+            return []
+        if terminal is not None:
+            raise ValueError("pass_fds: a child on a terminal (pty) gets no fds but the terminal")
+        raise ValueError(
+            f"pass_fds: this process's fds cannot reach the children of {conn.description}; only the agent "
+            "that connect_local() starts takes them (not over ssh or the loopback, not with sudo=True)"
+        )
+    if not pass_fds:
+        return _inheritable_fds()
+    for fd in pass_fds:
+        os.fstat(fd)  # EBADF, as subprocess's child reports for an fd that is not open
+    return [fd for fd in pass_fds if fd > 2]  # 0-2 are the child's stdio, as with subprocess
+
+
+def _inheritable_fds() -> List[int]:
+    """This process's inheritable fds above 2: what a child started with ``close_fds=False`` inherits."""
+    listing = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    fds: List[int] = []
+    for name in os.listdir(listing):
+        fd = int(name)
+        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+            if fd > 2 and os.get_inheritable(fd):
+                fds.append(fd)
+    return sorted(fds)
+
+
 def _resolve_stdio(name: str, value: Any) -> Choice:
     """What one stdio argument means here: PIPE, DEVNULL, STDOUT, CLOSED, a local fd, or another child's pipe.
 
@@ -284,7 +328,9 @@ class Popen:
     ``PIPE`` is an ``os.pipe()`` made here whose other end the child gets, so
     a terminal stays a terminal, unread input stays unread, a full disk
     fails the child's write, and ``fileno()``, ``select()`` and EOF are the
-    pipe's own. Elsewhere (over ssh, the loopback, ``sudo=True``,
+    pipe's own. So are ``pass_fds`` (the child gets those fds at the same
+    numbers, inheritable, and no other fd above 2) and ``close_fds=False``
+    (it gets every inheritable fd of this process at its number). Elsewhere (over ssh, the loopback, ``sudo=True``,
     ``pty=True``) stdio is copied over the link, and it differs from a local
     child, because the child is elsewhere:
 
@@ -308,7 +354,10 @@ class Popen:
       fail with EPIPE; if it exits 0 regardless, ``wait()`` raises the error.
     - ``close_fds=False`` is accepted, but no fd of this process exists
       where the child runs: it gets its stdio and nothing else, as with
-      ``close_fds=True``. ``pass_fds`` and ``preexec_fn`` are refused.
+      ``close_fds=True``. ``pass_fds`` is refused with ``ValueError``.
+
+    ``preexec_fn`` is refused everywhere (``ValueError``): the agent, another
+    process, forks the child, and a function of this process cannot run there.
     - ``pipesize`` sizes the child's pipes on the target and the local pipe
       that ``fileno()`` makes.
     """
@@ -375,7 +424,11 @@ class Popen:
         self._io_running = 0
         self._io_error: Optional[BaseException] = None
         self._abandoned = False  # given up on after a timeout: the agent did not confirm the kill
-        _check_local_only(preexec_fn, pass_fds, startupinfo, creationflags)
+        _check_local_only(preexec_fn, startupinfo, creationflags)
+        fd_numbers = _fd_numbers(pass_fds)
+        if fd_numbers and not close_fds:
+            warnings.warn("pass_fds overriding close_fds.", RuntimeWarning, stacklevel=2)
+            close_fds = True
         if bufsize is None:
             bufsize = -1
         if not isinstance(bufsize, int):
@@ -453,6 +506,9 @@ class Popen:
             self.connection = conn
             if conn.started_env is not None:
                 options = _callers_view(options, conn.started_env)
+            inherited = _fds_to_pass(conn, terminal, fd_numbers, close_fds)
+            if inherited:
+                options = msgspec.structs.replace(options, pass_fds=inherited)
             passed = self._pass_stdio(choices, pipesize) if conn.fd_sender is not None and terminal is None else {}
             outputs = {
                 name: self._copy_output(name, choice)
@@ -852,14 +908,14 @@ class Popen:
             self._io_ended.open()
 
     def _write_input(self, data: Optional[bytes]) -> None:
-        assert self.stdin is not None
-        binary = getattr(self.stdin, "buffer", self.stdin)
-        # As subprocess does: a child that exits without reading its input is not an error.
+        """Write ``data`` to stdin and close it, as subprocess's ``_stdin_write``: a child that exits
+        without reading its input is not an error."""
+        stdin: Any = self.stdin
         with contextlib.suppress(BrokenPipeError, ValueError):
             if data:
-                binary.write(data)
+                (stdin.buffer if self.text_mode else stdin).write(data)  # text: encoded already
         with contextlib.suppress(BrokenPipeError, ValueError):
-            binary.close()
+            stdin.close()
 
     def _collected(self, name: str) -> Optional[bytes]:
         collected = self._collected_output.get(name)
