@@ -49,6 +49,8 @@ TEST_PASSWORD = "remowt-test-password"
 SYSTEMD = "/lib/systemd/systemd"
 SETUP_HINT = "run `bash scripts/setup-test-host.sh` as root to install it"
 START_TIMEOUT = 30.0
+#: The checkout whose remowt the tests import (seen at the same path inside).
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(remowt.__file__)))
 STOP_TIMEOUT = 20.0
 #: Units masked inside: they would touch the network, the host's devices or files, or wait for a console.
 MASKED = (
@@ -60,7 +62,7 @@ MASKED = (
 
 # PID 1 of the new PID namespace until it execs systemd: builds the overlay root, mounts what systemd needs,
 # pivots into it. $BASE: an empty directory for the overlay's parts; $NOTIFY_DIR: the directory holding our
-# notify socket, bind-mounted at /run/host-notify.
+# notify socket, bind-mounted at /run/host-notify; $CHECKOUT: the remowt checkout the tests import.
 _INIT = r"""
 set -eu
 mount --make-rprivate /
@@ -97,6 +99,10 @@ mount -t tmpfs -o mode=755,nosuid,nodev run "$R/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmp "$R/tmp"
 mkdir -p "$R/run/host-notify"
 mount --bind "$NOTIFY_DIR" "$R/run/host-notify"
+# The checkout the tests run (under /tmp, say, which is a new tmpfs inside), read-only at its own path.
+mkdir -p "$R$CHECKOUT"
+mount --bind "$CHECKOUT" "$R$CHECKOUT"
+mount -o remount,bind,ro "$R$CHECKOUT"
 for unit in $MASKED; do ln -sf /dev/null "$R/etc/systemd/system/$unit"; done
 echo remowt-systemd > "$R/etc/hostname"
 hostname remowt-systemd
@@ -182,7 +188,12 @@ class SystemdNamespace:
             notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             os.chmod(os.path.join(notify_dir, "notify"), 0o600)
             os.mkdir(self.cgroup)
-            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "BASE": base, "NOTIFY_DIR": notify_dir}
+            env = {
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "BASE": base,
+                "NOTIFY_DIR": notify_dir,
+                "CHECKOUT": CHECKOUT,
+            }
             env.update(MASKED=MASKED, SYSTEMD=SYSTEMD)
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(

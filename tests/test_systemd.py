@@ -17,7 +17,7 @@ from typing import Iterator, List
 
 import pytest
 from _util import children_of, wait_until
-from systemd_ns import TEST_USER, SystemdNamespace, SystemdUnavailable
+from systemd_ns import CHECKOUT, TEST_USER, SystemdNamespace, SystemdUnavailable
 
 import remowt
 from remowt.errors import AccessDenied, BadArguments, ConnectionLost, JobFailed, NoSuchUnit, SystemdError
@@ -310,8 +310,7 @@ def test_bad_arguments(conn: remowt.Remowt) -> None:
 
 def _cli(ns: SystemdNamespace, *args: str) -> subprocess.CompletedProcess[str]:
     """``remowt ARGS`` run inside the namespace as root (this checkout, this Python)."""
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(remowt.__file__)))
-    argv = ["env", f"PYTHONPATH={checkout}", sys.executable, "-m", "remowt", *args]
+    argv = ["env", f"PYTHONPATH={CHECKOUT}", sys.executable, "-m", "remowt", *args]
     return ns.run(*argv, check=False)
 
 
@@ -335,8 +334,7 @@ def test_cli(ns: SystemdNamespace) -> None:
 
 
 def test_cli_logs_follow_ends_on_ctrl_c(ns: SystemdNamespace) -> None:
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(remowt.__file__)))
-    argv = ["env", f"PYTHONPATH={checkout}", sys.executable, "-m", "remowt", "unit", "local", "logs", "-f"]
+    argv = ["env", f"PYTHONPATH={CHECKOUT}", sys.executable, "-m", "remowt", "unit", "local", "logs", "-f"]
     follow = subprocess.Popen(
         [*ns.command(None), *argv, "-n", "1", "dbus.service"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
