@@ -12,6 +12,7 @@ import subprocess
 from typing import Iterator, List
 
 import pytest
+from _util import wait_until
 from sshd import SshServer
 from tmuxpane import Pane
 
@@ -150,13 +151,33 @@ def test_top_and_vi(pane: Pane, login: List[str]) -> None:
     answer(pane, "exit", "exit=0")
 
 
+def _in_the_foreground(argv: List[str]) -> bool:
+    """Whether a process running ``argv`` is its terminal's foreground job (keys typed now reach it, not the shell)."""
+    wanted = "\0".join(argv) + "\0"
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline") as f:
+                if f.read() != wanted:
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if fields[2] == fields[5]:  # pgrp == tpgid: its group has the terminal
+            return True
+    return False
+
+
 def test_job_control_and_ctrl_c(pane: Pane, login: List[str]) -> None:
     shell_in(pane, login)
-    pane.line("sleep 100")
+    pane.line("sleep 4713")
+    # Typed before the shell gave sleep the terminal, Ctrl-Z would go to the shell (which ignores it).
+    assert wait_until(lambda: _in_the_foreground(["sleep", "4713"]), 10)
     pane.keys("C-z")
     pane.wait_for("Stopped")
-    answer(pane, "bg", "sleep 100 &")
+    answer(pane, "bg", "sleep 4713 &")
     pane.line("fg")
+    assert wait_until(lambda: _in_the_foreground(["sleep", "4713"]), 10)
     pane.keys("C-c")
     answer(pane, "echo status-$?", "status-130")
     pane.line("python3 -q")
