@@ -16,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import shlex
 import socket
-import socketserver
 import subprocess
-import threading
+import sys
 import time
 from typing import Any, Callable, Dict, Iterator, Tuple
 
@@ -388,28 +387,37 @@ def openssh_tt_keystroke() -> Iterator[Operation]:
 Endpoint = Tuple[str, int]
 
 
+# The source runs in a process of its own, as a server on the target would: in this one it would share the GIL
+# with remowt's client (paramiko's thread, the forward's pumps), which ssh -L, a process of its own, never does.
+_SOURCE = """
+import socket, socketserver, sys
+size, chunk = int(sys.argv[1]), int(sys.argv[2])
+block = bytes(min(size, chunk))
+class Source(socketserver.BaseRequestHandler):
+    def handle(self):
+        left = size
+        try:
+            while left:
+                left -= self.request.send(block[: min(left, len(block))])
+        except OSError:
+            pass  # a probe that connects and goes at once
+server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Source)
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
 @contextlib.contextmanager
 def tcp_source(size: int) -> Iterator[Endpoint]:
-    """A TCP server here (the sshd is on this machine: the target's too) sending ``size`` zero bytes per connection."""
-    block = bytes(min(size, CHUNK))
-
-    class Source(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            left = size
-            with contextlib.suppress(OSError):  # a probe that connects and goes at once
-                while left:
-                    left -= self.request.send(block[: min(left, len(block))])
-
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Source)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield ("127.0.0.1", server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    """A TCP server here, in a process of its own, sending ``size`` zero bytes per connection."""
+    argv = [sys.executable, "-c", _SOURCE, str(size), str(CHUNK)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            yield ("127.0.0.1", int(process.stdout.readline()))
+        finally:
+            process.kill()
 
 
 def read_connection(address: Endpoint, size: int) -> int:
