@@ -16,6 +16,7 @@ import json
 import logging
 import marshal
 import os
+import pathlib
 import shutil
 import signal
 import struct
@@ -700,3 +701,18 @@ def test_a_killed_agents_temporary_directory_is_removed_by_the_next_start(
     says_hi(alive)
     says_hi(conn)
     assert os.listdir(tmpdir_env) == ["remowt-agent-theirs"]
+
+
+def test_a_local_agent_caches_the_bytecode_of_what_only_it_imports(tmp_path: pathlib.Path) -> None:
+    """A local agent runs this installation as this user and writes its bytecode there, as any import would.
+
+    Started with ``-B`` it compiled every module the client never imports (files, sockets, systemd, its own
+    main …) from source at each start: a local connect took ~85 ms instead of ~50.
+    """
+    package = os.path.join(os.fspath(tmp_path), "remowt")
+    shutil.copytree(os.path.dirname(remowt.__file__), package, ignore=shutil.ignore_patterns("__pycache__"))
+    main = os.path.join(package, "agent", "main.py")
+    program = "import remowt; conn = remowt.connect_local(); conn.ping(); conn.close()"
+    env = dict(os.environ, PYTHONPATH=os.fspath(tmp_path))
+    subprocess.run([sys.executable, "-c", program], env=env, cwd=tmp_path, check=True, timeout=60)  # not this checkout
+    assert os.path.exists(importlib.util.cache_from_source(main))  # the client never imports the agent's main
