@@ -362,10 +362,11 @@ class Link:
         through :meth:`follow`. Else whether ``done()`` came within
         ``timeout``. While a caller leads, the reader thread keeps off the
         fd; it comes back :data:`LINGER` after the last one, or at once for
-        a thread that waits without leading, and stays while one does. Reading and dispatching run with
-        the signals held off; a KeyboardInterrupt strikes only in the wait
-        between, where nothing is half done, and the lead is given up on the
-        way out, wherever the interrupt struck (the lock is this thread's).
+        a thread that waits without leading, and stays while one does.
+        Reading and dispatching run with the signals held off; a
+        KeyboardInterrupt strikes only in the wait between, where nothing is
+        half done, and the lead is given up on the way out, wherever the
+        interrupt struck (the lock is this thread's).
         ``waiter``: the gate's lock that ``done()`` watches, which another
         thread may release (a stream closed here): that wakes this one too.
         ``spin``: the answer is expected within :data:`SPIN`, so poll for it
