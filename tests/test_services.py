@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from typing import Iterator, List, Tuple
 
@@ -298,3 +300,54 @@ def test_closed_stdio(conn: remowt.Remowt) -> None:
     with pytest.raises(ValueError, match="CLOSED"):
         conn.spawn(["true"], stdin=remowt.STDOUT)
     assert conn.ping() < 5
+
+
+def test_the_agents_lazy_services_are_the_declared_namespaces() -> None:
+    from remowt.agent import main
+    from remowt.endpoints.editor import FileEditApi
+    from remowt.endpoints.fs import FsApi
+    from remowt.endpoints.plugins import PluginsApi
+    from remowt.endpoints.sockets import SocketsApi
+    from remowt.endpoints.systemd import SystemdApi
+
+    declared = (FileEditApi, FsApi, SocketsApi, PluginsApi, SystemdApi)
+    lazy = (main.FILE_EDITS, main.FILES, main.SOCKETS, main.PLUGINS, main.SYSTEMD)
+    assert [api.namespace for api in declared] == list(lazy)
+
+
+def test_the_agent_starts_without_importing_the_services_few_connections_use() -> None:
+    """Every connect waits for the agent's start-up: files, sockets, the editor, plugins and systemd load later."""
+    program = "import sys, remowt.agent.main; print(' '.join(sorted(sys.modules)))"
+    modules = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout.split()
+    lazy = {f"remowt.endpoints.{name}" for name in ("editor", "fs", "sockets", "plugins", "systemd")}
+    assert not lazy & set(modules)
+
+
+def test_a_lazy_service_is_made_at_its_first_call_once_and_a_failing_one_fails_only_its_calls() -> None:
+    made: List[int] = []
+
+    def make() -> object:
+        made.append(1)
+        return Control("agent")
+
+    def broken() -> object:
+        raise ImportError("no such module")
+
+    user, agent = Router("user"), Router("agent")
+    agent.register_lazy(ControlApi.namespace, make)
+    agent.register_lazy(SubprocessApi.namespace, broken)
+    with pytest.raises(ValueError, match="already served"):
+        agent.register_lazy(ControlApi.namespace, make)
+    connect_routers(user, agent)
+    try:
+        assert made == []
+        control = proxy(ControlApi, user, "agent", 10)
+        for _ in range(3):
+            control.ping()
+        assert made == [1]
+        with pytest.raises(UnknownMethod):
+            proxy(SubprocessApi, user, "agent", 10).send_signal(1, 0)
+        control.ping()  # the link goes on
+    finally:
+        user.close()
+        agent.close()

@@ -164,6 +164,8 @@ class Router:
         self._streams: Dict[StreamKey, Stream] = {}
         self._budgets: Dict[Link, PeerBudget] = {}
         self._services: Dict[int, _Service] = {}
+        self._lazy: Dict[int, Callable[[], object]] = {}  # namespaces served once first called (register_lazy)
+        self._loading = threading.Lock()
         self._link_closed_hooks: List[Callable[[Link, Optional[BaseException]], None]] = []
         self._routes_changed = Gate()
         self._local = threading.local()
@@ -260,6 +262,34 @@ class Router:
             if namespace in self._services:
                 raise ValueError(f"namespace {namespace} is already served by {self._services[namespace].name}")
             self._services[namespace] = _Service(name, methods)
+
+    def register_lazy(self, namespace: int, load: Callable[[], object]) -> None:
+        """Serve namespace ``namespace`` with the implementation ``load()`` returns, made at its first call.
+
+        For services few connections use: their modules are imported then, not at start-up.
+        """
+        with self._lock:
+            if namespace in self._services or namespace in self._lazy:
+                raise ValueError(f"namespace {namespace} is already served")
+            self._lazy[namespace] = load
+
+    def _service(self, namespace: int) -> Optional[_Service]:
+        """The service of ``namespace``; a lazy one is made now (on the thread that dispatches its first call)."""
+        service = self._services.get(namespace)
+        if service is not None or namespace not in self._lazy:
+            return service
+        with self._loading:
+            load = self._lazy.get(namespace)
+            if load is not None:
+                try:
+                    implementation = load()
+                except Exception:  # a bug: its calls fail as unknown, the link and the rest go on
+                    log.exception("%s could not load the service of namespace %d", self.address, namespace)
+                    return None
+                with self._lock:
+                    del self._lazy[namespace]
+                self.register(implementation)
+        return self._services.get(namespace)
 
     def caller(self) -> str:
         """The address whose call the current thread is handling."""
@@ -504,7 +534,7 @@ class Router:
         self._routes_changed.open()
 
     def _on_call(self, link: Link, message: wire.Call) -> None:
-        service = self._services.get(message.ns)
+        service = self._service(message.ns)
         entry = None if service is None else service.methods.get(message.method)
         if entry is None:
             what = f"namespace {message.ns}" if service is None else f"method {message.method} in {service.name}"
@@ -539,7 +569,7 @@ class Router:
         link.send(reply)
 
     def _on_notify(self, link: Link, message: wire.Notify) -> None:
-        service = self._services.get(message.ns)
+        service = self._service(message.ns)
         entry = None if service is None else service.methods.get(message.method)
         if entry is None:
             log.warning("%s sent a notification for unknown ns %d method %d", message.src, message.ns, message.method)
