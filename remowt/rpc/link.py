@@ -446,8 +446,7 @@ class Link:
             with self._lock:
                 self._followers += 1
                 counted = True
-                self._park_wanted = False
-                self._park_gate.open()
+                self._unpark_locked()
             return wait()
         finally:
             if counted:
@@ -456,8 +455,12 @@ class Link:
 
     def _unpark(self) -> None:
         with self._lock:
-            self._park_wanted = False
-            self._park_gate.open()
+            self._unpark_locked()
+
+    def _unpark_locked(self) -> None:
+        """Put the reader thread back on the fd now (the lock held)."""
+        self._park_wanted = False
+        self._park_gate.open()
 
     def _read_here(self) -> Optional[bool]:
         """Read and dispatch on the calling thread, which brought data (see :meth:`Transport.on_arrival`).
