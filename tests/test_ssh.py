@@ -117,6 +117,83 @@ def test_password_login(sshd: SshServer) -> None:
         assert connection.check_output(["whoami"], text=True) == f"{sshd.test_user}\n"
 
 
+def test_a_key_login_does_not_ask_for_the_methods_first(sshd_jump: SshServer) -> None:
+    """sshd answers the ``none`` method only after its failed-authentication delay: a key goes first."""
+
+    def none_requests() -> int:
+        request = f"userauth-request for user {sshd_jump.test_user} service ssh-connection method none"
+        return sshd_jump.log_text().count(request)
+
+    before = none_requests()
+    with _direct(sshd_jump) as connection:
+        assert connection.check_output(["echo", "in"], text=True) == "in\n"
+    assert f"Accepted publickey for {sshd_jump.test_user}" in sshd_jump.log_text()
+    assert none_requests() == before
+
+
+def test_a_refused_key_then_the_password(sshd: SshServer, tmp_path: Path) -> None:
+    stranger = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    with _direct(sshd, key_filename=str(stranger), password=sshd.test_password) as connection:
+        assert connection.check_output(["whoami"], text=True) == f"{sshd.test_user}\n"
+
+
+class _PasswordOnly(paramiko.ServerInterface):
+    """Allows the password alone, records what the client asked, and opens no channel."""
+
+    def __init__(self) -> None:
+        self.asked: List[str] = []
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "password"
+
+    def check_auth_none(self, username: str) -> int:
+        self.asked.append("none")
+        return paramiko.AUTH_FAILED
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        self.asked.append(f"password {password}")
+        return paramiko.AUTH_SUCCESSFUL if password == "secret" else paramiko.AUTH_FAILED
+
+
+@pytest.mark.timeout(30)
+def test_a_server_without_publickey_gets_the_password_after_one_key(sshd: SshServer, tmp_path: Path) -> None:
+    server = _PasswordOnly()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    served: List[paramiko.Transport] = []
+
+    def serve() -> None:
+        sock, _ = listener.accept()
+        transport = paramiko.Transport(sock)
+        served.append(transport)
+        transport.add_server_key(paramiko.Ed25519Key.from_private_key_file(sshd.client_key))
+        transport.start_server(server=server)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(SshError, match="cannot open a channel"):
+            remowt.connect(
+                "127.0.0.1",
+                port=listener.getsockname()[1],
+                user="someone",
+                password="secret",
+                key_filename=[sshd.client_key, sshd.client_key],
+                ssh_config=os.devnull,
+                known_hosts=str(tmp_path / "known_hosts"),
+                host_key_policy="accept-new",
+                connect_timeout=10.0,
+            )
+    finally:
+        listener.close()
+        thread.join(10)
+        for transport in served:
+            transport.close()
+    assert server.asked == ["password secret"]
+
+
 def test_proxy_jump(sshd: SshServer, sshd_jump: SshServer) -> None:
     with remowt.connect("remowt-behind-jump", ssh_config=sshd_jump.ssh_config) as connection:
         assert connection.check_output(["id", "-un"], text=True) == f"{sshd.test_user}\n"
