@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
-import threading
 import time
 from typing import Iterator, List
 
@@ -21,22 +21,32 @@ CALLS_ITS_PARENT = "import os, sys; os.kill(os.getppid(), int(sys.argv[1]))"
 
 
 class Caught:
-    """The signals of :data:`RELAYED` that this process gets, in order (a handler for each, on the main thread)."""
+    """The signals of :data:`RELAYED` that this process gets, in order (a handler for each, on the main thread).
+
+    The handler only writes to a pipe: it interrupts the main thread anywhere, inside a lock it holds too
+    (an Event's, which deadlocked).
+    """
 
     def __init__(self) -> None:
         self.signals: List[int] = []
-        self._arrived = threading.Event()
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def handle(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
-        self._arrived.set()
+        os.write(self._write, b"s")
 
     def wait(self, count: int, timeout: float = 10) -> List[int]:
         """The signals caught once there are ``count`` (fewer after ``timeout`` seconds)."""
         deadline = time.monotonic() + timeout
-        while len(self.signals) < count and self._arrived.wait(max(0.0, deadline - time.monotonic())):
-            self._arrived.clear()
+        while (
+            len(self.signals) < count and select.select([self._read], [], [], max(0.0, deadline - time.monotonic()))[0]
+        ):
+            os.read(self._read, 64)
         return self.signals
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
 
 
 @pytest.fixture
@@ -48,6 +58,7 @@ def caught() -> Iterator[Caught]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        catcher.close()
 
 
 def test_every_relayed_signal_reaches_the_caller(caught: Caught) -> None:
