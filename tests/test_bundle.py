@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -232,6 +233,55 @@ def test_agent_runs_from_an_unpacked_artifact_without_site_packages(built: str, 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
     assert "real-agent" in result.stdout
+
+
+def _remowt_imports(source: str, module: str) -> Iterator[str]:
+    """The remowt modules (or packages) that ``module``'s source imports anywhere, but under ``if TYPE_CHECKING``."""
+
+    def nodes(node: ast.AST) -> Iterator[ast.AST]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+                continue
+            yield child
+            yield from nodes(child)
+
+    package = module.split(".")
+    for node in nodes(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            yield target
+            yield from (f"{target}.{alias.name}" for alias in node.names)
+
+
+def test_the_artifact_leaves_out_the_client_and_nothing_shipped_imports_it(
+    built: str, tmp_path: os.PathLike[str]
+) -> None:
+    """The agent, its services and the plugin SDK import (at any depth, lazily too) only what is shipped."""
+    with tarfile.open(os.path.join(built, artifact_name(LOCAL))) as tar:
+        tar.extractall(str(tmp_path))
+        names = tar.getnames()
+    client_only = [n for n in names if n.startswith(bundle.CLIENT_ONLY)]
+    assert client_only == []
+    assert {"remowt/user", "remowt/cli.py", "remowt/transports/ssh.py"}.isdisjoint(names)
+    shipped = {n[:-3].replace("/", ".").removesuffix(".__init__") for n in names if n.endswith(".py")}
+    left_out = {n[:-3].replace("/", ".").removesuffix(".__init__") for n in bundle.CLIENT_ONLY}
+    for name in names:
+        if name.startswith("remowt/") and name.endswith(".py"):
+            module = name[:-3].replace("/", ".")
+            with open(os.path.join(str(tmp_path), name)) as f:
+                imported = set(_remowt_imports(f.read(), module))
+            wrong = sorted(i for i in imported if i in left_out or any(i.startswith(o + ".") for o in left_out))
+            assert wrong == [], f"{name} imports what the artifact leaves out"
+    modules = sorted(m for m in shipped if m.startswith("remowt.") and not m.endswith("__main__"))
+    probe = f"import importlib, sys\nsys.path.insert(0, '.')\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+    probe += "print('ok')"
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], cwd=str(tmp_path), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
 
 
 def run_isolated(argv: List[str]) -> str:

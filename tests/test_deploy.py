@@ -17,6 +17,7 @@ import logging
 import marshal
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import struct
@@ -31,11 +32,12 @@ from _util import pypi_reachable, run_together
 
 import remowt
 from remowt import Remowt
-from remowt.deploy import bundle
+from remowt.deploy import bundle, tree
 from remowt.deploy.bundle import AgentBundle, BundleError, artifact_name, local_platform
 from remowt.deploy.remote import (
     BOOT,
     BOOT_FAILED_EXIT,
+    INSTALL,
     MAGIC,
     NO_PYTHON_EXIT,
     DeployError,
@@ -223,7 +225,8 @@ def test_losing_the_install_race_uses_the_winners_copy(
         shutil.copytree(report.path, winner)  # the other client won
         won = os.stat(winner).st_ino
         artifact = built.read_artifact(LOCAL)
-        process.stdin.write(struct.pack(">I", len(artifact)) + artifact)
+        install = INSTALL.encode()
+        process.stdin.write(struct.pack(">I", len(install)) + install + struct.pack(">I", len(artifact)) + artifact)
         process.stdin.flush()
         ready = read_frame(process.stdout)
         assert (ready["kind"], ready["path"], ready["note"]) == ("ready", winner, "")
@@ -392,8 +395,15 @@ def test_corrupted_artifact_is_refused_before_upload(
 
 
 def test_bootstrap_refuses_an_artifact_with_the_wrong_hash(built: AgentBundle, target: Target, home: str) -> None:
-    boot = BOOT.encode()
-    sent = struct.pack(">I", len(boot)) + boot + struct.pack(">I", 5) + b"bogus"
+    boot, install = BOOT.encode(), INSTALL.encode()
+    sent = (
+        struct.pack(">I", len(boot))
+        + boot
+        + struct.pack(">I", len(install))
+        + install
+        + struct.pack(">I", 5)
+        + b"bogus"
+    )
     result = subprocess.run(
         ["/bin/sh", "-c", remote_start_command(built)], input=sent, env=target.env, capture_output=True, timeout=TIMEOUT
     )
@@ -608,6 +618,50 @@ def test_the_agent_writes_no_bytecode_into_its_tree(built: AgentBundle, target: 
     before = sorted(os.path.relpath(os.path.join(p, n), first.path) for p, _, ns in os.walk(first.path) for n in ns)
     with open(built.artifact_path(LOCAL), "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:gz") as tar:
         assert before == sorted(m.name for m in tar if m.isfile())
+
+
+def test_a_start_from_the_cache_imports_only_what_the_agent_serves(
+    built: AgentBundle, home: str, tmp_path: os.PathLike[str]
+) -> None:
+    """Every connect waits for this start: no OpenSSL (the digest is BLAKE2b), no json, no installer, no socket
+    module (only a local agent passes fds), no escalation until asked."""
+    wrapped = os.path.join(str(tmp_path), "bin")
+    os.mkdir(wrapped)
+    log = os.path.join(str(tmp_path), "imports")
+    with open(os.path.join(wrapped, "python3"), "w") as f:
+        f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -X importtime "$@" 2>>{shlex.quote(log)}\n')
+    os.chmod(os.path.join(wrapped, "python3"), 0o755)
+    target = Target(home, wrapped)
+    first, conn = target.deploy(built)
+    says_hi(conn)
+    os.unlink(log)
+    again, conn = target.deploy(built)
+    assert (again.path, again.uploaded) == (first.path, False)
+    says_hi(conn)
+    with open(log) as f:
+        imported = {line.rpartition("|")[2].strip() for line in f if line.startswith("import time:")}
+    assert "remowt.agent.main" in imported and "remowt.endpoints.subprocess" in imported
+    unwanted = {"json", "hashlib", "_hashlib", "tarfile", "tempfile", "socket", "remowt.endpoints.escalate"}
+    assert imported & unwanted == set()
+
+
+def test_tree_names_are_quoted_exactly_as_json_dumps_quotes_them() -> None:
+    """The tree digest's names are JSON; the target writes them without importing json."""
+    quote = tree._code()["quote"]
+    names = [
+        "agent.py",
+        "a b",
+        'q"uote',
+        "back\\slash",
+        "tab\tnew\nline\r",
+        "\b\f\x00\x1f\x7f",
+        "é",
+        "日本",
+        "\U0001f600",
+    ]
+    names += [os.fsdecode(b"undecodable\xff\xfe"), "".join(map(chr, range(0, 0x300)))]
+    for name in names:
+        assert quote(name) == json.dumps(name), name
 
 
 def test_a_corrupted_cache_is_repaired_by_the_next_start(built: AgentBundle, target: Target) -> None:

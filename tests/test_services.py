@@ -305,22 +305,24 @@ def test_closed_stdio(conn: remowt.Remowt) -> None:
 def test_the_agents_lazy_services_are_the_declared_namespaces() -> None:
     from remowt.agent import main
     from remowt.endpoints.editor import FileEditApi
+    from remowt.endpoints.escalate import EscalateApi
     from remowt.endpoints.fs import FsApi
     from remowt.endpoints.plugins import PluginsApi
     from remowt.endpoints.sockets import SocketsApi
     from remowt.endpoints.systemd import SystemdApi
 
-    declared = (FileEditApi, FsApi, SocketsApi, PluginsApi, SystemdApi)
-    lazy = (main.FILE_EDITS, main.FILES, main.SOCKETS, main.PLUGINS, main.SYSTEMD)
+    declared = (EscalateApi, FileEditApi, FsApi, SocketsApi, PluginsApi, SystemdApi)
+    lazy = (main.ESCALATE, main.FILE_EDITS, main.FILES, main.SOCKETS, main.PLUGINS, main.SYSTEMD)
     assert [api.namespace for api in declared] == list(lazy)
 
 
 def test_the_agent_starts_without_importing_the_services_few_connections_use() -> None:
-    """Every connect waits for the agent's start-up: files, sockets, the editor, plugins and systemd load later."""
+    """Every connect waits for the agent's start-up: escalation, files, sockets, the editor, plugins and systemd
+    load later, and fd passing (the socket module) only in a local agent."""
     program = "import sys, remowt.agent.main; print(' '.join(sorted(sys.modules)))"
     modules = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout.split()
-    lazy = {f"remowt.endpoints.{name}" for name in ("editor", "fs", "sockets", "plugins", "systemd")}
-    assert not lazy & set(modules)
+    lazy = {f"remowt.endpoints.{name}" for name in ("escalate", "editor", "fs", "sockets", "plugins", "systemd")}
+    assert not (lazy | {"remowt.transports.fdpass", "socket"}) & set(modules)
 
 
 def test_a_lazy_service_is_made_at_its_first_call_once_and_a_failing_one_fails_only_its_calls() -> None:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, List, Optional
 
 from ..deploy.local import default_plugins_dir
 from ..endpoints.control import Control
-from ..endpoints.escalate import Escalator
 from ..endpoints.parent_signals import stand_in_for_the_caller
 from ..endpoints.subprocess import Subprocesses
 from ..endpoints.watchdog import Watchdog, start_watchdog
@@ -27,20 +26,21 @@ from ..protocol import wire
 from ..rpc.keepalive import SilenceWatch
 from ..rpc.router import Router
 from ..transports.base import Transport
-from ..transports.fdpass import FdReceiver
 from ..transports.stdio import take_stdio
 
 if TYPE_CHECKING:
+    from ..endpoints.escalate import Escalator
     from ..endpoints.fs import Files
     from ..endpoints.plugins import PluginHost
     from ..endpoints.sockets import Sockets
     from ..endpoints.systemd import Systemd
+    from ..transports.fdpass import FdReceiver
 
 log = logging.getLogger("remowt.agent")
 
 # The namespaces of the services made at their first call (tests/test_services.py checks them against the
 # declarations, which live in the modules that are not imported until then).
-FILE_EDITS, FILES, SOCKETS, PLUGINS, SYSTEMD = 21, 30, 40, 50, 60
+ESCALATE, FILE_EDITS, FILES, SOCKETS, PLUGINS, SYSTEMD = 20, 21, 30, 40, 50, 60
 
 
 class Agent:
@@ -69,7 +69,7 @@ class Agent:
         self.subprocesses = Subprocesses(self.router, watchdog, fds)
         self.router.register(self.subprocesses)
         # The services few connections use are made, and their modules imported, at their first call: every
-        # connect waits for the agent's start-up, which imports ~11 ms less so.
+        # connect waits for the agent's start-up, which imports ~12 ms less so.
         self._plugins_dir = plugins
         self.files: Optional[Files] = None
         self.sockets: Optional[Sockets] = None
@@ -81,12 +81,19 @@ class Agent:
         self.router.register_lazy(PLUGINS, self._make_plugins)
         self.router.register_lazy(SYSTEMD, self._make_systemd)
         self.escalator: Optional[Escalator] = None
+        self._tree = tree
         if address == wire.AGENT:
-            options = [f"--plugins={plugins}"] if plugins is not None and tree is None else []
-            self.escalator = Escalator(self.router, tree, options)
-            self.router.register(self.escalator)
+            self.router.register_lazy(ESCALATE, self._make_escalator)
         self.upstream_lost = threading.Event()
         self._finished = threading.Event()
+
+    def _make_escalator(self) -> object:
+        from ..endpoints.escalate import Escalator
+
+        plugins = self._plugins_dir
+        options = [f"--plugins={plugins}"] if plugins is not None and self._tree is None else []
+        self.escalator = Escalator(self.router, self._tree, options)
+        return self.escalator
 
     @staticmethod
     def _make_file_edits() -> object:
@@ -136,6 +143,7 @@ class Agent:
         if self._finished.is_set():
             return
         self._finished.set()
+        self.router.stop_loading()  # no lazy service is made from here on, so each made is closed below
         self.silence.stop()
         if self.escalator is not None:
             self.escalator.close()
@@ -210,7 +218,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         # agent dies, its hangup must not kill us before we kill our children at end of input.
         # (A handler, not SIG_IGN, so the children get the default back at exec.)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
-    fds = FdReceiver(_inherited_socket(int(sockets[0]))) if sockets else None
+    fds = None
+    if sockets:  # only a local agent has the fd socket (and needs the socket module)
+        from ..transports.fdpass import FdReceiver
+
+        fds = FdReceiver(_inherited_socket(int(sockets[0])))
     stand_in_for_the_caller(None if fds is None else fds.peer_pid())  # a child's signals to its parent
     watchdog = start_watchdog()
     address = wire.AGENT_PRIVILEGED if privileged else wire.AGENT

@@ -24,8 +24,10 @@ big-endian length, then JSON), so the client never reads past them:
    not trusted or not verified is set aside (never run) and installed
    again. Or an ``error`` frame: platform missing from the bundle, Python
    too old.
-2. Only when not installed: the client sends the artifact as one frame;
-   BOOT checks its sha256, unpacks it into a temporary directory beside the
+2. Only when not installed: the client sends the installer (:data:`INSTALL`,
+   what only an install needs, so that a start from the cache compiles
+   less) and the artifact, each as one frame; the installer checks the
+   artifact's sha256, unpacks it into a temporary directory beside the
    cache directory and renames it into place (the rename is the last step,
    so nobody runs a half-written agent; when another client won the race,
    its copy is used once verified). When that fails, or the agent does not
@@ -55,7 +57,7 @@ from ..runtime.deadline import Deadline
 from ..runtime.interrupts import start
 from ..transports.base import Transport
 from .bundle import AgentBundle
-from .tree import CODE
+from .tree import CODE, PRIVATE
 
 log = logging.getLogger("remowt.deploy")
 
@@ -89,6 +91,7 @@ exec(compile(r(int.from_bytes(r(4), "big")), "remowt-boot", "exec"))
 """.replace("MAGIC", repr(MAGIC))
 
 # Sent by the client, run by the stub on Python >= 3.9 (``r`` reads n bytes of stdin), after remowt.deploy.tree's CODE.
+# What only an install needs is INSTALL, sent with the artifact: a start from the cache compiles less.
 BOOT = (
     CODE
     + r"""
@@ -99,8 +102,14 @@ plat = "%s-%s%d%d" % (os.uname().machine, {"cpython": "cp", "pypy": "pp"}.get(im
 python = "%d.%d.%d" % sys.version_info[:3]
 
 
+# a message's field value as JSON: a string, a bool or None
+def value(v):
+    return "null" if v is None else "true" if v is True else "false" if v is False else quote(v)
+
+
 def send(kind, **fields):
-    m = json.dumps(dict(fields, kind=kind, platform=plat, python=python, executable=sys.executable)).encode()
+    fields = dict(fields, kind=kind, platform=plat, python=python, executable=sys.executable)
+    m = ("{%s}" % ", ".join("%s: %s" % (quote(k), value(v)) for k, v in fields.items())).encode()
     m = struct.pack(">I", len(m)) + m
     while m:
         m = m[os.write(1, m):]
@@ -125,31 +134,6 @@ def loads(d):
         return "%s: %s" % (type(e).__name__, e)
 
 
-# None when the artifact is unpacked into dest (modes as the client's digest has them), else why not
-def unpack(data, dest):
-    import io, tarfile
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                odd = member.name.startswith("/") or ".." in parts or "" in parts
-                if odd or not (member.isdir() or member.isfile()):
-                    fail("install", "refusing the archive member %r" % member.name)
-                for depth in range(1, len(parts) + member.isdir()):
-                    path = os.path.join(dest, *parts[:depth])
-                    if not os.path.isdir(path):
-                        os.mkdir(path, 0o700)
-                        os.chmod(path, 0o755)
-                if member.isfile():
-                    with open(os.path.join(dest, *parts), "wb") as f:
-                        f.write(tar.extractfile(member).read())
-                        os.fchmod(f.fileno(), 0o755 if member.mode & 0o100 else 0o644)
-                        os.fsync(f.fileno())  # whole on disk before the rename makes it the cache
-    except (OSError, tarfile.TarError) as e:
-        return "cannot unpack the agent into %s (%s)" % (dest, e)
-    return None
-
-
 # None when path is a directory (or, with file=True, a regular file) of this user that nobody else can write
 def trusted(path, file=False):
     try:
@@ -165,15 +149,6 @@ def trusted(path, file=False):
     if st.st_mode & 0o022:
         return "%s can be written by others (mode %o)" % (path, st.st_mode & 0o777)
     return None
-
-
-# None when every directory and file under d is trusted, else why not (os.walk follows no symbolic link)
-def trusted_tree(d):
-    why = trusted(d)
-    for path, dirs, files in os.walk(d):
-        for name in dirs + files:
-            why = why or trusted(os.path.join(path, name), name in files)
-    return why
 
 
 # the cache root made (mode 0700) or checked: None when it can hold agents, else why not
@@ -208,6 +183,91 @@ def loading(d):
     return None if why is None else "cannot load the agent from %s (%s)" % (d, why)
 
 
+wanted = want.get(plat)
+if wanted is None:
+    fail("platform-missing", "the bundle has no agent for %s (it has: %s)" % (plat, ", ".join(sorted(want)) or "none"))
+digest, _, tree = wanted.partition(":")
+xdg = os.environ.get("XDG_CACHE_HOME", "")
+base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
+root = os.path.join(base, "remowt") if os.path.isabs(base) else None
+target = os.path.join(root, digest) if root else None
+notes = []
+final = None
+untrusted = None if target is None else prepare_root()
+cache_usable = False
+if target is None:
+    notes.append("neither $XDG_CACHE_HOME nor $HOME names a directory")
+elif untrusted is not None:
+    notes.append("the agent cache is not used: %s" % untrusted)
+elif not os.path.lexists(target):
+    cache_usable = not noexec(root)
+    if not cache_usable:
+        notes.append("%s is on a filesystem mounted noexec" % root)
+else:
+    untrusted = trusted(target) or verify(target, tree)
+    if untrusted is None:
+        why = loading(target)
+        if why is None:
+            final = target
+        else:
+            notes.append(why)
+    else:
+        try:
+            notes.append(set_aside(untrusted))
+            cache_usable = True
+        except OSError as e:
+            notes.append("%s is not trusted and cannot be moved (%s)" % (target, e.strerror or e))
+send("status", path=target, installed=final is not None, note="; ".join(notes))
+lock = -1  # held while the agent runs from a private directory, which is removed after
+if final is None:  # the client sends INSTALL, then the artifact: INSTALL installs it, setting final (and lock)
+    exec(compile(r(struct.unpack(">I", r(4))[0]), "remowt-install", "exec"))
+send("ready", path=final, note="; ".join(notes))
+entry = os.path.join(final, "agent.py")
+sys.argv = [entry, "real-agent", "--tree=" + tree]
+try:
+    with open(entry) as f:
+        code = compile(f.read(), entry, "exec")
+    exec(code, {"__name__": "__main__", "__file__": entry})
+finally:
+    if lock >= 0:
+        import shutil
+        shutil.rmtree(final, ignore_errors=True)
+"""
+)
+
+
+# Sent by the client when the status says the agent is not installed, before the artifact; runs in BOOT's globals.
+INSTALL = (
+    PRIVATE
+    + r"""
+import hashlib
+
+
+# None when the artifact is unpacked into dest (modes as the client's digest has them), else why not
+def unpack(data, dest):
+    import io, tarfile
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                odd = member.name.startswith("/") or ".." in parts or "" in parts
+                if odd or not (member.isdir() or member.isfile()):
+                    fail("install", "refusing the archive member %r" % member.name)
+                for depth in range(1, len(parts) + member.isdir()):
+                    path = os.path.join(dest, *parts[:depth])
+                    if not os.path.isdir(path):
+                        os.mkdir(path, 0o700)
+                        os.chmod(path, 0o755)
+                if member.isfile():
+                    with open(os.path.join(dest, *parts), "wb") as f:
+                        f.write(tar.extractfile(member).read())
+                        os.fchmod(f.fileno(), 0o755 if member.mode & 0o100 else 0o644)
+                        os.fsync(f.fileno())  # whole on disk before the rename makes it the cache
+    except (OSError, tarfile.TarError) as e:
+        return "cannot unpack the agent into %s (%s)" % (dest, e)
+    return None
+
+
 # unpack beside the cache dir and rename into place: None when it is there and loads, else why not
 def install_cache(data):
     import shutil, tempfile
@@ -224,7 +284,7 @@ def install_cache(data):
         except OSError as e:
             if not os.path.isdir(target):  # else another client installed it first: checked like any cached agent
                 return "cannot install into %s (%s)" % (target, e.strerror or e)
-        return trusted_tree(target) or verify(target, tree) or loading(target)
+        return trusted(target) or verify(target, tree) or loading(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -251,68 +311,20 @@ def install_private(data):
     return d, lock
 
 
-wanted = want.get(plat)
-if wanted is None:
-    fail("platform-missing", "the bundle has no agent for %s (it has: %s)" % (plat, ", ".join(sorted(want)) or "none"))
-digest, _, tree = wanted.partition(":")
-xdg = os.environ.get("XDG_CACHE_HOME", "")
-base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
-root = os.path.join(base, "remowt") if os.path.isabs(base) else None
-target = os.path.join(root, digest) if root else None
-notes = []
-final = None
-untrusted = None if target is None else prepare_root()
-cache_usable = False
-if target is None:
-    notes.append("neither $XDG_CACHE_HOME nor $HOME names a directory")
-elif untrusted is not None:
-    notes.append("the agent cache is not used: %s" % untrusted)
-elif not os.path.lexists(target):
-    cache_usable = not noexec(root)
-    if not cache_usable:
-        notes.append("%s is on a filesystem mounted noexec" % root)
-else:
-    untrusted = trusted_tree(target) or verify(target, tree)
-    if untrusted is None:
-        why = loading(target)
-        if why is None:
-            final = target
-        else:
-            notes.append(why)
+data = r(struct.unpack(">I", r(4))[0])
+got = hashlib.sha256(data).hexdigest()
+if got != digest:
+    fail("hash-mismatch", "the artifact received for %s has sha256 %s, not %s" % (plat, got, digest))
+if cache_usable:
+    why = install_cache(data)
+    if why is None:
+        final = target
     else:
-        try:
-            notes.append(set_aside(untrusted))
-            cache_usable = True
-        except OSError as e:
-            notes.append("%s is not trusted and cannot be moved (%s)" % (target, e.strerror or e))
-send("status", path=target, installed=final is not None, note="; ".join(notes))
-lock = -1  # held while the agent runs from a private directory, which is removed after
+        notes.append(why)
 if final is None:
-    data = r(struct.unpack(">I", r(4))[0])
-    got = hashlib.sha256(data).hexdigest()
-    if got != digest:
-        fail("hash-mismatch", "the artifact received for %s has sha256 %s, not %s" % (plat, got, digest))
-    if cache_usable:
-        why = install_cache(data)
-        if why is None:
-            final = target
-        else:
-            notes.append(why)
-    if final is None:
-        final, lock = install_private(data)
-        notes.append("running the agent from the temporary directory %s" % final)
-    del data
-send("ready", path=final, note="; ".join(notes))
-entry = os.path.join(final, "agent.py")
-sys.argv = [entry, "real-agent", "--tree=" + tree]
-try:
-    with open(entry) as f:
-        code = compile(f.read(), entry, "exec")
-    exec(code, {"__name__": "__main__", "__file__": entry})
-finally:
-    if lock >= 0:
-        import shutil
-        shutil.rmtree(final, ignore_errors=True)
+    final, lock = install_private(data)
+    notes.append("running the agent from the temporary directory %s" % final)
+del data
 """
 )
 
@@ -555,7 +567,8 @@ def start_agent(transport: Transport, bundle: AgentBundle, *, timeout: float = D
         if uploaded:
             session.phase = f"uploading the agent for {status.platform}"
             artifact = bundle.read_artifact(status.platform)
-            session.write_all(struct.pack(">I", len(artifact)) + artifact)
+            install = INSTALL.encode()
+            session.write_all(struct.pack(">I", len(install)) + install + struct.pack(">I", len(artifact)) + artifact)
         session.phase = "waiting for the agent to be ready"
         ready = _fields(_expect(session.read_message(), "ready", bundle, session), _Ready)
     except BaseException:

@@ -30,13 +30,13 @@ from ..protocol.wire import USER
 from ..rpc.router import Router
 from ..rpc.streams import Stream
 from ..runtime.real_subprocess import Popen as LocalPopen
-from ..transports.fdpass import FdReceiver
 from ..transports.stdio import enlarge_pipe
 from .childinput import ChildInput
 from .childio import Child, ChildIO, LazyOutput
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
+    from ..transports.fdpass import FdReceiver
     from . import editor
 
 log = logging.getLogger("remowt.subprocess")

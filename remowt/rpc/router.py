@@ -273,6 +273,11 @@ class Router:
                 raise ValueError(f"namespace {namespace} is already served")
             self._lazy[namespace] = load
 
+    def stop_loading(self) -> None:
+        """Make no more lazy services (their calls fail as unknown); returns once one being made is registered."""
+        with self._loading, self._lock:
+            self._lazy.clear()
+
     def _service(self, namespace: int) -> Optional[_Service]:
         """The service of ``namespace``; a lazy one is made now (on the thread that dispatches its first call)."""
         service = self._services.get(namespace)
