@@ -16,7 +16,7 @@ from typing import List, Optional
 import msgspec
 
 from ..transports.stdio import ChildTransport, spawn_framed_child
-from .tree import PRIVILEGED
+from .tree import PRIVILEGED, QUICK_EXIT
 
 AGENT = "remowt.agent.main"
 """The agent's entry module: ``real-agent [--local] [--privileged]`` or ``askpass [PROMPT]``."""
@@ -47,8 +47,11 @@ def python_command(entry: str, *args: str, python: Optional[str] = None, bytecod
     :func:`agent_pythonpath` and, unless ``bytecode``, writes no bytecode
     there (``-B``: a deployed agent's tree is verified whole, so nothing may
     add to it, and root writes nothing into a user's installation).
+
+    When ``main()`` returns, the process ends at once (:data:`QUICK_EXIT`);
+    an exception or ``sys.exit`` ends it as usual.
     """
-    bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from {entry} import main; main()"
+    bootstrap = f"import sys; sys.path[:0] = {agent_pythonpath()!r}; from {entry} import main; main(); {QUICK_EXIT}"
     return [python or sys.executable, "-I", "-S", *([] if bytecode else ["-B"]), "-c", bootstrap, *args]
 
 

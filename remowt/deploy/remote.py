@@ -57,7 +57,7 @@ from ..runtime.deadline import Deadline
 from ..runtime.interrupts import start
 from ..transports.base import Transport
 from .bundle import AgentBundle
-from .tree import CODE, PRIVATE
+from .tree import CODE, PRIVATE, QUICK_EXIT
 
 log = logging.getLogger("remowt.deploy")
 
@@ -232,8 +232,9 @@ finally:
     if lock >= 0:
         import shutil
         shutil.rmtree(final, ignore_errors=True)
+QUICK_EXIT
 """
-)
+).replace("QUICK_EXIT", QUICK_EXIT)
 
 
 # Sent by the client when the status says the agent is not installed, before the artifact; runs in BOOT's globals.
