@@ -596,6 +596,7 @@ CLIENT_ONLY = (
     "remowt/deploy/remote.py",
     "remowt/transports/hostkeys.py",
     "remowt/transports/loopback.py",
+    "remowt/transports/readahead.py",
     "remowt/transports/ssh.py",
     "remowt/transports/sshconfig.py",
     "remowt/user/",

@@ -26,6 +26,7 @@ from ..runtime import interrupts
 from ..runtime.deadline import Deadline
 from . import hostkeys
 from .base import Transport
+from .readahead import read_ahead
 from .sshconfig import SshTarget, jump_target
 
 log = logging.getLogger("remowt.ssh")
@@ -62,7 +63,8 @@ def _deferred_during_kex(handler: Callable[[paramiko.Channel, paramiko.Message],
 
 
 class ParamikoTransport(paramiko.Transport):
-    """paramiko's Transport with two fixes: re-keying safety, and no delayed ACKs after a request.
+    """paramiko's Transport with three changes: re-keying safety, no delayed ACKs after a request, and reading
+    ahead (:mod:`remowt.transports.readahead`) on a real socket.
 
     sshd leaves Nagle's algorithm on for sessions without a pty, so an answer
     it sends while an earlier packet of its own is unacknowledged waits for
@@ -93,6 +95,7 @@ class ParamikoTransport(paramiko.Transport):
         if isinstance(sock, socket.socket):
             self._poller = select.poll()
             self._poller.register(sock, select.POLLOUT)
+            read_ahead(self.packetizer)
 
     def _send_user_message(self, data: Any) -> None:
         vars(paramiko.Transport)["_send_user_message"](self, data)

@@ -1,0 +1,104 @@
+"""The ssh transport's read-ahead packet reader, on a socketpair, and on a real connection."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Iterator, Tuple
+
+import pytest
+from paramiko.packet import NeedRekeyException, Packetizer
+from sshd import SshServer
+
+import remowt
+from remowt.transports import readahead
+from remowt.transports.readahead import ReadAhead, read_ahead
+from remowt.transports.ssh import ChannelTransport
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def pair() -> Iterator[Tuple[ReadAhead, socket.socket]]:
+    """A read-ahead packetizer on one end of a socketpair (timing out as paramiko's does) and the other end."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.1)
+    packetizer = Packetizer(ours)
+    read_ahead(packetizer)
+    assert isinstance(packetizer, ReadAhead)
+    try:
+        yield packetizer, theirs
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_reads_are_served_in_order_across_chunks_and_sends(pair: Tuple[ReadAhead, socket.socket]) -> None:
+    packetizer, theirs = pair
+    data = os.urandom(3 * readahead.CHUNK + 12345)
+    sender = threading.Thread(target=lambda: [theirs.sendall(data[i : i + 777]) for i in range(0, len(data), 777)])
+    sender.start()
+    sizes = [16, 1, 32768, readahead.CHUNK + 5, 4, 100000]
+    got = []
+    for size in sizes:
+        got.append(packetizer.read_all(size))
+        assert len(got[-1]) == size
+    got.append(packetizer.read_all(len(data) - sum(sizes)))
+    sender.join()
+    assert b"".join(got) == data
+
+
+def test_what_the_banner_reading_left_comes_first(pair: Tuple[ReadAhead, socket.socket]) -> None:
+    packetizer, theirs = pair
+    packetizer._Packetizer__remainder = b"left"
+    theirs.sendall(b"over")
+    assert packetizer.read_all(2) == b"le"
+    assert packetizer.read_all(6) == b"ftover"
+
+
+def test_the_end_of_the_connection_is_eoferror(pair: Tuple[ReadAhead, socket.socket]) -> None:
+    packetizer, theirs = pair
+    theirs.sendall(b"abc")
+    theirs.shutdown(socket.SHUT_WR)
+    assert packetizer.read_all(2) == b"ab"
+    with pytest.raises(EOFError):
+        packetizer.read_all(2)
+
+
+def test_a_closed_packetizer_ends_a_read_that_waits(pair: Tuple[ReadAhead, socket.socket]) -> None:
+    packetizer, _ = pair
+    closer = threading.Timer(0.2, packetizer.close)
+    closer.start()
+    with pytest.raises(EOFError):
+        packetizer.read_all(1)
+    closer.join()
+
+
+def test_a_pending_rekey_interrupts_a_read_only_before_a_message_starts(
+    pair: Tuple[ReadAhead, socket.socket],
+) -> None:
+    packetizer, theirs = pair
+    packetizer._Packetizer__need_rekey = True
+    with pytest.raises(NeedRekeyException):
+        packetizer.read_all(16, check_rekey=True)
+    theirs.sendall(b"x" * 8)
+    assert packetizer.read_all(4, check_rekey=True) == b"xxxx"
+    sender = threading.Timer(0.3, lambda: theirs.sendall(b"y" * 12))
+    sender.start()
+    assert packetizer.read_all(16, check_rekey=True) == b"x" * 4 + b"y" * 12  # begun: the message is read whole
+    sender.join()
+
+
+def test_a_connection_reads_ahead_through_rekeys(sshd: SshServer) -> None:
+    with remowt.connect("remowt-test-host", ssh_config=sshd.ssh_config) as conn:
+        transport = conn.link.transport
+        assert isinstance(transport, ChannelTransport)
+        session = transport.channel.get_transport()
+        assert session is not None and isinstance(session.packetizer, ReadAhead)
+        session.packetizer.REKEY_BYTES = 1 << 20
+        kex_init, rekeys = session._send_kex_init, []
+        session._send_kex_init = lambda: (rekeys.append(1), kex_init())[-1]  # type: ignore[method-assign]
+        data = os.urandom(16 << 20)
+        assert conn.check_output(["cat"], input=data) == data
+        assert len(rekeys) >= 8
