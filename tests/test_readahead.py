@@ -1,4 +1,4 @@
-"""The ssh transport's read-ahead packet reader, on a socketpair, and on a real connection."""
+"""How the ssh transport reads: the read-ahead packet reader (on a socketpair and a real connection), the inbox."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sshd import SshServer
 import remowt
 from remowt.transports import readahead
 from remowt.transports.readahead import ReadAhead, read_ahead
-from remowt.transports.ssh import ChannelTransport
+from remowt.transports.ssh import ChannelTransport, _Inbox
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,3 +102,18 @@ def test_a_connection_reads_ahead_through_rekeys(sshd: SshServer) -> None:
         data = os.urandom(16 << 20)
         assert conn.check_output(["cat"], input=data) == data
         assert len(rekeys) >= 8
+
+
+def test_the_inbox_keeps_views_of_packets_and_reads_bytes() -> None:
+    """Channel data is kept as views of paramiko's packets (no copy); what a read returns is bytes."""
+    inbox = _Inbox()
+    packet = b"..abcdef.."
+    inbox.feed(memoryview(packet)[2:8])
+    inbox.feed(b"XY")
+    one = inbox.read(3)
+    assert one == b"abc" and type(one) is bytes
+    two = inbox.read(100)
+    assert two == b"defXY" and type(two) is bytes
+    inbox.feed(memoryview(packet)[2:4])
+    alone = inbox.read(100)
+    assert alone == b"ab" and type(alone) is bytes

@@ -14,12 +14,13 @@ import functools
 import logging
 import select
 import socket
+import struct
 import threading
-from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple, Union, cast
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
-from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST
+from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_DATA, MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST
 
 from ..errors import AuthenticationError, SshError
 from ..runtime import interrupts
@@ -62,6 +63,23 @@ def _deferred_during_kex(handler: Callable[[paramiko.Channel, paramiko.Message],
     return handle
 
 
+def _feed_data(channel: paramiko.Channel, message: paramiko.Message) -> None:
+    """A channel's data, for an :class:`_Inbox`, as a view of the packet paramiko decrypted (not a copy of it).
+
+    paramiko's own handler copies the data out of the message (``get_binary``); the inbox joins the packets
+    of a frame anyway, so that copy of every byte received was one too many.
+    """
+    inbox = channel.in_buffer
+    if not isinstance(inbox, _Inbox):
+        vars(paramiko.Channel)["_feed"](channel, message)
+        return
+    packet = message.packet
+    whole = packet.getvalue()  # the payload paramiko made, itself: the buffer is not copied while shared
+    start = packet.tell() + 4
+    (size,) = struct.unpack_from(">I", whole, start - 4)
+    inbox.feed(memoryview(whole)[start : start + size])
+
+
 class ParamikoTransport(paramiko.Transport):
     """paramiko's Transport with three changes: re-keying safety, no delayed ACKs after a request, and reading
     ahead (:mod:`remowt.transports.readahead`) on a real socket.
@@ -76,6 +94,7 @@ class ParamikoTransport(paramiko.Transport):
 
     _channel_handler_table = {
         **vars(paramiko.Transport)["_channel_handler_table"],
+        MSG_CHANNEL_DATA: _feed_data,
         MSG_CHANNEL_CLOSE: _deferred_during_kex(vars(paramiko.Channel)["_handle_close"]),
         MSG_CHANNEL_REQUEST: _deferred_during_kex(vars(paramiko.Channel)["_handle_request"]),
     }
@@ -138,8 +157,9 @@ class _Inbox:
 
     paramiko's buffer copies every byte three times (into an array, a slice of
     it, bytes of the slice) and wakes its reader for every packet (32 KiB from
-    OpenSSH). Here a packet is kept as the bytes paramiko made; a read takes
-    them (joined when there are several), and :meth:`wait` sleeps until
+    OpenSSH). Here a packet is kept as a view of the payload paramiko
+    decrypted (:func:`_feed_data`); a read takes them (joined when there are
+    several, copied when one), and :meth:`wait` sleeps until
     ``want`` bytes are there, so a reader gathering a large frame wakes once
     for it, not once per packet. Better still, paramiko's thread reads and
     dispatches them itself through ``read_here`` when the link's reader is
@@ -149,14 +169,14 @@ class _Inbox:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._parts: Deque[bytes] = collections.deque()
+        self._parts: Deque[Union[bytes, memoryview]] = collections.deque()
         self._size = 0
         self._closed = False
         self._kicked = False
         self.want = 1
         self.read_here: Optional[Callable[[], Optional[bool]]] = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Union[bytes, memoryview]) -> None:
         """Take a packet (on paramiko's thread); when enough is there, read it here or wake the reader."""
         with self._cond:
             self._parts.append(data)
@@ -196,7 +216,7 @@ class _Inbox:
                         part = part[:left]
                     taken.append(part)
                     left -= len(part)
-            data = taken[0] if len(taken) == 1 else b"".join(taken)
+            data = bytes(taken[0]) if len(taken) == 1 else b"".join(taken)
             self._size -= len(data)
             return data
 
