@@ -325,6 +325,41 @@ def test_the_agent_starts_without_importing_the_services_few_connections_use() -
     assert not (lazy | {"remowt.transports.fdpass", "socket"}) & set(modules)
 
 
+def test_after_stop_loading_no_lazy_service_is_made_and_one_being_made_is_waited_for() -> None:
+    """Agent.shutdown stops the loading first, so that every service made is one it closes."""
+    making, release, made = threading.Event(), threading.Event(), []
+
+    def make() -> object:
+        making.set()
+        release.wait(10)
+        made.append(1)
+        return Control("agent")
+
+    user, agent = Router("user"), Router("agent")
+    agent.register_lazy(ControlApi.namespace, make)
+    agent.register_lazy(SubprocessApi.namespace, make)
+    connect_routers(user, agent)
+    try:
+        first = threading.Thread(target=lambda: proxy(ControlApi, user, "agent", 10).ping())
+        first.start()
+        assert making.wait(10)
+        stopped = threading.Event()
+        stopper = threading.Thread(target=lambda: (agent.stop_loading(), stopped.set()))
+        stopper.start()
+        assert not stopped.wait(0.2), "stop_loading returned while a service was being made"
+        release.set()
+        stopper.join(10)
+        first.join(10)
+        assert stopped.is_set() and made == [1]
+        with pytest.raises(UnknownMethod):
+            proxy(SubprocessApi, user, "agent", 10).send_signal(1, 0)
+        assert made == [1]
+    finally:
+        release.set()
+        user.close()
+        agent.close()
+
+
 def test_a_lazy_service_is_made_at_its_first_call_once_and_a_failing_one_fails_only_its_calls() -> None:
     made: List[int] = []
 
