@@ -66,6 +66,15 @@ def test_the_end_of_the_connection_is_eoferror(pair: Tuple[ReadAhead, socket.soc
         packetizer.read_all(2)
 
 
+def test_a_huge_length_from_the_peer_is_read_in_chunks_not_allocated(pair: Tuple[ReadAhead, socket.socket]) -> None:
+    """A hostile server's packet length of 1 TiB: the reader waits for the bytes, it does not allocate them."""
+    packetizer, theirs = pair
+    theirs.sendall(b"z" * 1000)
+    theirs.shutdown(socket.SHUT_WR)
+    with pytest.raises(EOFError):
+        packetizer.read_all(1 << 40)
+
+
 def test_a_closed_packetizer_ends_a_read_that_waits(pair: Tuple[ReadAhead, socket.socket]) -> None:
     packetizer, _ = pair
     closer = threading.Timer(0.2, packetizer.close)

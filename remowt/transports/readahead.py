@@ -54,7 +54,7 @@ class ReadAhead(Packetizer):
             if self.handshake_timed_out():
                 raise EOFError()
             try:
-                data = sock.recv(max(CHUNK, n - have))
+                data = sock.recv(CHUNK)  # never more: a packet length is the peer's word, not an allocation
             except socket.timeout:
                 data = None
             except OSError as e:
