@@ -144,10 +144,10 @@ def trusted(path, file=False):
         return "%s is a symbolic link" % path
     if not (stat.S_ISREG(st.st_mode) if file else stat.S_ISDIR(st.st_mode)):
         return "%s is not a %s" % (path, "regular file" if file else "directory")
-    if st.st_uid != os.getuid():
-        return "%s belongs to uid %d, not to this user (uid %d)" % (path, st.st_uid, os.getuid())
-    if st.st_mode & 0o022:
-        return "%s can be written by others (mode %o)" % (path, st.st_mode & 0o777)
+    try:
+        owned(path, st, os.getuid())
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -232,9 +232,10 @@ finally:
     if lock >= 0:
         import shutil
         shutil.rmtree(final, ignore_errors=True)
-QUICK_EXIT
 """
-).replace("QUICK_EXIT", QUICK_EXIT)
+    + QUICK_EXIT
+    + "\n"
+)
 
 
 # Sent by the client when the status says the agent is not installed, before the artifact; runs in BOOT's globals.

@@ -267,9 +267,10 @@ try:
     main(sys.argv[1:])
 finally:
     shutil.rmtree(d, ignore_errors=True)
-QUICK_EXIT
 """
-).replace("QUICK_EXIT", QUICK_EXIT)
+    + QUICK_EXIT
+    + "\n"
+)
 
 
 @functools.cache
