@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Iterator, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, MSG_IGNORE
+from paramiko.message import Message
 from paramiko.packet import NeedRekeyException, Packetizer
 from sshd import SshServer
 
@@ -97,6 +101,91 @@ def test_a_pending_rekey_interrupts_a_read_only_before_a_message_starts(
     sender.start()
     assert packetizer.read_all(16, check_rekey=True) == b"x" * 4 + b"y" * 12  # begun: the message is read whole
     sender.join()
+
+
+KEY, IV = os.urandom(16), os.urandom(12)
+
+
+def gcm(packetizer: Packetizer, inbound: bool) -> None:
+    """Switch ``packetizer`` to AES-128-GCM one way, as paramiko's transport does after a key exchange."""
+    if inbound:
+        packetizer.set_inbound_cipher(AESGCM(KEY), 16, None, 16, None, aead=True, iv_in=IV)
+    else:
+        packetizer.set_outbound_cipher(AESGCM(KEY), 16, None, 16, None, aead=True, iv_out=IV)
+
+
+def messages() -> List[Message]:
+    """Channel data of many sizes (OpenSSH's 32 KiB among them) between messages of other kinds."""
+    made = []
+    for size in (0, 1, 15, 16, 17, 1000, 32768, 4, 65536, 3):
+        data = Message()
+        data.add_byte(bytes([MSG_CHANNEL_DATA]))
+        data.add_int(7)
+        data.add_string(os.urandom(size))
+        other = Message()
+        other.add_byte(bytes([MSG_CHANNEL_WINDOW_ADJUST if size % 2 else MSG_IGNORE]))
+        other.add_int(size)
+        other.add_string(b"x" * (size % 50))
+        made += [data, other]
+    return made
+
+
+def received(reader: Packetizer, count: int) -> List[Tuple[int, int, bytes, bool, int, int]]:
+    """Each message read: its type, sequence number, what a handler reads of it, whether a re-key was asked,
+    and paramiko's counts of bytes and packets received (what its re-key rules go by)."""
+    got = []
+    for _ in range(count):
+        cmd, message = reader.read_message()
+        if cmd == MSG_CHANNEL_DATA:
+            body = message.get_int().to_bytes(4, "big") + message.get_binary()
+        else:
+            body = message.get_remainder()
+        counts = (reader._Packetizer__received_bytes, reader._Packetizer__received_packets)  # type: ignore[attr-defined]
+        got.append((cmd, message.seqno, body, reader.need_rekey(), *counts))
+    return got
+
+
+def test_the_lean_gcm_reader_reads_what_paramikos_own_reads() -> None:
+    """Under AES-GCM, ReadAhead.read_message gives what paramiko's gives for the same bytes: types, sequence
+    numbers, contents (channel data whole, padding unread), and the re-key asked at the same packet."""
+    sent = messages()
+    stream = []
+    for rekey_bytes in (1 << 30, 40000):
+        readers = []
+        for lean in (False, True):
+            ours, theirs = socket.socketpair()
+            reader, writer = Packetizer(ours), Packetizer(theirs)
+            if lean:
+                read_ahead(reader)
+            gcm(reader, inbound=True)
+            gcm(writer, inbound=False)
+            reader.REKEY_BYTES = rekey_bytes
+            for message in sent:
+                writer.send_message(message)
+            readers.append(received(reader, len(sent)))
+            ours.close()
+            theirs.close()
+        plain, ours_read = readers
+        assert ours_read == plain
+        assert [cmd for cmd, *_ in plain] == [m.asbytes()[0] for m in sent]
+        stream.append(any(got[3] for got in plain))
+    assert stream == [False, True]
+
+
+def test_a_forged_gcm_packet_fails_as_in_paramiko(pair: Tuple[ReadAhead, socket.socket]) -> None:
+    reader, theirs = pair
+    gcm(reader, inbound=True)
+    writer_sock, capture = socket.socketpair()
+    writer = Packetizer(writer_sock)
+    gcm(writer, inbound=False)
+    writer.send_message(messages()[2])
+    packet = bytearray(capture.recv(1 << 16))
+    packet[20] ^= 1
+    theirs.sendall(bytes(packet))
+    with pytest.raises(InvalidTag):
+        reader.read_message()
+    writer_sock.close()
+    capture.close()
 
 
 def test_a_connection_reads_ahead_through_rekeys(sshd: SshServer) -> None:

@@ -499,7 +499,8 @@ class Link:
                 for item in items:
                     self._on_frame(self, item)
                 if self._deferred and len(data) < size and transport.small_reads:
-                    self._run_deferred()  # a short pipe read took all there was
+                    transport.expect(frames.missing)  # a short read took all there was
+                    self._run_deferred()
                     return True
         except ProtocolError as e:
             log.warning("closing %s: %s", self.name, e)

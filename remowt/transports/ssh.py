@@ -258,6 +258,7 @@ class ChannelTransport(Transport):
 
     name = "ssh"
     atomic_write = SMALL_WRITE
+    small_reads = True  # a read takes views of the packets in the inbox: what it leaves stays where it is
 
     def __init__(self, channel: paramiko.Channel, description: str) -> None:
         """Take over ``channel``'s input: call before its command runs, while nothing was received."""
