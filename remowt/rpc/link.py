@@ -24,7 +24,7 @@ from ..runtime.waiting import Gate, forget, held_elsewhere, owns, wait_on, wake_
 from ..transports.base import Transport
 
 log = logging.getLogger("remowt.link")
-# Read what is there, up to a window: a paramiko channel moves what a read leaves to its buffer's front.
+# Read what is there, up to a window (a pipe holds at most 1 MiB; an ssh inbox at most the channel's window).
 READ_SIZE = 8 * 1024 * 1024
 # Where small reads are cheap, a Data frame this big that a read does not hold whole has its payload read apart,
 # straight into the bytes the stream hands out; the read after such a payload takes little more than a frame head.
