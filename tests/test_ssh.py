@@ -225,6 +225,24 @@ def test_connection_errors_are_clear(sshd: SshServer) -> None:
         silent.listen()
         with pytest.raises(SshError, match="handshake"):
             _direct(sshd, port=silent.getsockname()[1], connect_timeout=0.5)
+    with socket.socket() as mute:  # a banner, then nothing: the packet reader's wait has the handshake's deadline
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        accepted: List[socket.socket] = []
+
+        def greet() -> None:
+            accepted.append(mute.accept()[0])
+            accepted[0].sendall(b"SSH-2.0-mute\r\n")
+
+        server = threading.Thread(target=greet, daemon=True)
+        server.start()
+        try:
+            with pytest.raises(SshError, match="handshake"):
+                _direct(sshd, port=mute.getsockname()[1], connect_timeout=0.5)
+        finally:
+            server.join(10)
+            for sock in accepted:
+                sock.close()
 
 
 def test_missing_python_is_reported(sshd: SshServer) -> None:

@@ -27,7 +27,8 @@ import errno
 import io
 import socket
 import struct
-from typing import Any, Callable, List, Tuple, Union
+import threading
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from paramiko.common import DEBUG, MSG_CHANNEL_DATA
 from paramiko.message import Message
@@ -47,6 +48,7 @@ class ReadAhead(Packetizer):
     _Packetizer__remainder: bytes  # read past the banner line
     _Packetizer__closed: bool
     _Packetizer__need_rekey: bool
+    _Packetizer__timer: Optional[threading.Timer]
     _Packetizer__aead_in: bool
     _Packetizer__block_engine_in: Any
     _Packetizer__iv_in: bytes
@@ -63,6 +65,12 @@ class ReadAhead(Packetizer):
     _trigger_rekey: Callable[[], None]
     _log: Callable[[int, str], None]
     _initial_kex_done: bool
+
+    def complete_handshake(self) -> None:
+        """paramiko's, then the handshake's timer forgotten: paramiko calls this after every packet it handles,
+        and cancelling the long-ended timer each time set an Event (~6% of its thread's time when copying)."""
+        super().complete_handshake()
+        self._Packetizer__timer = None
 
     def read_message(self) -> Tuple[int, Message]:
         if (
