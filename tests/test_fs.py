@@ -244,6 +244,22 @@ def test_big_file_round_trip(conn: remowt.Remowt, tmp_path: pathlib.Path) -> Non
     assert digest.digest() == hashlib.sha256(data).digest()
 
 
+def test_a_raw_read_gives_what_came_and_then_the_end(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
+    """An unbuffered file's read(n) hands on the stream's bytes (at most n), b"" at the end, and finishes the
+    transfer then: an error met there would be raised by that read."""
+    data = os.urandom(3 << 20)
+    (tmp_path / "f").write_bytes(data)
+    pieces = []
+    with open_raw(conn.path(tmp_path, "f"), None) as raw:
+        assert raw.read(0) == b""
+        while piece := raw.read(700000):
+            assert type(piece) is bytes and 0 < len(piece) <= 700000
+            pieces.append(piece)
+        assert raw.read(10) == b""
+        assert raw._finished
+    assert b"".join(pieces) == data
+
+
 def test_reads_and_writes_at_an_offset(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
     (tmp_path / "f").write_bytes(b"0123456789")
     with open_raw(conn.path(tmp_path, "f"), None, offset=3, length=4) as raw:

@@ -31,6 +31,8 @@ import msgspec
 from ..errors import BadArguments, RemoteError
 from ..protocol.service import Service, rpc
 from ..runtime.interrupts import start
+from ..runtime.writeback import STEP as WRITEBACK_STEP
+from ..runtime.writeback import start_writeback
 
 if TYPE_CHECKING:  # the editor helper imports this module for replace_file alone
     from ..rpc.router import Router
@@ -294,6 +296,8 @@ class AtomicFile:
     def __init__(self, path: PathArg, mode: Optional[int] = None) -> None:
         self.path = path
         self.target = os.path.realpath(os.fsencode(path))
+        self._written = 0
+        self._started = 0  # how much of it the disk was asked to write (runtime.writeback)
         directory, name = os.path.split(self.target)
         try:
             st: Optional[os.stat_result] = os.stat(self.target)
@@ -324,8 +328,12 @@ class AtomicFile:
             raise
 
     def write(self, data: Union[bytes, memoryview]) -> None:
-        """Write all of ``data``."""
+        """Write all of ``data``; every few MiB, the disk is asked to start on what was written."""
         _write_all(self.fd, data, self.path)
+        self._written += len(data)
+        if self._written - self._started >= WRITEBACK_STEP:
+            start_writeback(self.fd, self._started, self._written - self._started)
+            self._started = self._written
 
     def commit(self, times: Optional[Tuple[int, int]] = None, sync_dir: bool = True) -> None:
         """Set ``times``, sync, and rename the file into its place (and sync its directory, unless the caller

@@ -463,6 +463,16 @@ class RemoteFile(io.RawIOBase):
             self._finish()
         return n
 
+    def read(self, size: Optional[int] = -1, /) -> bytes:
+        """Up to ``size`` bytes as they arrived (to the end when ``size`` is negative): not copied into a buffer."""
+        if size is None or size < 0:
+            return self.readall()
+        self._check_readable_open()
+        data = self._stream.read(size)
+        if not data and size and not self._finished:
+            self._finish()
+        return data
+
     def readall(self) -> bytes:
         self._check_readable_open()
         data = self._stream.readall()

@@ -422,16 +422,14 @@ def _get_file(run: _Run, source: RemotePath, target: str, st: os.stat_result, pr
     try:
         new = AtomicFile(target, stat_module.S_IMODE(st.st_mode) if preserve else None)
         try:
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
             while True:
                 run.check()
-                n = reader.readinto(view)
-                if not n:
+                data = reader.read(CHUNK)
+                if not data:
                     break
-                new.write(view[:n])
-                moved += n
-                run.moved(n)
+                new.write(data)
+                moved += len(data)
+                run.moved(len(data))
             run.check()  # an abort here ends the stream early: that is no end of file
             if as_root:
                 os.fchown(new.fd, st.st_uid, st.st_gid)
