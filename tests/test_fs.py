@@ -260,6 +260,31 @@ def test_a_raw_read_gives_what_came_and_then_the_end(conn: remowt.Remowt, tmp_pa
     assert b"".join(pieces) == data
 
 
+def test_a_reader_that_gives_up_ends_the_transfer_at_the_node(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
+    """Closing a reader before the end stops the node's sending thread (the file spliced into the link where
+    the link splices): the node lets go of the file, and the next read of it is whole."""
+    data = os.urandom(48 << 20)
+    (tmp_path / "f").write_bytes(data)
+    agent = conn.info().pid
+
+    def node_has_it_open() -> bool:
+        for fd in os.listdir(f"/proc/{agent}/fd"):
+            try:
+                if os.readlink(f"/proc/{agent}/fd/{fd}") == str(tmp_path / "f"):
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
+
+    raw = open_raw(conn.path(tmp_path, "f"), None, offset=5)
+    first = raw.read(1 << 20)
+    assert first and first == data[5 : 5 + len(first)]
+    assert node_has_it_open()
+    raw.close()
+    assert wait_until(lambda: not node_has_it_open(), 20)
+    assert conn.path(tmp_path, "f").read_bytes() == data
+
+
 def test_reads_and_writes_at_an_offset(conn: remowt.Remowt, tmp_path: pathlib.Path) -> None:
     (tmp_path / "f").write_bytes(b"0123456789")
     with open_raw(conn.path(tmp_path, "f"), None, offset=3, length=4) as raw:

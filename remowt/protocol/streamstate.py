@@ -161,6 +161,12 @@ class StreamState:
         self.credit -= n
         return n
 
+    def writable_credit(self) -> int:
+        """The credit there is now (maybe 0: wait); raises as :meth:`sendable` does."""
+        if self.error is not None or self.closed or self.sent_eof:
+            self._refuse_write()
+        return self.credit
+
     def reserve(self, count: int) -> bool:
         """Take credit for exactly ``count`` bytes; False (nothing taken) when there is less.
 

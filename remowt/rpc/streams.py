@@ -182,6 +182,19 @@ class Stream:
             view = view[n:]
         return total
 
+    def wait_credit(self, timeout: Optional[float] = None) -> int:
+        """Wait until some credit is there and return how much (for :meth:`splice_from`); raises as :meth:`write`."""
+        deadline: Optional[Deadline] = None
+        while True:
+            with self._lock:
+                credit = self._state.writable_credit()
+                if credit:
+                    return credit
+                waiter = self._gate.enlist()
+            if deadline is None:
+                deadline = Deadline(timeout, "waiting for credit on a remowt stream")
+            self.router.wait_for(self.peer, waiter, deadline.remaining())
+
     @property
     def splices(self) -> bool:
         """Whether :meth:`splice_from` can send on this stream (the link towards the peer splices)."""
