@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from functools import partial
 from typing import Iterator
 
@@ -62,6 +63,30 @@ def test_a_batch_that_never_comes_is_a_clear_error_and_a_late_one_is_closed(pair
         receiver.take(4, 1, timeout=0.1)
     assert ended(read_fd)
     os.close(read_fd)
+
+
+def test_closing_the_receiver_ends_a_take_that_waits(pair: tuple[FdSender, FdReceiver]) -> None:
+    """A spawn waiting for fds that never come (its caller was interrupted after the call) fails as soon as the
+    agent shuts down, rather than holding a worker, and the shutdown, until its timeout (it held both 10 s)."""
+    _, receiver = pair
+    failed: list[BaseException] = []
+    started = threading.Event()
+
+    def take() -> None:
+        started.set()
+        try:
+            receiver.take(5, 1, timeout=60)
+        except BaseException as e:
+            failed.append(e)
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    assert started.wait(10)
+    assert not wait_until(lambda: not taker.is_alive(), 0.2)  # it waits for the batch
+    receiver.close()
+    taker.join(5)
+    assert not taker.is_alive()
+    assert len(failed) == 1 and isinstance(failed[0], ConnectionLost), failed
 
 
 def test_batches_nobody_took_are_closed_with_the_receiver(pair: tuple[FdSender, FdReceiver]) -> None:

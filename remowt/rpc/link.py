@@ -413,10 +413,15 @@ class Link:
                     return None
             return True
         finally:
+            # Given up first, with no call before it: a signal handler runs at calls, and one cutting in before
+            # the release left this thread the leader for good (and every later wait a follower's). Not
+            # contextlib.suppress: making one is a call.
+            try:  # noqa: SIM105
+                leader.release()
+            except RuntimeError:
+                pass  # not taken here: another thread leads
             if waiter is not None:
                 forget(waiter)
-            if owns(leader):
-                without_interrupts(leader.release)
 
     def _wake_leader(self) -> None:
         if not owns(self._leader):  # the leader itself needs no waking: it looks at done() next

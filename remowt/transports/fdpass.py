@@ -111,6 +111,8 @@ class FdReceiver:
                 missing = fds is None and (self._ended or deadline.expired())
                 if missing:
                     self._given_up.add(token)
+                poller = select.poll()  # registered before a close can come: its shutdown then ends the wait
+                poller.register(self._sock, select.POLLIN)
             if fds is not None:
                 if len(fds) != count:
                     _close_all(fds)
@@ -120,8 +122,6 @@ class FdReceiver:
                 raise BadArguments(
                     f"the stdio fds of spawn {token} did not arrive on the agent's fd socket within {timeout:g} s"
                 )
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
             poller.poll(poll_timeout(deadline.left()))
 
     def _receive(self) -> None:
@@ -153,12 +153,16 @@ class FdReceiver:
             self._batches[token] = fds
 
     def close(self) -> None:
-        """Close every batch still held, and the socket."""
+        """Close every batch still held, and the socket; a spawn waiting for its fds fails at once."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             batches, self._batches = self._batches, {}
             for fds in batches.values():
                 _close_all(fds)
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a take() waiting on the socket
             self._sock.close()
 
 
