@@ -43,7 +43,6 @@ log = logging.getLogger("remowt.fs")
 
 CHUNK = 1 << 20  # one read or write of a transfer
 _splice: Optional[Callable[..., int]] = getattr(os, "splice", None)  # Linux, Python 3.10+
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 BATCH = struct.Struct(">I")  # the length of each batch of a scan's entries on its stream
 BATCH_ENTRIES = 512
@@ -394,6 +393,8 @@ def _send_spliced(transfer: _Transfer, fd: int, length: int) -> int:
     from the file to a pipe of ours and on into the link, never through Python. Returns the length left for
     the plain way: all of it when this file system cannot splice, 0 when done or stopped.
     """
+    from ..transports.stdio import enlarge_pipe  # here: the editor helper imports this module for replace_file
+
     assert _splice is not None
     stream = transfer.stream
     pipe_r, pipe_w = os.pipe()
@@ -404,8 +405,7 @@ def _send_spliced(transfer: _Transfer, fd: int, length: int) -> int:
         outcome.append(ok)
         sent.set()
 
-    with contextlib.suppress(OSError):  # else the pipe's own size: smaller moves
-        fcntl.fcntl(pipe_w, F_SETPIPE_SZ, CHUNK)
+    enlarge_pipe(pipe_w, CHUNK)  # else the pipe's own size: smaller moves
     try:
         room = fcntl.fcntl(pipe_w, F_GETPIPE_SZ)
         while length:

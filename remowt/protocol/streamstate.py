@@ -155,9 +155,7 @@ class StreamState:
 
         Raises the stream's error, or ``ValueError`` once this side closed or ended its direction.
         """
-        if self.error is not None or self.closed or self.sent_eof:
-            self._refuse_write()
-        n = min(self.credit, size, MAX_CHUNK)
+        n = min(self.writable_credit(), size, MAX_CHUNK)
         self.credit -= n
         return n
 
@@ -172,9 +170,7 @@ class StreamState:
 
         Raises as :meth:`sendable` does.
         """
-        if self.error is not None or self.closed or self.sent_eof:
-            self._refuse_write()
-        if count > self.credit:
+        if count > self.writable_credit():
             return False
         self.credit -= count
         return True

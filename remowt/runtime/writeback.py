@@ -12,26 +12,22 @@ nothing is started and the ``fsync`` does all the work, as before.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Any, Optional
 
 STEP = 8 * 1024 * 1024
 SYNC_FILE_RANGE_WRITE = 2
-_UNKNOWN: Any = object()
-_call: Any = _UNKNOWN
 
 
+@functools.cache
 def _sync_file_range() -> Optional[Any]:
-    global _call
-    if _call is _UNKNOWN:
-        try:
-            function: Any = ctypes.CDLL(None, use_errno=True).sync_file_range
-        except (AttributeError, OSError):
-            _call = None
-        else:
-            function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            function.restype = ctypes.c_int
-            _call = function
-    return _call
+    try:
+        function: Any = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
 
 
 def start_writeback(fd: int, offset: int, length: int) -> bool:
