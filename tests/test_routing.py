@@ -8,7 +8,7 @@ from typing import Iterator, List
 
 import msgspec
 import pytest
-from _util import connect_routers, handshake_raw
+from _util import connect_routers, handshake_raw, wait_until
 
 from remowt.endpoints.control import Control, ControlApi
 from remowt.errors import ConnectionLost, Unreachable
@@ -239,3 +239,32 @@ def test_stream_through_a_router_over_pipes_splits_and_forwards_payloads() -> No
     finally:
         for router in routers:
             router.close()
+
+
+@pytest.mark.timeout(30)
+def test_push_mode_keeps_the_order_of_what_arrives_while_the_waiting_chunks_are_handed_over() -> None:
+    """deliver_to runs on the consumer's thread while the link's thread delivers: no chunk overtakes another."""
+    user, agent = Router(wire.USER), Router(wire.AGENT)
+    agent.register(Control(agent.address))
+    try:
+        connect_routers(user, agent)
+        out = user.open_stream(wire.AGENT)
+        proxy(ControlApi, user, wire.AGENT, timeout=10).ping()  # arrives after the Open: the stream is there now
+        into = agent.accept_stream(wire.USER, out.sid)
+        for part in (b"one ", b"two "):
+            out.write(part, timeout=10)
+        assert wait_until(lambda: into.buffered == 8, 10)
+        got: List[bytes] = []
+
+        def listener(chunk: object) -> None:
+            got.append(bytes(chunk))  # type: ignore[call-overload]
+            if len(got) == 1:  # the link's thread brings more while the waiting chunks are being handed over
+                out.write(b"late", timeout=10)
+                assert wait_until(lambda: into.buffered == 12, 10)
+
+        into.deliver_to(listener)
+        assert wait_until(lambda: len(got) == 3, 10)
+        assert b"".join(got) == b"one two late"
+    finally:
+        user.close()
+        agent.close()

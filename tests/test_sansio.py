@@ -172,6 +172,9 @@ def test_push_mode_hands_over_what_waited_and_then_every_arrival() -> None:
     state = receiver()
     state.received(b"early")
     assert state.push() == [b"early"]
+    assert state.received(b"meanwhile") is False  # came while "early" was handed over: it waits its turn
+    assert state.push() == [b"meanwhile"]
+    assert state.push() == []
     assert state.received(b"late") is True
     assert state.take(100) is None
     assert not state.end_due()

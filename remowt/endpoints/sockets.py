@@ -6,7 +6,7 @@ reached through the latter). A connection moves through two streams: ``up``
 to the caller), each with its own credit, so a peer that stops reading stops
 only its own sender. The socket is read by a :class:`~remowt.endpoints.childio.ChildIO`
 loop (no thread per connection) and written as a child's stdin is
-(:class:`~remowt.endpoints.childinput.ChildInput`: on the link's reader
+(:class:`~remowt.rpc.fdinput.FdInput`: on the link's reader
 thread while the socket takes the bytes at once), each through its own copy
 of the socket's fd. The caller's end of ``up`` shuts the socket's write side
 (the peer reads its end and may still answer); a reset or a lost link shuts
@@ -34,10 +34,10 @@ import msgspec
 
 from ..errors import BadArguments, ConnectionLost, Unreachable, os_name_text
 from ..protocol.service import Service, proxy, rpc
+from ..rpc.fdinput import FdInput
 from ..rpc.router import Router
 from ..rpc.streams import Stream
 from ..runtime.interrupts import start
-from .childinput import ChildInput
 from .childio import Child, ChildIO
 
 log = logging.getLogger("remowt.sockets")
@@ -220,7 +220,7 @@ class Sockets(SocketsApi):
                 view.detach()
 
         self._io.pump(reading, down)
-        ChildInput(up, writing, f"socket-{writing}", self._add_writer, end)
+        FdInput(up, writing, f"socket-{writing}", self._add_writer, end)
 
     def _add_writer(self, thread: threading.Thread) -> None:
         with self._lock:

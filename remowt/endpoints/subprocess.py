@@ -27,11 +27,11 @@ from ..deploy.local import AGENT, python_command
 from ..errors import BadArguments, ConnectionLost, Unreachable, os_name_text
 from ..protocol.service import Service, proxy, rpc
 from ..protocol.wire import USER
+from ..rpc.fdinput import FdInput
 from ..rpc.router import Router
 from ..rpc.streams import Stream
 from ..runtime.real_subprocess import Popen as LocalPopen
 from ..transports.stdio import enlarge_pipe
-from .childinput import ChildInput
 from .childio import Child, ChildIO, LazyOutput
 from .watchdog import Watchdog
 
@@ -516,7 +516,7 @@ class Subprocesses(SubprocessApi):
                 self._io.pump(fds[name], streams[name], splice=pipes)
         stdin = streams.get("stdin")
         if stdin is not None:
-            ChildInput(stdin, fds["stdin"], f"stdin-{pid}", self._add_pump)
+            FdInput(stdin, fds["stdin"], f"stdin-{pid}", self._add_pump)
 
     def _add_pump(self, thread: threading.Thread) -> None:
         """A thread writing a child's stdin: joined by :meth:`join`."""

@@ -122,10 +122,14 @@ class StreamState:
         return None
 
     def push(self) -> List[Chunk]:
-        """Hand chunks to the consumer as they arrive from now on; returns those that were waiting."""
-        self.pushing = True
+        """The chunks waiting, for the consumer; once none wait, chunks go to it as they arrive.
+
+        Call it until it returns none: what arrives while the consumer takes the
+        waiting chunks waits too, so no chunk overtakes another.
+        """
         waiting = list(self.chunks)
         self.chunks.clear()
+        self.pushing = not waiting
         return waiting
 
     def end_due(self) -> bool:

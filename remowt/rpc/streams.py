@@ -237,6 +237,7 @@ class Stream:
         self.router.forget_stream(self)
         if reset is not None:
             self._send(reset)
+        self._maybe_end_listener()
 
     @property
     def ended(self) -> bool:
@@ -277,14 +278,19 @@ class Stream:
         """Hand every received chunk to ``listener`` instead of buffering it for :meth:`read`.
 
         ``listener`` runs on whichever thread reads the link, so it must not
-        block; it gets ``b""`` once at the end (EOF, reset or lost link). The
+        block; it gets ``b""`` once at the end (EOF, reset, lost link, or
+        :meth:`close` here, on the closing thread). The
         bytes count against the window until the consumer calls :meth:`ack`.
         """
         with self._lock:
             self._listener = listener
-            waiting = self._state.push()
-        for chunk in waiting:
-            listener(chunk)
+        while True:  # the link's thread may deliver meanwhile: chunks wait until those before them are handed out
+            with self._lock:
+                waiting = self._state.push()
+            if not waiting:
+                break
+            for chunk in waiting:
+                listener(chunk)
         self._maybe_end_listener()
 
     def ack(self, amount: int) -> None:

@@ -2,9 +2,10 @@
 
 A connection is the agent's socket joined to two streams (see
 :mod:`remowt.endpoints.sockets`); here a :class:`Pump` joins those streams
-to a local socket with a thread per direction: one reads the socket and
-writes ``up`` (waiting for credit, so a remote peer that stops reading stops
-this reader, and only it), the other reads ``down`` and writes the socket.
+to a local socket: a thread reads the socket and writes ``up`` (waiting for
+credit, so a remote peer that stops reading stops this reader, and only it),
+and ``down`` is written to the socket by the link's reader thread as it
+arrives (a thread of its own writes only what the socket does not take at once).
 End of input becomes the other side's end (``shutdown(SHUT_WR)``); a reset
 or a lost link shuts the local socket both ways, so whoever holds it sees its
 end instead of a hang.
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Tuple, Un
 
 from ..endpoints.sockets import ConnectSpec, ListenSpec, SocketAddress, SocketEventsApi, SocketsApi, connect_socket
 from ..errors import ConnectionLost, Unreachable
+from ..rpc.fdinput import FdInput
 from ..rpc.router import Router
 from ..rpc.streams import Stream
 from ..runtime.interrupts import start
@@ -127,10 +129,13 @@ def _shutdown(sock: socket.socket, how: int) -> None:
 
 
 class Pump:
-    """Moves bytes between a local socket and a connection's streams, a thread per direction.
+    """Moves bytes between a local socket and a connection's streams.
 
+    A thread reads the socket into ``up``; ``down`` is written to the socket
+    where it arrives, by the link's reader thread, and only what the socket
+    does not take at once by a thread of its own (:class:`~remowt.rpc.fdinput.FdInput`).
     ``prepare`` (run on the first thread) makes the socket and the streams,
-    cleaning up after itself if it fails; ``on_done`` runs once both threads ended.
+    cleaning up after itself if it fails; ``on_done`` runs once both directions ended.
     """
 
     def __init__(self, name: str, prepare: Callable[[], Prepared], on_done: Callable[[Pump], None] = lambda p: None):
@@ -144,14 +149,15 @@ class Pump:
         self._threads: List[threading.Thread] = []
 
     def start(self) -> None:
-        self._spawn(self._outbound)
-
-    def _spawn(self, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, name=f"remowt-{self.name}", daemon=True)
         with self._lock:
             self._running += 1
-            self._threads.append(thread)
+        thread = threading.Thread(target=self._outbound, name=f"remowt-{self.name}", daemon=True)
+        self._add_thread(thread)
         start(thread)
+
+    def _add_thread(self, thread: threading.Thread) -> None:
+        with self._lock:
+            self._threads.append(thread)
 
     def _outbound(self) -> None:
         """Make the connection, then copy the socket into ``up`` (and start the other direction)."""
@@ -163,11 +169,12 @@ class Pump:
             return
         with self._lock:
             self._prepared = prepared
+            self._running += 1
             stopping = self._stopping
-        sock, up, _ = prepared
+        sock, up, down = prepared
         if stopping:
             self._stop_prepared(prepared)
-        self._spawn(self._inbound)
+        self._inbound(sock, down)
         try:
             while True:
                 data = sock.recv(CHUNK)
@@ -181,27 +188,22 @@ class Pump:
             _shutdown(sock, socket.SHUT_RD)
         self._finished()
 
-    def _inbound(self) -> None:
-        """Copy ``down`` into the socket; its end shuts the socket's write side."""
-        assert self._prepared is not None
-        sock, _, down = self._prepared
-        while True:
-            try:
-                chunk = down.read_chunk(CHUNK)
-            except OSError:  # reset or lost: whoever holds the socket sees its end at once
-                _shutdown(sock, socket.SHUT_RDWR)
-                break
-            if not chunk:
-                _shutdown(sock, socket.SHUT_WR)
-                break
-            try:
-                sock.sendall(chunk)
-            except OSError as e:  # the local side is gone: stop the remote sender
-                log.debug("%s: inbound ends: %s", self.name, e)
-                down.close()
-                _shutdown(sock, socket.SHUT_RDWR)
-                break
-        self._finished()
+    def _inbound(self, sock: socket.socket, down: Stream) -> None:
+        """Copy ``down`` into the socket as it arrives: its end shuts the socket's write side, a failure both."""
+
+        def end() -> None:
+            # An end that is not the peer's EOF (a reset, a lost link, the socket gone here) shuts both sides.
+            _shutdown(sock, socket.SHUT_WR if down.ended and down.error is None else socket.SHUT_RDWR)
+            self._finished()
+
+        FdInput(
+            down,
+            os.dup(sock.fileno()),
+            f"{self.name}-in",
+            self._add_thread,
+            end,
+            write=lambda view: sock.send(view, socket.MSG_DONTWAIT),
+        )
 
     def _finished(self) -> None:
         with self._lock:

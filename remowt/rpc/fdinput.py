@@ -1,33 +1,38 @@
-"""A child's stdin fed from a stream: written by the thread that reads the link, while the child takes it at once.
+"""A stream copied into an fd (a child's stdin, a socket) by the thread that reads the link, where it arrives.
 
-Each chunk that arrives is written to the child's pipe (or terminal) without
-waiting, right where it arrives: a key typed into a remote terminal reaches
-the program without another thread being woken. What the child does not take
-at once waits in a queue that a thread of this input's own writes as the
-child reads, and its credit goes back to the sender only once written, so
-a child that stops reading stops its sender as it would locally. A child
-that closes its stdin resets the stream (the sender gets ``BrokenPipeError``).
+Each chunk that arrives is written to the fd without waiting, right where it
+arrives: a key typed into a remote terminal reaches the program, and a
+forwarded connection's bytes reach its socket, without another thread being
+woken. What the fd does not take at once waits in a queue that a thread of
+this input's own writes as the fd takes it, and its credit goes back to the
+sender only once written, so a reader that stops reading stops its sender
+as it would locally. An fd that no longer takes bytes (a child that closed
+its stdin, a socket whose peer is gone) resets the stream (the sender gets
+``BrokenPipeError``).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import select
 import threading
 from typing import Callable, Deque, Optional
 
-from ..rpc.streams import Chunk, Stream
 from ..runtime.interrupts import start
+from .streams import Chunk, Stream
 
-log = logging.getLogger("remowt.childinput")
+log = logging.getLogger("remowt.fdinput")
 
 
-class ChildInput:
+class FdInput:
     """Copies ``stream`` into ``fd`` (ours, closed at the end); ``on_thread`` is told of each waiting thread started.
 
     ``on_end`` runs once at the end, before ``fd`` is closed (a socket shuts its write side there).
+    ``write`` writes without waiting (raising ``BlockingIOError`` when ``fd`` is full); without it,
+    ``fd`` is made non-blocking and written with ``os.write``.
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class ChildInput:
         name: str,
         on_thread: Callable[[threading.Thread], None],
         on_end: Optional[Callable[[], None]] = None,
+        write: Optional[Callable[[memoryview], int]] = None,
     ) -> None:
         self._stream = stream
         self._fd = fd
@@ -48,7 +54,9 @@ class ChildInput:
         self._waiting = False  # a thread writes the queue: arrivals join it
         self._ended = False  # the stream ended: close once the queue is written
         self._closed = False
-        os.set_blocking(fd, False)
+        if write is None:
+            os.set_blocking(fd, False)
+        self._write_now = write or functools.partial(os.write, fd)
         stream.close_write()
         stream.deliver_to(self._arrived)
 
@@ -79,20 +87,20 @@ class ChildInput:
             start(thread)
 
     def _write(self, view: memoryview) -> Optional[int]:
-        """Write what ``fd`` takes now and return the credit; None when the child no longer reads (all closed)."""
+        """Write what ``fd`` takes now and return the credit; None when it no longer takes bytes (all closed)."""
         try:
-            written = os.write(self._fd, view)
+            written = self._write_now(view)
         except BlockingIOError:
             return 0
-        except OSError as e:  # EPIPE: the child closed its stdin; EIO: its terminal is gone
-            log.debug("%s: the child no longer reads (%s)", self._name, e)
+        except OSError as e:  # EPIPE: a closed stdin or a peer gone; EIO: a terminal gone
+            log.debug("%s: no longer read (%s)", self._name, e)
             self._close()
             return None
         self._stream.ack(written)
         return written
 
     def _write_queue(self) -> None:
-        """The waiting thread: write the queue as the child reads, until it is empty (or the child stops)."""
+        """The waiting thread: write the queue as the fd takes it, until it is empty (or the fd fails)."""
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         while True:
