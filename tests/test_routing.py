@@ -246,8 +246,8 @@ def test_push_mode_keeps_the_order_of_what_arrives_while_the_waiting_chunks_are_
     """deliver_to runs on the consumer's thread while the link's thread delivers: no chunk overtakes another."""
     user, agent = Router(wire.USER), Router(wire.AGENT)
     agent.register(Control(agent.address))
+    links = connect_routers(user, agent)
     try:
-        connect_routers(user, agent)
         out = user.open_stream(wire.AGENT)
         proxy(ControlApi, user, wire.AGENT, timeout=10).ping()  # arrives after the Open: the stream is there now
         into = agent.accept_stream(wire.USER, out.sid)
@@ -268,3 +268,5 @@ def test_push_mode_keeps_the_order_of_what_arrives_while_the_waiting_chunks_are_
     finally:
         user.close()
         agent.close()
+        for link in links:
+            link.join(10)  # type: ignore[attr-defined]
