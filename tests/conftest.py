@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from typing import Dict, Iterator
 
@@ -16,6 +17,11 @@ from _util import TRANSPORTS, make_connection
 from sshd import ClientKeys, SshdUnavailable, SshServer
 
 import remowt
+
+# A shell starts a background job with SIGINT ignored, and every process the tests start would inherit that:
+# the Ctrl-C tests would fail for the way the suite was started. A handler here is reset to the default at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=TRANSPORTS)
