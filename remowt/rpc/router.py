@@ -13,6 +13,7 @@ import errno
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Union
@@ -82,7 +83,9 @@ class Pending:
         self.late: Optional[Callable[[Optional[Result], Optional[BaseException]], None]] = None
 
     def resolve(self, result: Optional[Result], error: Optional[BaseException]) -> None:
-        self._router.quick[self.dst, self.kind] = time.perf_counter() - self.sent < SPIN
+        transport = self.link.transport
+        quick = SPIN if transport.callers_wait else transport.caller_spin
+        self._router.quick[self.dst, self.kind] = time.perf_counter() - self.sent < quick
         self._result, self._error = result, error
         late = self.late
         self._lock.release()
@@ -96,10 +99,27 @@ class Pending:
         """Wait up to ``timeout`` seconds (None: no limit) for the answer; whether it came."""
         if not self._lock.locked():
             return True
-        led = self.link.lead(self.done, timeout, spin=self._router.quick.get((self.dst, self.kind), True))
+        quick = self._router.quick.get((self.dst, self.kind), True)
+        led = self.link.lead(self.done, timeout, spin=quick)
         if led is not None:
             return led
+        if quick and self._spin(
+            self.link.transport.caller_spin if timeout is None else min(timeout, self.link.transport.caller_spin)
+        ):
+            return True
         return self.link.follow(functools.partial(self._wait, timeout))
+
+    def _spin(self, budget: float) -> bool:
+        """Poll for the answer up to ``budget`` seconds, yielding the CPU (and the GIL); whether it came."""
+        if budget <= 0:
+            return False
+        lock = self._lock
+        end = time.perf_counter() + budget
+        while lock.locked():
+            if time.perf_counter() > end:
+                return False
+            os.sched_yield()
+        return True
 
     def _wait(self, timeout: Optional[float]) -> bool:
         if not self._lock.acquire(True, lock_timeout(timeout)):

@@ -51,6 +51,10 @@ class Transport(abc.ABC):
     #: Whether a thread other than the reader may wait for data itself (:meth:`wait_for_caller`).
     callers_wait = False
 
+    #: Where callers cannot wait for data themselves: how long one expecting a quick answer polls for it
+    #: (yielding the CPU) before it sleeps, since waking a sleeping thread costs as much (0: it sleeps at once).
+    caller_spin = 0.0
+
     def wait_for_caller(self, timeout: Optional[float], data: bool = True) -> Optional[bool]:
         """For a caller that reads for itself: wait until :meth:`read` may have data or :meth:`wake_caller`.
 
