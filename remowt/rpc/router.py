@@ -103,14 +103,14 @@ class Pending:
         led = self.link.lead(self.done, timeout, spin=quick)
         if led is not None:
             return led
-        if quick and self._spin(
-            self.link.transport.caller_spin if timeout is None else min(timeout, self.link.transport.caller_spin)
-        ):
+        if quick and self._spin(self.link.transport.caller_spin, timeout):
             return True
         return self.link.follow(functools.partial(self._wait, timeout))
 
-    def _spin(self, budget: float) -> bool:
-        """Poll for the answer up to ``budget`` seconds, yielding the CPU (and the GIL); whether it came."""
+    def _spin(self, budget: float, timeout: Optional[float]) -> bool:
+        """Poll for the answer up to ``budget`` seconds (``timeout`` at most), yielding the CPU; whether it came."""
+        if timeout is not None:
+            budget = min(budget, timeout)
         if budget <= 0:
             return False
         lock = self._lock
