@@ -84,8 +84,8 @@ class Pending:
 
     def resolve(self, result: Optional[Result], error: Optional[BaseException]) -> None:
         transport = self.link.transport
-        quick = SPIN if transport.callers_wait else transport.caller_spin
-        self._router.quick[self.dst, self.kind] = time.perf_counter() - self.sent < quick
+        spun = SPIN if transport.callers_wait else transport.caller_spin  # how long the next such wait polls
+        self._router.quick[self.dst, self.kind] = time.perf_counter() - self.sent < spun
         self._result, self._error = result, error
         late = self.late
         self._lock.release()
