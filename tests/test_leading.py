@@ -20,6 +20,7 @@ from _util import make_connection, run_together, wait_until
 
 import remowt
 from remowt import PIPE
+from remowt.rpc.streams import Stream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,3 +115,39 @@ def test_many_threads_wait_on_one_link_at_once(conn: remowt.Remowt) -> None:
 
     assert run_together(calls, 8, timeout=50) == [True] * 8
     assert conn.router.pending_count() == 0
+
+
+def test_streams_pumped_by_threads_of_their_own_carry_every_byte(conn: remowt.Remowt) -> None:
+    """Writers and readers of several streams all lead in turn, and the reader thread takes turns too.
+
+    (A leader whose answer the reader thread brought gave up the lead and still polled for the reader's wake:
+    two such threads polled one poller, and ``RuntimeError: concurrent poll() invocation`` reached a write.)
+    """
+    block = bytes(range(256)) * 4096
+    rounds, blocks = 20, 8
+
+    def write(stdin: Stream, errors: List[BaseException]) -> None:
+        try:
+            for _ in range(blocks):
+                stdin.write(block, timeout=20)
+            stdin.close_write()
+        except BaseException as e:
+            errors.append(e)
+
+    def pipe_through_cat(n: int) -> object:
+        for _ in range(rounds):
+            proc = conn.spawn(["cat"], stdin=PIPE, stdout=PIPE)
+            assert proc.stdin is not None and proc.stdout is not None
+            errors: List[BaseException] = []
+            writer = threading.Thread(target=write, args=(proc.stdin, errors))
+            writer.start()
+            received = 0
+            while chunk := proc.stdout.read(1 << 20, timeout=20):
+                received += len(chunk)
+            writer.join(20)
+            assert not errors, errors
+            assert received == blocks * len(block)
+            assert proc.wait(timeout=20) == 0
+        return True
+
+    assert run_together(pipe_through_cat, 4, timeout=50) == [True] * 4

@@ -406,6 +406,8 @@ class Link:
                     continue
                 going = without_interrupts(functools.partial(self._read_for, done))
                 if going is None:  # the reader thread has the turn: it wakes this one when it is through
+                    if not owns(leader):  # it brought the answer meanwhile: the lead, and the poller, are given up
+                        return True
                     if self.transport.wait_for_caller(left, data=False) is None:
                         return None
                 elif not going:
